@@ -1,0 +1,119 @@
+"""Normalization statistics of the training LoRAs (method.md section 1).
+
+The flat LoRA vector (layout in docs/ARCHITECTURE.md: per layer, `down` (r, in) row-major then
+`up` (out, r) row-major) spans orders of magnitude between layers, so the LAE sees
+(x - mean) / std. Statistics are always stored per position (buffers of shape (P,)), whatever
+mode fitted them, so normalize / denormalize are one broadcast and the file format has one form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def layer_blocks(spec) -> list[tuple[str, int, int, int, int]]:
+    """(name, offset, rank, in_features, out_features) of each layer in the flat vector.
+
+    Duck-typed on `spec.layers` (each with `name`, `in_features`, `out_features`) and `spec.rank`,
+    so it needs nothing from lora_spec.py. The layer's `down` is x[off : off + r*in] and its
+    `up` is x[off + r*in : off + r*(in + out)].
+    """
+    blocks, off, r = [], 0, int(spec.rank)
+    for layer in spec.layers:
+        i, o = int(layer.in_features), int(layer.out_features)
+        blocks.append((getattr(layer, "name", str(len(blocks))), off, r, i, o))
+        off += r * (i + o)
+    return blocks
+
+
+def _segments(spec, P: int) -> list[tuple[int, int]]:
+    """(start, end) of each (layer, factor) block: down and up get their own statistics because
+    their entries have different scales (in the SVD form ~sqrt(s/in) vs ~sqrt(s/out))."""
+    segs = []
+    for _, off, r, i, o in layer_blocks(spec):
+        segs += [(off, off + r * i), (off + r * i, off + r * (i + o))]
+    if not segs or segs[-1][1] != P:
+        end = segs[-1][1] if segs else 0
+        raise ValueError(f"spec describes {end} parameters but the vectors have {P}; "
+                         "fit the normalizer with the spec the LoRAs were flattened with")
+    return segs
+
+
+class WeightNormalizer(nn.Module):
+    """x_norm = (x - mean) / std with per-position float32 buffers `mean`, `std` of shape (P,)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        if mean.shape != std.shape or mean.dim() != 1:
+            raise ValueError(f"mean and std must both be (P,), got {tuple(mean.shape)} and {tuple(std.shape)}")
+        self.register_buffer("mean", mean.detach().to(torch.float32).clone())
+        self.register_buffer("std", std.detach().to(torch.float32).clone())
+
+    @property
+    def param_count(self) -> int:
+        return self.mean.numel()
+
+    @classmethod
+    def identity(cls, P: int) -> "WeightNormalizer":
+        """mean 0, std 1: a no-op normalizer (also the shape to `load_state_dict` into)."""
+        return cls(torch.zeros(P), torch.ones(P))
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, x: torch.Tensor | Iterable[torch.Tensor], per: str = "position", spec=None,
+            eps: float = 1e-6) -> "WeightNormalizer":
+        """Statistics of training LoRAs.
+
+        x: an (N, P) tensor or an iterable of (n, P) batches (so a large set can be streamed).
+        per: "position" (one mean/std per entry) or "layer" (one per layer and factor, needs `spec`).
+        Sums are accumulated in float64 (sum and sum of squares are exact enough at these
+        magnitudes); std is the population std (N = 1 gives std = eps, not NaN), clamped to eps.
+        """
+        if per not in ("position", "layer"):
+            raise ValueError(f"per must be 'position' or 'layer', got {per!r}")
+        if per == "layer" and spec is None:
+            raise ValueError("per='layer' needs the LoraSpec the vectors were flattened with")
+        batches = [x] if isinstance(x, torch.Tensor) else x
+        n, s1, s2 = 0, None, None
+        for b in batches:
+            b = b.detach().reshape(-1, b.shape[-1]).to("cpu", torch.float64)
+            s1 = b.sum(0) if s1 is None else s1 + b.sum(0)
+            s2 = (b * b).sum(0) if s2 is None else s2 + (b * b).sum(0)
+            n += b.shape[0]
+        if n == 0:
+            raise ValueError("cannot fit a normalizer on zero LoRAs")
+        P = s1.numel()
+        if per == "layer":
+            # Pool each block's per-position sums, then broadcast the pooled stats back.
+            mean, var = torch.empty(P, dtype=torch.float64), torch.empty(P, dtype=torch.float64)
+            for a, e in _segments(spec, P):
+                count = n * (e - a)
+                m = s1[a:e].sum() / count
+                mean[a:e] = m
+                var[a:e] = s2[a:e].sum() / count - m * m
+        else:
+            mean = s1 / n
+            var = s2 / n - mean * mean
+        std = var.clamp_min(0).sqrt().clamp_min(eps)
+        return cls(mean.float(), std.float())
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[-1] != self.mean.numel():
+            raise ValueError(f"vector length {x.shape[-1]} != normalizer length {self.mean.numel()}")
+        return self.mean.to(x.device), self.std.to(x.device)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., P) raw -> normalized; computed in float32, returned in x's dtype."""
+        mean, std = self._stats(x)
+        return ((x.float() - mean) / std).to(x.dtype)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., P) normalized -> raw; computed in float32, returned in x's dtype."""
+        mean, std = self._stats(x)
+        return (x.float() * std + mean).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"P={self.mean.numel()}"

@@ -1,0 +1,161 @@
+"""The four steps from reference embeddings to a LoRA, each callable on its own.
+
+    features = encode_features(hn, face_emb, image_emb)      # Mixed Image Features
+    latent   = sample_lora_latent(hn, features, seed=0)       # DiT + DDIM
+    flat     = decode_lora(hn, latent)                        # LAE decoder, de-normalized
+    lora     = lora_state_dict(hn, flat)                      # kohya keys, canonical form
+
+The ComfyUI nodes wrap exactly these; `predict_lora` chains them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .diffusion import sample_latent
+from .errors import DiffLoRAError
+from .hypernet import Hypernet
+from .lora_format import to_kohya
+from .lora_weights import canonicalize_layers, unflatten
+
+
+@dataclass
+class MixedFeatures:
+    """The condition for one identity: MIF output plus where it came from."""
+
+    cond: torch.Tensor  # (1, D) on the hypernet's device, in its dtype
+    num_references: int
+    used_face: bool
+
+
+@dataclass
+class LoraLatent:
+    """A sampled LoRA latent and the settings that produced it (kept for file metadata)."""
+
+    latent: torch.Tensor  # (1, T, C)
+    spec_hash: str
+    settings: dict = field(default_factory=dict)
+
+
+def _as_batch(emb: torch.Tensor, dim: int, what: str, hint: str) -> torch.Tensor:
+    emb = torch.as_tensor(emb)
+    if emb.ndim == 1:
+        emb = emb[None]
+    if emb.ndim != 2 or emb.shape[0] == 0:
+        raise DiffLoRAError(f"{what} embeddings must be (N, {dim}) with N >= 1; got shape {tuple(emb.shape)}.")
+    if emb.shape[1] != dim:
+        raise DiffLoRAError(
+            f"this hypernet expects {dim}-d {what} embeddings, got {emb.shape[1]}-d: {hint}"
+        )
+    if not torch.isfinite(emb).all():
+        raise DiffLoRAError(f"{what} embeddings contain NaN or inf; check the reference images.")
+    return emb.float()
+
+
+def check_encoders(hn: Hypernet, face_dim: int | None, image_dim: int, on_no_face: str = "error") -> None:
+    """Refuse encoders whose embedding sizes differ from the hypernet's, before any image work."""
+    enc = hn.encoders
+    if image_dim != enc.image_dim:
+        raise DiffLoRAError(
+            f"the CLIP vision model gives {image_dim}-d image embeddings but this hypernet expects "
+            f"{enc.image_dim}-d ({enc.image_kind}): load the CLIP vision model it was trained with."
+        )
+    if face_dim is None:
+        if on_no_face != "image_only":
+            raise DiffLoRAError(
+                "no face analysis connected: connect Load Face Analysis "
+                f"({enc.face_kind}), or set on_no_face to image_only to use the image embedding alone."
+            )
+    elif face_dim != enc.face_dim:
+        raise DiffLoRAError(
+            f"the face analysis gives {face_dim}-d face embeddings but this hypernet expects "
+            f"{enc.face_dim}-d ({enc.face_kind}): choose that model in Load Face Analysis."
+        )
+
+
+@torch.no_grad()
+def encode_features(
+    hn: Hypernet, face: torch.Tensor | None, image: torch.Tensor
+) -> MixedFeatures:
+    """Average the references' embeddings (after L2 normalization) and mix them.
+
+    `face` is (N, face_dim) or (face_dim,), or None for the explicit image-only mode;
+    `image` is (N, image_dim) or (image_dim,).
+    """
+    enc = hn.encoders
+    image = _as_batch(image, enc.image_dim, "image",
+                      f"connect the image encoder the hypernet was trained with ({enc.image_kind}).")
+    face_avg = None
+    if face is not None:
+        face = _as_batch(face, enc.face_dim, "face",
+                         f"connect the face analysis the hypernet was trained with ({enc.face_kind}).")
+        face_avg = hn.mif.average_references(face)[None]
+    image_avg = hn.mif.average_references(image)[None]
+    param = next(hn.mif.parameters())
+    cond = hn.mif(
+        None if face_avg is None else face_avg.to(param.device, param.dtype),
+        image_avg.to(param.device, param.dtype),
+    )
+    return MixedFeatures(cond=cond, num_references=int(image.shape[0]), used_face=face is not None)
+
+
+@torch.no_grad()
+def sample_lora_latent(
+    hn: Hypernet,
+    features: MixedFeatures,
+    steps: int = 25,
+    guidance: float = 3.0,
+    eta: float = 0.0,
+    seed: int = 0,
+    callback: Callable[[int, int], None] | None = None,
+) -> LoraLatent:
+    """DDIM sampling of the clean LoRA latent; deterministic for a seed on CPU.
+
+    `callback(step, total)` runs after each step; raising in it stops sampling (the nodes use
+    this for ComfyUI's progress bar and interrupt)."""
+    if steps < 1:
+        raise DiffLoRAError(f"steps must be at least 1, got {steps}.")
+    latent = sample_latent(
+        hn.dit, features.cond, hn.mif.null, steps=steps, guidance=guidance, eta=eta, seed=seed,
+        latent_shape=hn.latent_shape, callback=callback,
+    )
+    settings = {"seed": seed, "steps": steps, "guidance": guidance, "eta": eta}
+    return LoraLatent(latent=latent, spec_hash=hn.spec.hash, settings=settings)
+
+
+@torch.no_grad()
+def decode_lora(hn: Hypernet, latent: LoraLatent | torch.Tensor) -> torch.Tensor:
+    """LAE decode and de-normalize: the raw flat LoRA vector (P,), float32 on CPU."""
+    if isinstance(latent, LoraLatent):
+        if latent.spec_hash != hn.spec.hash:
+            raise DiffLoRAError(
+                "this LoRA latent was sampled by a hypernet for another LoRA spec; decode it with "
+                "the same hypernet that sampled it."
+            )
+        latent = latent.latent
+    if tuple(latent.shape[-2:]) != hn.latent_shape:
+        raise DiffLoRAError(f"latent shape {tuple(latent.shape)} does not match this hypernet's {hn.latent_shape}.")
+    param = next(hn.lae.parameters())
+    flat = hn.lae.decode(latent.to(param.device, param.dtype)).float()
+    flat = hn.norm.denormalize(flat.to(hn.norm.mean.device))
+    if not torch.isfinite(flat).all():
+        raise DiffLoRAError("decoded LoRA weights are not finite; the hypernet file may be damaged.")
+    return flat[0].cpu() if flat.ndim == 2 else flat.cpu()
+
+
+def lora_state_dict(hn: Hypernet, flat: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Kohya-keyed LoRA in canonical (SVD) form, loadable by ComfyUI, diffusers and A1111/Forge."""
+    layers = canonicalize_layers(hn.spec, unflatten(hn.spec, flat.float()))
+    return {k: v.to(dtype) for k, v in to_kohya(hn.spec, layers).items()}
+
+
+def predict_lora(
+    hn: Hypernet, face: torch.Tensor | None, image: torch.Tensor, **sample_kwargs
+) -> dict[str, torch.Tensor]:
+    """All four steps: reference embeddings -> kohya LoRA state dict."""
+    features = encode_features(hn, face, image)
+    latent = sample_lora_latent(hn, features, **sample_kwargs)
+    return lora_state_dict(hn, decode_lora(hn, latent))

@@ -1,0 +1,239 @@
+"""The training data set on disk, and the checks that skip bad items without stopping a run.
+
+    identities/<name>/*.jpg|png|...      photos of one person (identity-loras input)
+    identities/<name>/<photo>.txt        optional caption of <photo>
+    identities/<name>/reference.<ext>    optional: the face the others must match
+    loras/<name>.safetensors             kohya-keyed LoRA in the canonical spec, with metadata
+    loras/<name>.embeddings.safetensors  face (N, Df) and image (N, Di) embeddings of its photos
+    loras/report.json                    what identity-loras did with each identity
+
+Anything unusable (a missing file, a LoRA of another spec, NaN weights, too few usable photos)
+is skipped with a reason in a `SkipReport`; the run goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..errors import DiffLoRAError
+from ..hypernet import EncoderSpec
+from ..lora_format import load_lora_file, to_kohya
+from ..lora_spec import LoraSpec
+from ..lora_weights import canonicalize_layers, flatten
+
+log = logging.getLogger("difflora.train")
+
+EMB_SUFFIX = ".embeddings.safetensors"
+META_SPEC, META_HASH, META_IDENTITY = "difflora_lora_spec", "difflora_spec_hash", "difflora_identity"
+
+
+@dataclass
+class SkipReport:
+    """(item, reason) of everything left out; logged as it happens and summarized at the end."""
+
+    what: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def skip(self, item: str, reason: str) -> None:
+        self.skipped.append((item, reason))
+        log.warning("Skipping %s %s: %s", self.what, item, reason)
+
+    def summary(self, used: int) -> str:
+        text = f"{used} {self.what}(s) used, {len(self.skipped)} skipped"
+        return text + "".join(f"\n  - {item}: {reason}" for item, reason in self.skipped)
+
+
+def atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> Path:
+    """safetensors write that never leaves half a file (temp file in the folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# ---- identity folders ---------------------------------------------------------------------
+def identity_folders(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise DiffLoRAError(f"Identity folder {root} does not exist: pass --data with one sub-folder of photos "
+                            "per identity (see docs/TRAINING.md).")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DiffLoRAError(f"{root} has no identity sub-folders: put each person's photos in <data>/<name>/.")
+    return folders
+
+
+# ---- identity LoRAs: write ----------------------------------------------------------------
+def write_identity_lora(path: Path, spec: LoraSpec, layers, meta: dict[str, str]) -> Path:
+    """Canonical (SVD-form) kohya LoRA, loadable by ComfyUI / diffusers / A1111, with our metadata."""
+    sd = to_kohya(spec, canonicalize_layers(spec, layers), dtype=torch.float32)
+    metadata = {META_SPEC: spec.to_json(), META_HASH: spec.hash,
+                "modelspec.architecture": "stable-diffusion-xl-v1-base/lora", **meta}
+    return atomic_save(sd, path, {k: str(v) for k, v in metadata.items()})
+
+
+def write_embeddings(path: Path, face: torch.Tensor, image: torch.Tensor, files: list[str],
+                     face_kind: str, image_kind: str, identity: str) -> Path:
+    meta = {"identity": identity, "face_kind": face_kind, "image_kind": image_kind, "files": json.dumps(files)}
+    return atomic_save({"face": face.float(), "image": image.float()}, path, meta)
+
+
+def read_metadata(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+# ---- identity LoRAs: read and check -------------------------------------------------------
+@dataclass
+class LoraDataset:
+    """Usable identities in name order: flat canonical LoRAs (N, P) and their embeddings."""
+
+    spec: LoraSpec
+    names: list[str]
+    flat: torch.Tensor                      # (N, P) float32, raw (not normalized)
+    face: list[torch.Tensor] | None         # per identity (n_i, Df), when embeddings were asked for
+    image: list[torch.Tensor] | None        # per identity (n_i, Di)
+    encoders: EncoderSpec | None
+    report: SkipReport
+
+
+def lora_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DiffLoRAError(f"LoRA folder {folder} does not exist: run `python -m difflora.train identity-loras` "
+                            "first, or pass --loras.")
+    return sorted(p for p in folder.glob("*.safetensors") if not p.name.endswith(EMB_SUFFIX)
+                  and not p.name.startswith("."))
+
+
+def majority_spec(files: list[Path]) -> LoraSpec:
+    """The spec most LoRAs in the folder were trained for (from their metadata)."""
+    specs: dict[str, str] = {}
+    votes: Counter = Counter()
+    for p in files:
+        try:
+            meta = read_metadata(p)
+        except Exception:  # an unreadable file is reported when it is loaded
+            continue
+        if META_SPEC in meta:
+            spec_json = meta[META_SPEC]
+            key = hashlib.sha256(spec_json.encode()).hexdigest()
+            specs[key] = spec_json
+            votes[key] += 1
+    if not votes:
+        raise DiffLoRAError("No LoRA in the folder records its spec (difflora_lora_spec metadata); LoRAs made by "
+                            "`python -m difflora.train identity-loras` do.")
+    return LoraSpec.from_dict(json.loads(specs[votes.most_common(1)[0][0]]))
+
+
+def load_lora_dataset(folder: str | Path, spec: LoraSpec | None = None, embeddings: bool = False,
+                      encoders: EncoderSpec | None = None) -> LoraDataset:
+    """Read and check every identity LoRA (and its embeddings when `embeddings`)."""
+    files = lora_files(folder)
+    if not files:
+        raise DiffLoRAError(f"{folder} holds no identity LoRAs (<name>.safetensors).")
+    spec = spec or majority_spec(files)
+    report = SkipReport("identity")
+    names, flats, faces, images, kinds = [], [], [], [], []
+    for p in files:
+        name = p.name[: -len(".safetensors")]
+        flat = _read_lora(p, spec, report, name)
+        if flat is None:
+            continue
+        if embeddings:
+            emb = _read_embeddings(p.with_name(name + EMB_SUFFIX), report, name)
+            if emb is None:
+                continue
+            faces.append(emb[0])
+            images.append(emb[1])
+            kinds.append(emb[2])
+        names.append(name)
+        flats.append(flat)
+    enc = None
+    if embeddings and kinds:
+        enc = encoders or EncoderSpec(**dict(zip(("face_kind", "face_dim", "image_kind", "image_dim"),
+                                                 Counter(kinds).most_common(1)[0][0])))
+        keep = [i for i, k in enumerate(kinds) if k == (enc.face_kind, enc.face_dim, enc.image_kind, enc.image_dim)]
+        for i in sorted(set(range(len(names))) - set(keep)):
+            report.skip(names[i], f"its embeddings come from {kinds[i][0]} ({kinds[i][1]}-d) / {kinds[i][2]} "
+                                  f"({kinds[i][3]}-d), the others' from {enc.face_kind} / {enc.image_kind}")
+        names, flats = [names[i] for i in keep], [flats[i] for i in keep]
+        faces, images = [faces[i] for i in keep], [images[i] for i in keep]
+    if not names:
+        raise DiffLoRAError(f"No usable identity LoRA in {folder}: " + report.summary(0))
+    log.info("LoRA data set %s: %s", folder, report.summary(len(names)))
+    return LoraDataset(spec, names, torch.stack(flats), faces if embeddings else None,
+                       images if embeddings else None, enc, report)
+
+
+def _read_lora(path: Path, spec: LoraSpec, report: SkipReport, name: str) -> torch.Tensor | None:
+    try:
+        meta = read_metadata(path)
+        if META_HASH in meta and meta[META_HASH] != spec.hash:
+            other = LoraSpec.from_dict(json.loads(meta[META_SPEC])) if META_SPEC in meta else None
+            report.skip(name, f"LoRA of another spec ({other.describe() if other else meta[META_HASH]}; "
+                              f"expected {spec.describe()})")
+            return None
+        layers = load_lora_file(spec, path)  # checks names, shapes and rank against the spec
+    except DiffLoRAError as e:
+        report.skip(name, f"LoRA does not fit the spec: {e}")
+        return None
+    except Exception as e:  # unreadable file: report it, keep going
+        report.skip(name, f"unreadable LoRA file {path.name} ({type(e).__name__}: {e})")
+        return None
+    flat = flatten(spec, canonicalize_layers(spec, layers)).float()
+    if not torch.isfinite(flat).all():
+        report.skip(name, f"{int((~torch.isfinite(flat)).sum())} NaN/inf weights in {path.name}")
+        return None
+    return flat
+
+
+def _read_embeddings(path: Path, report: SkipReport, name: str):
+    if not path.is_file():
+        report.skip(name, f"missing file {path.name} (face and image embeddings; re-run identity-loras)")
+        return None
+    try:
+        meta = read_metadata(path)
+        sd = load_file(str(path))
+        face, image = sd["face"].float(), sd["image"].float()
+    except Exception as e:
+        report.skip(name, f"unreadable embeddings file {path.name} ({type(e).__name__}: {e})")
+        return None
+    if face.ndim != 2 or image.ndim != 2 or face.shape[0] != image.shape[0] or face.shape[0] == 0:
+        report.skip(name, f"embeddings in {path.name} have shapes {tuple(face.shape)} / {tuple(image.shape)}, "
+                          "expected (N, Df) / (N, Di) with the same N >= 1")
+        return None
+    if not (torch.isfinite(face).all() and torch.isfinite(image).all()):
+        report.skip(name, f"NaN/inf embeddings in {path.name}")
+        return None
+    kind = (meta.get("face_kind", "unknown"), face.shape[1], meta.get("image_kind", "unknown"), image.shape[1])
+    return face, image, kind
+
+
+# ---- held-out split -----------------------------------------------------------------------
+def split_identities(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, val) names: the val identities are the first by hash(seed, name), so the split depends
+    only on the set of names. At least one held out when there are 2+ identities and val_fraction > 0."""
+    if val_fraction <= 0 or len(names) < 2:
+        return sorted(names), []
+    n_val = min(len(names) - 1, max(1, round(val_fraction * len(names))))
+    ranked = sorted(names, key=lambda n: hashlib.sha256(f"{seed}:{n}".encode()).hexdigest())
+    val = set(ranked[:n_val])
+    return sorted(n for n in names if n not in val), sorted(val)

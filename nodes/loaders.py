@@ -1,0 +1,91 @@
+"""Loader nodes: the hypernet file and the face analysis model."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import comfy.model_management as mm
+import folder_paths
+from comfy_api.v0_0_2 import io
+
+from ..difflora.encoders import load_face_encoder
+from ..difflora.hypernet_file import load_hypernet
+from .folders import HYPERNET_FOLDER, insightface_root
+from .types import CATEGORY, FaceAnalysis, Hypernet
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# One hypernet stays loaded between runs (re-reading a paper-size file takes seconds).
+_cache: dict[tuple, object] = {}
+
+
+def _pick_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    dev = mm.get_torch_device() if device == "auto" else torch.device("cpu")
+    if dtype != "auto":
+        return dev, _DTYPES[dtype]
+    if dev.type == "cpu":
+        return dev, torch.float32
+    return dev, (torch.float16 if mm.should_use_fp16(dev) else torch.float32)
+
+
+class LoadDiffLoRAHypernet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffLoRAHypernetLoader",
+            display_name="Load DiffLoRA Hypernet",
+            category=CATEGORY,
+            description="Loads a DiffLoRA hypernet (.safetensors) from models/difflora.",
+            inputs=[
+                io.Combo.Input("hypernet_name", options=folder_paths.get_filename_list(HYPERNET_FOLDER),
+                               tooltip="Hypernet file in ComfyUI/models/difflora (only .safetensors are listed)."),
+                io.Combo.Input("device", options=["auto", "cpu"], default="auto",
+                               tooltip="auto: ComfyUI's main device (GPU when there is one)."),
+                io.Combo.Input("dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto",
+                               tooltip="auto: fp16 on GPUs that support it, fp32 on CPU."),
+            ],
+            outputs=[Hypernet.Output(display_name="hypernet", tooltip="The loaded DiffLoRA hypernet.")],
+        )
+
+    @classmethod
+    def execute(cls, hypernet_name, device="auto", dtype="auto") -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(HYPERNET_FOLDER, hypernet_name)
+        dev, dt = _pick_device_dtype(device, dtype)
+        stat = os.stat(path)
+        key = (path, stat.st_mtime_ns, stat.st_size, str(dev), dt)
+        if key not in _cache:
+            _cache.clear()
+            hn = load_hypernet(path, device=dev, dtype=dt)
+            hn.source_file = os.path.basename(path)
+            _cache[key] = hn
+        return io.NodeOutput(_cache[key])
+
+    @classmethod
+    def fingerprint_inputs(cls, hypernet_name, device="auto", dtype="auto"):
+        path = folder_paths.get_full_path(HYPERNET_FOLDER, hypernet_name)
+        return os.stat(path).st_mtime_ns if path else hypernet_name
+
+
+class LoadFaceAnalysis(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffLoRAFaceAnalysisLoader",
+            display_name="Load Face Analysis",
+            category=CATEGORY,
+            description="Face detector + recognition model for Encode Mixed Features. insightface models "
+                        "go in models/insightface/models/<name>/; dlib needs no files.",
+            inputs=[
+                io.Combo.Input("model", options=["antelopev2", "buffalo_l", "dlib"], default="antelopev2",
+                               tooltip="antelopev2/buffalo_l: ArcFace 512-d (insightface). dlib: 128-d, CPU, "
+                                       "no model files. Use the one your hypernet was trained with."),
+                io.Combo.Input("provider", options=["CPU", "CUDA"], default="CPU",
+                               tooltip="onnxruntime provider for insightface (ignored by dlib)."),
+            ],
+            outputs=[FaceAnalysis.Output(display_name="face_analysis")],
+        )
+
+    @classmethod
+    def execute(cls, model, provider="CPU") -> io.NodeOutput:
+        root = None if model == "dlib" else insightface_root()
+        return io.NodeOutput(load_face_encoder(model, root=root, provider=provider))

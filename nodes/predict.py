@@ -1,0 +1,137 @@
+"""The prediction chain: Encode Mixed Features -> Sample LoRA Latent -> Decode LoRA."""
+
+from __future__ import annotations
+
+import torch
+import comfy.model_management as mm
+import comfy.utils
+from comfy_api.v0_0_2 import io
+
+from ..difflora import pipeline
+from ..difflora.encoders import ImageEncoder, encode_references
+from .types import CATEGORY, FaceAnalysis, Hypernet, LoraLatent, LoraModel, MixedFeatures
+
+
+class _ComfyClipVision(ImageEncoder):
+    """ComfyUI's CLIP_VISION behind the core's image-encoder interface."""
+
+    kind = "comfyui-clip-vision"
+
+    def __init__(self, clip_vision):
+        self.clip_vision = clip_vision
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.clip_vision.model.visual_projection.weight.shape[0])
+
+    def embed(self, images) -> torch.Tensor:
+        # The core hands over clean uint8 RGB arrays; CLIP_VISION takes ComfyUI IMAGE tensors.
+        batch = [torch.from_numpy(a).float().div(255.0)[None] for a in images]
+        return torch.cat([self.clip_vision.encode_image(b).image_embeds.float().cpu() for b in batch])
+
+
+class EncodeMixedFeatures(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffLoRAEncodeMixedFeatures",
+            display_name="Encode Mixed Features",
+            category=CATEGORY,
+            description="Face + image embeddings of the reference photo(s), mixed by the hypernet's gate. "
+                        "Several images in the batch are averaged.",
+            inputs=[
+                Hypernet.Input("hypernet", tooltip="From Load DiffLoRA Hypernet."),
+                io.Image.Input("images", tooltip="Reference photo(s) of one person; a batch is averaged."),
+                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the hypernet was trained with."),
+                FaceAnalysis.Input("face_analysis", optional=True,
+                                   tooltip="From Load Face Analysis. Leave empty only with on_no_face = image_only."),
+                io.Combo.Input("face_choice", options=["largest", "index", "score"], default="largest",
+                               tooltip="Which face when a photo holds several: the largest, the N-th from the "
+                                       "left (face_index), or the most confident detection."),
+                io.Int.Input("face_index", default=0, min=0, max=64,
+                             tooltip="With face_choice = index: 0 is the left-most face."),
+                io.Combo.Input("on_no_face", options=["error", "image_only"], default="error",
+                               tooltip="error: stop and name the photo without a face. image_only: use the CLIP "
+                                       "image embedding alone (weaker identity)."),
+            ],
+            outputs=[MixedFeatures.Output(display_name="features")],
+        )
+
+    @classmethod
+    def execute(cls, hypernet, images, clip_vision, face_analysis=None, face_choice="largest",
+                face_index=0, on_no_face="error") -> io.NodeOutput:
+        image_encoder = _ComfyClipVision(clip_vision)
+        face_dim = None if face_analysis is None else face_analysis.embedding_dim
+        pipeline.check_encoders(hypernet, face_dim, image_encoder.embedding_dim, on_no_face)
+        refs = encode_references(images, face_analysis, image_encoder, face_choice=face_choice,
+                                 face_index=face_index, on_no_face=on_no_face)
+        return io.NodeOutput(pipeline.encode_features(hypernet, refs.face, refs.image))
+
+
+class SampleLoraLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffLoRASampleLoraLatent",
+            display_name="Sample LoRA Latent",
+            category=CATEGORY,
+            description="Runs the hypernet's diffusion sampler to produce a LoRA latent for the identity.",
+            inputs=[
+                Hypernet.Input("hypernet", tooltip="From Load DiffLoRA Hypernet."),
+                MixedFeatures.Input("features", tooltip="From Encode Mixed Features."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the LoRA sampler; the same seed gives the same LoRA."),
+                io.Int.Input("steps", default=25, min=1, max=1000, tooltip="DDIM steps (25 is plenty)."),
+                io.Float.Input("guidance", default=3.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance on identity; 1.0 turns it off."),
+                io.Float.Input("eta", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="DDIM eta: 0 is deterministic, 1 adds DDPM-like noise."),
+            ],
+            outputs=[LoraLatent.Output(display_name="lora_latent")],
+        )
+
+    @classmethod
+    def execute(cls, hypernet, features, seed=0, steps=25, guidance=3.0, eta=0.0) -> io.NodeOutput:
+        bar = comfy.utils.ProgressBar(steps)
+
+        def on_step(step: int, total: int) -> None:
+            mm.throw_exception_if_processing_interrupted()
+            bar.update_absolute(step + 1, total)
+
+        latent = pipeline.sample_lora_latent(hypernet, features, steps=steps, guidance=guidance, eta=eta,
+                                             seed=seed, callback=on_step)
+        return io.NodeOutput(latent)
+
+
+class PredictedLora(dict):
+    """A kohya-keyed state dict (core's LORA_MODEL) that remembers how it was made."""
+
+    metadata: dict
+
+
+class DecodeLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiffLoRADecodeLora",
+            display_name="Decode LoRA",
+            category=CATEGORY,
+            description="Decodes a LoRA latent into SDXL LoRA weights (kohya keys, core LORA_MODEL type).",
+            inputs=[
+                Hypernet.Input("hypernet", tooltip="The hypernet that sampled the latent."),
+                LoraLatent.Input("lora_latent", tooltip="From Sample LoRA Latent."),
+            ],
+            outputs=[LoraModel.Output(display_name="lora",
+                                      tooltip="Apply with Apply Predicted LoRA (or core Load LoRA Model).")],
+        )
+
+    @classmethod
+    def execute(cls, hypernet, lora_latent) -> io.NodeOutput:
+        flat = pipeline.decode_lora(hypernet, lora_latent)
+        lora = PredictedLora(pipeline.lora_state_dict(hypernet, flat))
+        lora.metadata = {
+            "difflora_hypernet": getattr(hypernet, "source_file", ""),
+            "difflora_spec_hash": hypernet.spec.hash,
+            **{f"difflora_{k}": str(v) for k, v in lora_latent.settings.items()},
+        }
+        return io.NodeOutput(lora)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set-up shared by the README's two commands: a virtual environment with the project and its
+# test/harness dependencies, and (unless COMFYUI_PATH names your own) a headless ComfyUI
+# under .cache/comfyui. Idempotent: a second run only checks.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$python" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+# Reinstall only when the dependency list changed.
+stamp=.venv/.difflora-deps
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing dependencies (first run: about a minute)"
+  python -m pip install -q --disable-pip-version-check --upgrade pip
+  # torch first and pinned in every call: an unpinned resolve pulls a CUDA build of several GB.
+  python -m pip install -q --disable-pip-version-check torch==2.13.0
+  python -m pip install -q --disable-pip-version-check -e ".[test]" torch==2.13.0
+  echo "$want" > "$stamp"
+fi
+
+python -m devtools.get_comfyui

