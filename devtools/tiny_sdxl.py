@@ -215,11 +215,11 @@ def tiny_sdxl_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> d
 
 def build_tiny_sdxl_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
     """Write the tiny SDXL as one fp16 `.safetensors` (atomically) and return its path."""
-    from safetensors.torch import save_file
+    from difflora.safetensors_io import save_file_reproducible
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tiny_sdxl_state_dict(seed), str(tmp),
+    save_file_reproducible(tiny_sdxl_state_dict(seed), tmp,
               metadata={"modelspec.architecture": "tiny-sdxl (difflora test harness)", "seed": str(seed)})
     os.replace(tmp, path)
     return path

@@ -26,9 +26,11 @@ def _widget_names(info: dict) -> list[tuple[str, list]]:
     return out
 
 
-def ui_to_api(workflow: dict, object_info: dict, overrides: dict | None = None) -> dict:
-    """UI workflow JSON -> API prompt. `overrides` maps node id (str) -> {input: value}, for
-    swapping model file names (tiny test models) without editing the shipped file."""
+def ui_to_api(workflow: dict, object_info: dict, overrides: dict | None = None,
+              class_overrides: dict | None = None) -> dict:
+    """UI workflow JSON -> API prompt. `overrides` maps node id (str) -> {input: value} and
+    `class_overrides` node class -> {input: value}, for running a shipped graph on tiny test
+    models (fewer steps, smaller images) without editing the file."""
     links = {l[0]: l for l in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
@@ -55,7 +57,8 @@ def ui_to_api(workflow: dict, object_info: dict, overrides: dict | None = None) 
                 continue
             _, src, slot, _, _, _ = links[link_id]
             inputs[name] = [str(src), slot]
-        for name, value in (overrides or {}).get(str(node["id"]), {}).items():
+        for name, value in {**(class_overrides or {}).get(kind, {}),
+                            **(overrides or {}).get(str(node["id"]), {})}.items():
             inputs[name] = value
         prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs}
     return copy.deepcopy(prompt)

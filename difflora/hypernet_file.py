@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .dit import DiTConfig
+from .safetensors_io import save_file_reproducible
 from .errors import HypernetFileError
 from .hypernet import EncoderSpec, Hypernet
 from .lae import LAEConfig
@@ -183,7 +183,7 @@ def save_hypernet(model: Hypernet, path: str | os.PathLike, extra_metadata: dict
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(state, tmp, metadata=metadata)
+        save_file_reproducible(state, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

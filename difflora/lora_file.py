@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from .safetensors_io import save_file_reproducible
 from .errors import DiffLoRAError
 
 _SAFE_PREFIX = re.compile(r"^[\w\-. /]+$")
@@ -35,7 +35,7 @@ def save_lora_numbered(
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=target_dir)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        save_file_reproducible(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
         taken = {int(m.group(1)) for p in target_dir.glob(f"{stem}_*.safetensors")
                  if (m := re.fullmatch(re.escape(stem) + r"_(\d{5})\.safetensors", p.name))}
         number = max(taken, default=0) + 1

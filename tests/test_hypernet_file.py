@@ -153,3 +153,12 @@ def test_refuses_broken_config_json(saved, tmp_path):
     unknown = _rewrite(path, tmp_path / "unknown.safetensors", {"dit_config": json.dumps(cfg)})
     with pytest.raises(HypernetFileError, match="unknown.safetensors.*do not build"):
         load_hypernet(unknown)
+
+
+def test_saving_twice_gives_identical_bytes(saved, tmp_path):
+    """Checksums in weights_manifest.json need reproducible files (safetensors alone orders
+    its metadata at random)."""
+    hn, path = saved
+    for i in range(3):
+        again = save_hypernet(hn, tmp_path / f"again{i}.safetensors", extra_metadata={"trained_steps": "12"})
+        assert again.read_bytes() == path.read_bytes()

@@ -22,9 +22,10 @@ from ..lae import LAE_CONFIGS
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
-def opt(default: Any, help: str, choices: list | tuple | None = None, path: bool = False):
+def opt(default: Any, help: str, choices: list | tuple | None = None, path: bool = False, metavar: str | None = None):
     """A config field. `path`: a location that `all` derives from its --work folder."""
-    return field(default=default, metadata={"help": help, "choices": choices, "path": path})
+    return field(default=default, metadata={"help": help, "choices": choices, "path": path,
+                                            "metavar": "PATH" if path else metavar})
 
 
 @dataclass
@@ -33,17 +34,17 @@ class IdentityLoraConfig:
 
     data: str = opt("", "Folder with one sub-folder of photos per identity (see docs/TRAINING.md).", path=True)
     out: str = opt("", "Folder the identity LoRAs and their embeddings are written to.", path=True)
-    base: str = opt("", "Local SDXL: a diffusers folder (model_index.json) or a single-file .safetensors checkpoint.")
+    base: str = opt("", "Local SDXL: a diffusers folder (model_index.json) or a single-file .safetensors checkpoint.", metavar="PATH")
     base_config: str = opt("", "For a single-file base: a diffusers SDXL folder giving the configs and tokenizers "
                                "(weights not needed). Empty: diffusers' own lookup, which works offline only when "
-                               "the Hugging Face cache holds them.")
+                               "the Hugging Face cache holds them.", metavar="PATH")
     vae: str = opt("", "Optional diffusers VAE folder replacing the base's (e.g. sdxl-vae-fp16-fix); needed when a "
-                       "single file has no VAE.")
+                       "single file has no VAE.", metavar="PATH")
     face_encoder: str = opt("antelopev2", "Face analysis for filtering and the face embeddings; the hypernet is "
                                           "then used with the same one.", choices=FACE_ENCODER_KINDS)
-    insightface_root: str = opt("", "Folder holding models/<antelopev2|buffalo_l>/ (e.g. ComfyUI/models/insightface).")
+    insightface_root: str = opt("", "Folder holding models/<antelopev2|buffalo_l>/ (e.g. ComfyUI/models/insightface).", metavar="PATH")
     image_encoder: str = opt("", "CLIP vision model for the image embeddings: a transformers folder or a ComfyUI "
-                                 "clip_vision .safetensors.")
+                                 "clip_vision .safetensors.", metavar="PATH")
     rank: int = opt(4, "LoRA rank of the spec (method.md: 4).")
     alpha: float = opt(0.0, "LoRA alpha; 0 means alpha = rank (scale 1).")
     steps: int = opt(500, "Optimizer steps per identity (DreamBooth-LoRA: 500-1000 at lr 1e-4).")
@@ -60,7 +61,7 @@ class IdentityLoraConfig:
     min_images: int = opt(3, "Identities with fewer usable images are skipped and reported.")
     min_face_similarity: float = opt(-1.0, "Cosine similarity to the reference face an image needs; -1: the "
                                            "encoder's default (dlib 0.91, ArcFace 0.35).")
-    class_data: str = opt("", "Prior preservation (off when empty): a folder of generic photos of the class.")
+    class_data: str = opt("", "Prior preservation (off when empty): a folder of generic photos of the class.", metavar="PATH")
     class_prompt: str = opt("a photo of a person", "Prompt of the prior-preservation images.")
     prior_loss_weight: float = opt(1.0, "Weight of the prior-preservation loss.")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory in the UNet (GPUs under 24 GB).")
@@ -84,7 +85,6 @@ class LoopConfig:
     warmup_steps: int = opt(500, "Linear warm-up steps before the cosine decay.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).")
     ema_decay: float = opt(0.9999, "EMA decay (with warm-up, so short runs still average usefully).")
-    val_fraction: float = opt(0.1, "Share of identities held out for validation (at least one when there are 2+).")
     eval_every: int = opt(1000, "Validation every N steps (and at the end).")
     ckpt_every: int = opt(1000, "Checkpoint every N steps (and at the end, on SIGTERM and Ctrl-C).")
     keep_checkpoints: int = opt(2, "Checkpoints kept in run/checkpoints (older ones are deleted).")
@@ -101,6 +101,8 @@ class LAETrainConfig(LoopConfig):
     """lae: the LoRA autoencoder on normalized canonical LoRAs (method.md section 2)."""
 
     size: str = opt("tiny", "LAE size from the registry (sdxl-r4: ~300x for SDXL rank 4).", choices=list(LAE_CONFIGS))
+    val_fraction: float = opt(0.1, "Share of identities held out for validation (at least one when there are 2+); "
+                                   "the dit stage keeps the same split.")
     lam: float = opt(1.0, "Weight-preserved loss lambda (0: plain MSE, the ablation).")
     dw_term: float = opt(0.0, "Weight of the extra dW = B.A reconstruction term.")
     norm_per: str = opt("layer", "Normalization statistics per layer (robust with few LoRAs) or per position.",
@@ -126,8 +128,8 @@ class DiTTrainConfig(LoopConfig):
 class ExportConfig:
     """export: a dit run (checkpoint or final) -> one hypernet .safetensors for the nodes."""
 
-    run: str = opt("", "The dit run folder.")
-    out: str = opt("", "Hypernet file to write; empty: <run>/hypernet.safetensors.")
+    run: str = opt("", "The dit run folder.", metavar="PATH")
+    out: str = opt("", "Hypernet file to write; empty: <run>/hypernet.safetensors.", metavar="PATH")
     checkpoint: str = opt("latest", "'latest' or a step number of run/checkpoints.")
     ema: bool = opt(True, "Export the EMA weights (recommended) rather than the raw ones.")
 
@@ -136,9 +138,9 @@ class ExportConfig:
 class AllConfig:
     """all: identity-loras -> lae -> dit -> hypernet, in one --work folder."""
 
-    work: str = opt("", "Work folder: loras/, lae/, dit/ and hypernet.safetensors go there.")
-    out: str = opt("", "Hypernet file; empty: <work>/hypernet.safetensors.")
-    data: str = opt("", "Folder with one sub-folder of photos per identity.")
+    work: str = opt("", "Work folder: loras/, lae/, dit/ and hypernet.safetensors go there.", metavar="PATH")
+    out: str = opt("", "Hypernet file; empty: <work>/hypernet.safetensors.", metavar="PATH")
+    data: str = opt("", "Folder with one sub-folder of photos per identity.", metavar="PATH")
     resume: bool = opt(False, "Continue a stopped `all` run (finished stages are skipped).")
 
 
@@ -210,8 +212,8 @@ def add_options(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tu
         if isinstance(f.default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            group.add_argument(flag, type=type(f.default), choices=f.metadata.get("choices"),
-                               metavar=None if f.metadata.get("choices") else type(f.default).__name__.upper(), **kw)
+            metavar = None if f.metadata.get("choices") else (f.metadata.get("metavar") or type(f.default).__name__.upper())
+            group.add_argument(flag, type=type(f.default), choices=f.metadata.get("choices"), metavar=metavar, **kw)
 
 
 def given(ns: argparse.Namespace, prefix: str = "") -> dict:

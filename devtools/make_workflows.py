@@ -1,0 +1,218 @@
+"""Writes the shipped example workflows (workflows/*.json, UI format) and their previews.
+
+    python -m devtools.make_workflows        # needs the harness ComfyUI; rewrites workflows/
+
+Each graph is declared once below; socket and widget lists come from a live server's
+/object_info, so the files match what ComfyUI's frontend itself would save. Node ids are
+part of the contract (users' edits and our tests refer to them): never renumber a node.
+The preview PNG is a drawing of the graph that also embeds it, so dragging the picture
+onto ComfyUI opens the workflow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+
+# Real-use model names; the harness links its tiny models under these names.
+CKPT = "sd_xl_base_1.0.safetensors"
+CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+HYPERNET = "difflora_sdxl.safetensors"
+POSITIVE = "a photo of a person, portrait, natural light, detailed face"
+NEGATIVE = "blurry, deformed, low quality"
+
+
+@dataclass
+class N:
+    """A node: id (fixed forever), class, position, widget values by name."""
+
+    id: int
+    type: str
+    pos: tuple[int, int]
+    widgets: dict = field(default_factory=dict)
+    title: str | None = None
+
+
+# (src id, src output slot) -> (dst id, input name)
+Link = tuple[int, int, int, str]
+
+
+def _common_front(ref_nodes: list[N]) -> tuple[list[N], list[Link]]:
+    nodes = [
+        N(1, "CheckpointLoaderSimple", (0, 0), {"ckpt_name": CKPT}),
+        N(3, "CLIPVisionLoader", (0, 400), {"clip_name": CLIP_VISION}),
+        N(4, "DiffLoRAFaceAnalysisLoader", (0, 520), {"model": "antelopev2", "provider": "CPU"}),
+        N(5, "DiffLoRAHypernetLoader", (0, 680), {"hypernet_name": HYPERNET, "device": "auto", "dtype": "auto"}),
+        N(6, "DiffLoRAEncodeMixedFeatures", (360, 420),
+          {"face_choice": "largest", "face_index": 0, "on_no_face": "error"}),
+        N(7, "DiffLoRASampleLoraLatent", (720, 420), {"seed": 0, "steps": 25, "guidance": 3.0, "eta": 0.0}),
+        N(8, "DiffLoRADecodeLora", (1080, 420)),
+        *ref_nodes,
+    ]
+    links = [(5, 0, 6, "hypernet"), (3, 0, 6, "clip_vision"), (4, 0, 6, "face_analysis"),
+             (5, 0, 7, "hypernet"), (6, 0, 7, "features"), (5, 0, 8, "hypernet"), (7, 0, 8, "lora_latent")]
+    return nodes, links
+
+
+def _sampling(apply_id: int, strength: float, ksampler_id: int, decode_id: int, save_id: int, x: int, y: int,
+              prefix: str) -> tuple[list[N], list[Link]]:
+    nodes = [
+        N(apply_id, "DiffLoRAApplyLora", (x, y), {"strength": strength}),
+        N(ksampler_id, "KSampler", (x + 360, y), {"seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "dpmpp_2m",
+                                                  "scheduler": "karras", "denoise": 1.0}),
+        N(decode_id, "VAEDecode", (x + 720, y)),
+        N(save_id, "SaveImage", (x + 1080, y), {"filename_prefix": prefix}),
+    ]
+    links = [(1, 0, apply_id, "model"), (8, 0, apply_id, "lora"), (apply_id, 0, ksampler_id, "model"),
+             (10, 0, ksampler_id, "positive"), (11, 0, ksampler_id, "negative"), (12, 0, ksampler_id, "latent_image"),
+             (ksampler_id, 0, decode_id, "samples"), (1, 2, decode_id, "vae"), (decode_id, 0, save_id, "images")]
+    return nodes, links
+
+
+def _prompts() -> tuple[list[N], list[Link]]:
+    nodes = [N(10, "CLIPTextEncode", (360, 0), {"text": POSITIVE}, "Positive prompt"),
+             N(11, "CLIPTextEncode", (360, 200), {"text": NEGATIVE}, "Negative prompt"),
+             N(12, "EmptyLatentImage", (720, 0), {"width": 1024, "height": 1024, "batch_size": 1})]
+    return nodes, [(1, 1, 10, "clip"), (1, 1, 11, "clip")]
+
+
+def graphs() -> dict[str, tuple[list[N], list[Link]]]:
+    out = {}
+    ref = [N(2, "LoadImage", (0, 180), {"image": "reference.png"}, "Reference photo")]
+
+    front, links = _common_front(ref)
+    p, pl = _prompts()
+    s, sl = _sampling(13, 1.0, 14, 15, 16, 1080, 0, "difflora/basic")
+    save = [N(17, "DiffLoRASaveLora", (1440, 420), {"filename_prefix": "difflora/identity"})]
+    out["difflora_basic"] = (front + p + s + save, links + [(2, 0, 6, "images")] + pl + sl + [(8, 0, 17, "lora")])
+
+    refs = [N(2, "LoadImage", (0, 180), {"image": "reference_1.png"}, "Reference photo 1"),
+            N(18, "LoadImage", (-360, 180), {"image": "reference_2.png"}, "Reference photo 2"),
+            N(19, "LoadImage", (-360, 520), {"image": "reference_3.png"}, "Reference photo 3"),
+            N(20, "ImageBatch", (-360, 880)), N(21, "ImageBatch", (0, 880))]
+    front, links = _common_front(refs)
+    s, sl = _sampling(13, 1.0, 14, 15, 16, 1080, 0, "difflora/multi_reference")
+    batch = [(2, 0, 20, "image1"), (18, 0, 20, "image2"), (20, 0, 21, "image1"), (19, 0, 21, "image2"),
+             (21, 0, 6, "images")]
+    out["difflora_multi_reference"] = (front + p + s, links + batch + pl + sl)
+
+    front, links = _common_front(ref)
+    front = [n for n in front if n.id != 1]  # no image model needed to export a LoRA
+    save = [N(17, "DiffLoRASaveLora", (1080, 600), {"filename_prefix": "difflora/identity"})]
+    out["difflora_export_lora"] = (front + save, links + [(2, 0, 6, "images"), (8, 0, 17, "lora")])
+
+    front, links = _common_front(ref)
+    nodes, all_links = front + p, links + [(2, 0, 6, "images")] + pl
+    for i, strength in enumerate((0.0, 0.5, 1.0)):
+        base = 30 + 4 * i
+        s, sl = _sampling(base, strength, base + 1, base + 2, base + 3, 1080, 0 if i == 0 else 300 + 400 * i,
+                          f"difflora/strength_{strength:.1f}")
+        nodes, all_links = nodes + s, all_links + sl
+    out["difflora_strength_sweep"] = (nodes, all_links)
+    return out
+
+
+def _is_widget(spec: list) -> bool:
+    return isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def to_ui(nodes: list[N], links: list[Link], info: dict) -> dict:
+    """The UI-format document ComfyUI's frontend saves (workflow version 0.4)."""
+    by_id = {n.id: n for n in nodes}
+    ui_links, ui_nodes = [], []
+    link_ids: dict[tuple[int, str], int] = {}
+    out_links: dict[tuple[int, int], list[int]] = {}
+    for i, (src, slot, dst, name) in enumerate(links, start=1):
+        kind = info[by_id[src].type]["output"][slot]
+        ui_links.append([i, src, slot, dst, None, kind])
+        link_ids[(dst, name)] = i
+        out_links.setdefault((src, slot), []).append(i)
+    for order, n in enumerate(nodes):
+        spec = info[n.type]
+        sockets, values = [], []
+        for section in ("required", "optional"):
+            for name, s in spec["input"].get(section, {}).items():
+                if _is_widget(s):
+                    if name not in n.widgets and "default" not in (s[1] if len(s) > 1 else {}):
+                        raise KeyError(f"node {n.id} ({n.type}) needs a value for widget {name!r}")
+                    values.append(n.widgets.get(name, s[1].get("default") if len(s) > 1 else None))
+                    if len(s) > 1 and s[1].get("control_after_generate"):
+                        values.append("fixed")
+                    if n.type == "LoadImage" and name == "image":
+                        values.append("image")
+                else:
+                    sockets.append({"name": name, "type": s[0], "link": link_ids.get((n.id, name))})
+        for (dst, name), lid in link_ids.items():
+            if dst == n.id and not any(x["name"] == name for x in sockets):
+                raise KeyError(f"node {n.id} ({n.type}) has no socket {name!r}")
+        for lid_slot, sock in enumerate(sockets):
+            if sock["link"] is not None:
+                ui_links[sock["link"] - 1][4] = lid_slot
+        outputs = [{"name": name, "type": kind, "links": out_links.get((n.id, slot), []), "slot_index": slot}
+                   for slot, (kind, name) in enumerate(zip(spec["output"], spec.get("output_name", spec["output"])))]
+        node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": [300, 60 + 26 * (len(values) + len(sockets))],
+                "flags": {}, "order": order, "mode": 0, "inputs": sockets, "outputs": outputs,
+                "properties": {"Node name for S&R": n.type}, "widgets_values": values}
+        if n.title:
+            node["title"] = n.title
+        ui_nodes.append(node)
+    return {"last_node_id": max(by_id), "last_link_id": len(ui_links), "nodes": ui_nodes, "links": ui_links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [400, 100]}}, "version": 0.4}
+
+
+def render_preview(workflow: dict, path: Path, names: dict[str, str]) -> None:
+    """A drawing of the graph (boxes, titles, links) with the workflow embedded as PNG text,
+    the way ComfyUI embeds workflows in the images it saves."""
+    from PIL import Image, ImageDraw, PngImagePlugin
+
+    nodes = workflow["nodes"]
+    x0 = min(n["pos"][0] for n in nodes) - 40
+    y0 = min(n["pos"][1] for n in nodes) - 40
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes) + 40
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes) + 40
+    scale = 0.5
+    img = Image.new("RGB", (int((x1 - x0) * scale), int((y1 - y0) * scale)), (32, 32, 36))
+    draw = ImageDraw.Draw(img)
+    box = {n["id"]: [(n["pos"][0] - x0) * scale, (n["pos"][1] - y0) * scale,
+                     (n["pos"][0] - x0 + n["size"][0]) * scale, (n["pos"][1] - y0 + n["size"][1]) * scale]
+           for n in nodes}
+    for _, src, _, dst, _, _ in workflow["links"]:
+        a, b = box[src], box[dst]
+        draw.line([(a[2], (a[1] + a[3]) / 2), (b[0], (b[1] + b[3]) / 2)], fill=(140, 170, 220), width=2)
+    for n in nodes:
+        ours = n["type"].startswith("DiffLoRA")
+        draw.rectangle(box[n["id"]], fill=(70, 50, 110) if ours else (60, 60, 66), outline=(200, 200, 210))
+        label = n.get("title") or names.get(n["type"], n["type"])
+        draw.text((box[n["id"]][0] + 6, box[n["id"]][1] + 6), label, fill=(240, 240, 240))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("workflow", json.dumps(workflow))
+    img.save(path, pnginfo=info)
+
+
+def write_all(object_info: dict, folder: Path = WORKFLOWS) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (nodes, links) in graphs().items():
+        wf = to_ui(nodes, links, object_info)
+        path = folder / f"{name}.json"
+        path.write_text(json.dumps(wf, indent=1) + "\n")
+        titles = {k: v.get("display_name") or k for k, v in object_info.items()}
+        render_preview(wf, folder / f"{name}.png", titles)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    from .comfy_server import ComfyServer
+    from .get_comfyui import get_comfyui
+
+    with ComfyServer(get_comfyui()) as server:
+        for path in write_all(server.object_info()):
+            print(f"wrote {path} and its preview")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""DINO: image-image similarity of DINOv2 CLS embeddings (transformers Dinov2Model, local folder).
+
+Preprocessing is DINOv2's evaluation transform (shorter side 256 bicubic, centre crop 224,
+ImageNet mean/std); the embedding is `pooler_output` (the layer-normed CLS token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import MetricUnavailable, pick_device
+
+NEEDS = "a transformers DINOv2 folder (config.json, model.safetensors), e.g. facebook/dinov2-base, given with --dino"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def imagenet_preprocess(image: np.ndarray, resize: int = 256, crop: int = 224) -> torch.Tensor:
+    """uint8 RGB (H, W, 3) -> (3, crop, crop): shorter side to `resize`, centre crop, normalize."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).float().div(255.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    scale = resize / min(x.shape[2], x.shape[3])
+    x = F.interpolate(x, size=(round(scale * x.shape[2]), round(scale * x.shape[3])), mode="bicubic",
+                      antialias=True, align_corners=False).clamp(0, 1)
+    top, left = (x.shape[2] - crop) // 2, (x.shape[3] - crop) // 2
+    x = x[0, :, top:top + crop, left:left + crop]
+    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+class DinoScorer:
+    def __init__(self, model, device: str | None = None, batch_size: int = 16):
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.name = "dinov2"
+
+    @classmethod
+    def load(cls, folder: str | Path | None, device: str | None = None) -> "DinoScorer":
+        if not folder:
+            raise MetricUnavailable("DINO", f"needs {NEEDS}")
+        folder = Path(folder).expanduser()
+        if not (folder / "config.json").is_file():
+            raise MetricUnavailable("DINO", f"{folder}/config.json not found; needs {NEEDS}")
+        from transformers import Dinov2Model
+
+        try:
+            model = Dinov2Model.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise MetricUnavailable("DINO", f"cannot load {folder} ({e}); needs {NEEDS}") from None
+        scorer = cls(model, device)
+        scorer.name = folder.name
+        return scorer
+
+    @torch.inference_mode()
+    def image_embeds(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            px = torch.stack([imagenet_preprocess(im) for im in images[i:i + self.batch_size]])
+            out.append(self.model(pixel_values=px.to(self.device)).pooler_output.float().cpu())
+        return torch.cat(out)  # (N, D)

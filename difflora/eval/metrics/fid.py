@@ -1,0 +1,98 @@
+"""FID: Frechet distance between Inception-v3 pool features of two image sets.
+
+No FID library is installed here (torch-fidelity / clean-fid would be the kept choice), so the
+features come from torchvision's Inception v3 architecture fed a local weights file
+(torchvision's `inception_v3_google-0cc3c7bd.pth`, or the same state dict as .safetensors), and
+the distance is the standard formula with scipy.linalg.sqrtm. Torchvision's Inception is not the
+TF graph of the original FID, so values compare between methods scored here, not with published
+FIDs. With a few hundred images FID is biased upwards; the set sizes are reported with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import MetricUnavailable, pick_device
+from .dino import IMAGENET_MEAN, IMAGENET_STD
+
+NEEDS = ("a local Inception-v3 weights file in torchvision's layout (inception_v3_google-0cc3c7bd.pth "
+         "or .safetensors), given with --inception")
+
+
+def build_inception(state_dict: dict | None = None) -> torch.nn.Module:
+    """torchvision Inception v3 whose forward returns the (N, 2048) pool features."""
+    from torchvision.models import inception_v3
+
+    # transform_input=True: the Google weights expect it (torchvision sets it for them).
+    model = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=state_dict is None)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    model.fc = torch.nn.Identity()
+    return model.eval()
+
+
+def load_weights(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+class InceptionFeatures:
+    def __init__(self, model, device: str | None = None, batch_size: int = 16):
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.name = "inception-v3"
+
+    @classmethod
+    def load(cls, path: str | Path | None, device: str | None = None) -> "InceptionFeatures":
+        if not path:
+            raise MetricUnavailable("FID", f"needs {NEEDS}")
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise MetricUnavailable("FID", f"{path} not found; needs {NEEDS}")
+        try:
+            model = build_inception(load_weights(path))
+        except (RuntimeError, OSError, ValueError) as e:
+            raise MetricUnavailable("FID", f"cannot load {path.name} ({str(e)[:200]}); needs {NEEDS}") from None
+        scorer = cls(model, device)
+        scorer.name = path.name
+        return scorer
+
+    @torch.inference_mode()
+    def features(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        out = []
+        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        for i in range(0, len(images), self.batch_size):
+            batch = []
+            for im in images[i:i + self.batch_size]:
+                x = torch.from_numpy(np.ascontiguousarray(im)).float().div(255.0).permute(2, 0, 1)[None]
+                x = F.interpolate(x, size=(299, 299), mode="bilinear", antialias=True, align_corners=False)[0]
+                batch.append((x.clamp(0, 1) - mean) / std)
+            out.append(self.model(torch.stack(batch).to(self.device)).double().cpu())
+        return torch.cat(out).numpy()  # (N, 2048) float64
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b)) of feature sets (N, D), (M, D)."""
+    from scipy import linalg
+
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("FID needs at least 2 images in each set")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    if not np.isfinite(covmean).all():
+        # Singular product (fewer images than feature dims): offset the diagonals, as pytorch-fid does.
+        offset = np.eye(len(s_a)) * eps
+        covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
+    covmean = covmean.real
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))

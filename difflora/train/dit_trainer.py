@@ -1,0 +1,144 @@
+"""The dit stage: train the DiT denoiser and the Mixed Image Features gate on LAE latents.
+
+Each training sample is one identity: its LoRA's LAE latent (the x0 to denoise) conditioned
+on the mixed features of a random photo of that identity (method.md section 3: random
+sampling of reference images). The held-out identities (the LAE stage's split) measure what
+matters: the error of LoRAs sampled from features of people the hypernet never saw.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..diffusion import diffusion_loss, make_train_scheduler, sample_latent
+from ..dit import DIT_CONFIGS, DiTConfig, LoraDiT
+from ..errors import DiffLoRAError
+from ..lae import dw_relative_error
+from ..mixed_features import MIFConfig, MixedImageFeatures, average_references
+from .config import DiTTrainConfig
+from .data import load_lora_dataset
+from .lae_trainer import load_lae_final
+from .loop import LoopResult, make_accelerator, run_loop
+
+log = logging.getLogger("difflora.train")
+
+
+class DiTWithMIF(nn.Module):
+    """DiT + MIF as one module, so DDP sees one forward that returns the loss."""
+
+    def __init__(self, dit_cfg: DiTConfig, mif_cfg: MIFConfig):
+        super().__init__()
+        self.dit = LoraDiT(dit_cfg)
+        self.mif = MixedImageFeatures(mif_cfg)
+        self.scheduler = make_train_scheduler()  # not a module: holds only the noise schedule
+
+    def forward(self, z, face, image, p_uncond: float, generator: torch.Generator):
+        cond = self.mif(face, image)                                                     # (B, D)
+        return diffusion_loss(self.dit, z, cond, self.mif.null, self.scheduler, p_uncond, generator)
+
+
+class DiTStage:
+    name = "dit"
+
+    def __init__(self, cfg: DiTTrainConfig):
+        self.cfg = cfg
+        self.lae_path = Path(cfg.lae).resolve()
+        self.lae, self.norm, self.spec, split = load_lae_final(self.lae_path)
+        data = load_lora_dataset(cfg.loras, spec=self.spec, embeddings=True)
+        self.encoders = data.encoders
+        held_out = set(split["val"])
+        self.train_idx = [i for i, n in enumerate(data.names) if n not in held_out]
+        self.val_idx = [i for i, n in enumerate(data.names) if n in held_out]
+        if not self.train_idx:
+            raise DiffLoRAError("Every usable identity is held out for validation: add identities or lower "
+                                "--val-fraction in the lae stage.")
+        unseen = [data.names[i] for i in self.train_idx if data.names[i] not in split["train"]]
+        if unseen:
+            log.info("%d identities were not in the LAE's data; training the DiT on them too.", len(unseen))
+        self.names, self.flat, self.face, self.image = data.names, data.flat, data.face, data.image
+        self.num_train = len(self.train_idx)
+        with torch.no_grad():  # the LAE is frozen: encode every LoRA once
+            self.z = torch.cat([self.lae.encode(self.norm.normalize(c)) for c in data.flat.split(8)]).float()
+        tokens, channels = self.lae.latent_shape
+        cond_dim = cfg.cond_dim or (64 if cfg.size == "tiny" else 768)
+        self.dit_cfg = DIT_CONFIGS[cfg.size](tokens, channels, cond_dim)
+        self.mif_cfg = MIFConfig(face_dim=self.encoders.face_dim, image_dim=self.encoders.image_dim, cond_dim=cond_dim)
+        torch.manual_seed(cfg.seed)
+        self.model = DiTWithMIF(self.dit_cfg, self.mif_cfg)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("DiT %s (%.1fM params with MIF): %d train / %d held-out identities, latent (%d, %d), "
+                 "encoders %s %d-d + %s %d-d.", cfg.size, n_params / 1e6, self.num_train, len(self.val_idx), tokens,
+                 channels, self.encoders.face_kind, self.encoders.face_dim, self.encoders.image_kind,
+                 self.encoders.image_dim)
+
+    def _cond_inputs(self, items: list[int], generator: torch.Generator | None, device):
+        """Face and image embeddings per item: `refs_per_sample` random photos (all when generator is None)."""
+        faces, images = [], []
+        for i in items:
+            n = self.face[i].shape[0]
+            rows = (torch.arange(n) if generator is None
+                    else torch.randint(0, n, (self.cfg.refs_per_sample,), generator=generator))
+            faces.append(average_references(self.face[i][rows]))                        # (Df,)
+            images.append(average_references(self.image[i][rows]))                       # (Di,)
+        return torch.stack(faces).to(device), torch.stack(images).to(device)
+
+    def loss(self, model, idx, generator):
+        items = [self.train_idx[int(j)] for j in idx]
+        device = next(model.parameters()).device
+        face, image = self._cond_inputs(items, generator, device)
+        return model(self.z[items].to(device), face, image, self.cfg.p_uncond, generator)
+
+    @torch.no_grad()
+    def sampled_error(self, model, items: list[int]) -> float:
+        """Mean relative dW error of LoRAs sampled from each identity's averaged photos."""
+        device = next(model.parameters()).device
+        face, image = self._cond_inputs(items, None, device)
+        cond = model.mif(face, image)
+        z = sample_latent(model.dit, cond, model.mif.null, steps=self.cfg.eval_sample_steps,
+                          guidance=self.cfg.eval_guidance, seed=0)
+        flat = self.norm.denormalize(self.lae.to(device).decode(z).float().cpu())
+        return float(dw_relative_error(flat, self.flat[items], self.spec).mean())
+
+    def evaluate(self, model) -> dict[str, float]:
+        k = self.cfg.eval_identities
+        out = {}
+        gen = torch.Generator().manual_seed(12345)  # fixed noise: comparable across evals
+        items = self.val_idx[:k] or self.train_idx[:k]
+        prefix = "val" if self.val_idx else "train"
+        device = next(model.parameters()).device
+        face, image = self._cond_inputs(items, None, device)
+        out[f"{prefix}_loss"] = float(model(self.z[items].to(device), face, image, 0.0, gen))
+        out[f"{prefix}_dw_rel"] = self.sampled_error(model, items)
+        if self.val_idx:
+            out["train_dw_rel"] = self.sampled_error(model, self.train_idx[:k])
+            # Baseline: the mean training LoRA for everyone. A useful hypernet beats it.
+            mean = self.flat[self.train_idx].mean(0, keepdim=True).expand(len(items), -1)
+            out["val_dw_rel_mean_lora"] = float(dw_relative_error(mean, self.flat[items], self.spec).mean())
+        return out
+
+    def checkpoint_extras(self) -> tuple[dict, dict]:
+        return {}, {"lae_path": str(self.lae_path), "dit_config": self.dit_cfg.to_dict(),
+                    "mif_config": self.mif_cfg.to_dict(), "encoders": self.encoders.to_dict(),
+                    "identities": {"train": [self.names[i] for i in self.train_idx],
+                                   "val": [self.names[i] for i in self.val_idx]}}
+
+
+def train_dit(cfg: DiTTrainConfig, accelerator=None, on_step=None) -> LoopResult:
+    """The whole dit stage; on success also writes the hypernet file (cfg.out or <run>/hypernet.safetensors)."""
+    from .export import export_hypernet
+
+    if not cfg.run or not cfg.lae:
+        raise DiffLoRAError("The dit stage needs --run (its output folder) and --lae (the lae stage's "
+                            "lae_final.safetensors).")
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+    stage = DiTStage(cfg)
+    result = run_loop(stage, cfg, accelerator, on_step=on_step)
+    if result.status == "finished" and accelerator.is_main_process:
+        out = export_hypernet(cfg.run, cfg.out or None)
+        log.info("Hypernet written to %s", out)
+    accelerator.wait_for_everyone()
+    return result
