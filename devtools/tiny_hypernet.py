@@ -31,7 +31,7 @@ def tiny_hypernet_encoders() -> EncoderSpec:
 def build_tiny_hypernet(path: str | Path, seed: int = 0, lora_std: float = 0.02) -> Path:
     torch.manual_seed(seed)
     spec = LoraSpec.from_unet(build_tiny_unet(device="meta"))
-    hn = Hypernet.build(spec, lae="tiny", dit="tiny", encoders=tiny_hypernet_encoders())
+    hn = Hypernet.build(spec, lae="small", dit="tiny", encoders=tiny_hypernet_encoders())
     with torch.no_grad():
         # adaLN-Zero makes a fresh DiT ignore its condition; nudge every weight so the
         # predicted LoRA depends on the reference photo.

@@ -225,3 +225,17 @@ def test_core_lora_nodes_accept_decode_output(pack):
         out = loader.execute(pack.model, lora, 1.0)
     model = out[0] if isinstance(out, tuple) else out.args[0]
     assert len(model.patches) == 560
+
+
+def test_comfy_clip_vision_and_core_clip_encoder_agree(pack):
+    """The node path (ComfyUI's CLIP_VISION) and the training path (difflora's transformers
+    CLIP encoder) must give the same image embedding for the same file and photo."""
+    from difflora.encoders import load_image_encoder, to_rgb_uint8
+
+    path = pack.c.folder_paths.get_full_path("clip_vision", "tiny_clip_vision.safetensors")
+    image = photo("Tom_Hanks_54745.png")
+    with torch.inference_mode():
+        comfy_emb = pack.clip_vision.encode_image(image).image_embeds.float()[0]
+    core_emb = load_image_encoder(path).embed([to_rgb_uint8(image[0])])[0].float()
+    cos = torch.nn.functional.cosine_similarity(comfy_emb, core_emb, dim=0).item()
+    assert cos > 0.999, cos

@@ -130,3 +130,19 @@ def test_tiny_hypernet_memorizes_four_identities():
     sd = predict_lora(hn, face5, image5, steps=10, guidance=3.0, seed=5)
     assert len(sd) == 3 * spec.num_layers and all(torch.isfinite(v).all() for v in sd.values())
     assert flatten(spec, from_kohya(spec, sd)).abs().sum() > 0
+
+
+def test_low_precision_hypernet_gives_a_float32_lora(tmp_path):
+    """On GPUs the nodes load the hypernet in fp16/bf16; the LoRA still comes out float32."""
+    from difflora.hypernet_file import load_hypernet, save_hypernet
+
+    path = save_hypernet(tiny_hypernet(), tmp_path / "hn.safetensors")
+    full = load_hypernet(path)
+    half = load_hypernet(path, dtype=torch.bfloat16)
+    face, image = _embeddings(2, 0)
+    outs = []
+    for hn in (full, half):
+        flat = decode_lora(hn, sample_lora_latent(hn, encode_features(hn, face, image), steps=3, seed=0))
+        assert flat.dtype == torch.float32 and torch.isfinite(flat).all()
+        outs.append(flat)
+    assert torch.allclose(outs[0], outs[1], atol=0.05 * outs[0].abs().max().item() + 1e-3)

@@ -90,7 +90,7 @@ def plot(result: dict, path: str | Path) -> Path:
         vals = [metric_value(result["methods"][m]["metrics"].get(key)) for m in methods]
         hi = max([(v or 0) * scale + (s or 0) * scale for v, s in vals] + [1e-9])
         lo = min([0.0] + [(v or 0) * scale - (s or 0) * scale for v, s in vals])
-        base, top = y0 + ph - pad, y0 + 30
+        base, top = y0 + ph - pad, y0 + 40
         span = (hi - lo) or 1.0
 
         def ypos(v: float) -> float:
@@ -105,7 +105,7 @@ def plot(result: dict, path: str | Path) -> Path:
             if s:
                 cx = bx + bw * 0.35
                 draw.line([cx, ypos((v - s) * scale), cx, ypos((v + s) * scale)], fill="black", width=2)
-            draw.text((bx, ypos(max(v, 0) * scale) - 16), f"{v * scale:.3g}", fill="black", font=font)
+            draw.text((bx, ypos(max(v, 0) * scale) - 16), f"{v * scale:.4g}", fill="black", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

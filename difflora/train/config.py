@@ -223,7 +223,7 @@ def given(ns: argparse.Namespace, prefix: str = "") -> dict:
         if prefix:
             if k.startswith(prefix + "__"):
                 out[k[len(prefix) + 2:]] = v
-        elif "__" not in k and k not in ("command", "config"):
+        elif "__" not in k and k not in ("command", "config", "verbose"):
             out[k] = v
     return out
 

@@ -20,8 +20,11 @@ class CsvLog:
         self.path, self.columns = Path(path), list(columns)
 
     def truncate_after(self, step: int) -> None:
-        rows = [r for r in self.rows() if int(r["step"]) <= step]
-        self._write(rows, "w")
+        if not self.path.is_file():
+            return
+        with open(self.path, newline="", encoding="utf-8") as f:
+            self.columns = next(csv.reader(f), self.columns)  # keep the file's own header
+        self._write([r for r in self.rows() if int(r["step"]) <= step], "w")
 
     def rows(self) -> list[dict]:
         if not self.path.is_file():

@@ -17,8 +17,6 @@ from PIL import Image, ImageEnhance, ImageOps
 
 PHOTOS = importlib.resources.files("insightface") / "data" / "images"
 VARIANTS = ((1.0, 0.0, False, 1.0), (1.2, 0.1, False, 1.1), (0.9, -0.1, True, 0.9), (1.1, 0.05, True, 1.0))
-CLIP_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 image_size=32, patch_size=8, projection_dim=16, hidden_act="gelu")
 SAME_PERSON = 0.95  # --min-face-similarity for these crops of one photo
 
 _CACHE: dict = {}
@@ -74,12 +72,31 @@ def group_photo(size: int = 640) -> Image.Image:
     return image.resize((size, round(size * image.height / image.width)), Image.BICUBIC)
 
 
-def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+def tiny_base(tmp_path_factory) -> Path:
+    """The tiny diffusers-format SDXL folder, built once per session (~8 s)."""
+    from tests.support.tiny_diffusers_sdxl import build_tiny_diffusers_sdxl
 
-    torch.manual_seed(seed)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_TINY)).eval().save_pretrained(folder)
-    return folder
+    return cached("tiny_base", lambda: build_tiny_diffusers_sdxl(tmp_path_factory.mktemp("tiny_base") / "sdxl"))
+
+
+def tiny_clip(tmp_path_factory) -> Path:
+    """The harness's tiny CLIP vision (ComfyUI clip_vision layout), once per session."""
+    from devtools.tiny_clip_vision import FILE_NAME, build_tiny_clip_vision
+
+    return cached("tiny_clip", lambda: build_tiny_clip_vision(tmp_path_factory.mktemp("clip") / FILE_NAME))
+
+
+def tiny_run_args(work: Path, data: Path, base: Path, clip: Path) -> list[str]:
+    """`all` options for a ~20 s CPU run: rank 1 (125k parameters, so the sdxl-r4 LAE gives 11
+    tokens; the 'tiny' LAE would give 3,920 and a slow DiT), a few steps per stage."""
+    return ["all", "--work", str(work), "--data", str(data), "--base", str(base), "--face-encoder", "dlib",
+            "--image-encoder", str(clip), "--no-progress",
+            "--identity-rank", "1", "--identity-steps", "3", "--identity-resolution", "64", "--identity-lr", "1e-3",
+            "--identity-min-images", "2", "--identity-min-face-similarity", str(SAME_PERSON),
+            "--lae-size", "sdxl-r4", "--lae-steps", "6", "--lae-batch-size", "2", "--lae-warmup-steps", "1",
+            "--lae-eval-every", "3", "--lae-ckpt-every", "3", "--lae-val-fraction", "0.34", "--lae-log-every", "1",
+            "--dit-steps", "6", "--dit-batch-size", "2", "--dit-warmup-steps", "1", "--dit-eval-every", "3",
+            "--dit-ckpt-every", "3", "--dit-eval-sample-steps", "3", "--dit-log-every", "1"]
 
 
 def random_identity_loras(folder: Path, spec, names: list[str], seed: int = 0, face_dim: int = 12,
