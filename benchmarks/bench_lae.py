@@ -10,7 +10,7 @@ relative weight error ||x_hat - x||^2 / ||x||^2 and relative dW error (sum_l ||d
 sum_l ||dW||^2), both on raw weights, next to two baselines: predicting zero (1.0) and predicting
 the mean training LoRA. A short CPU run shows the machinery and the trend, not the converged error.
 
-    python benchmarks/bench_lae.py [--steps 10] [--batch 2] [--train 24] [--held-out 8] [--k 4]
+    python benchmarks/bench_lae.py [--steps 5] [--batch 2] [--train 24] [--held-out 8] [--k 4]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def errors(x_hat: torch.Tensor, x: torch.Tensor, spec: LoraSpec) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=10, help="optimizer steps (CPU: ~8 s each at batch 2)")
+    ap.add_argument("--steps", type=int, default=5, help="optimizer steps (CPU: ~20 s each at batch 2)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lam", type=float, default=1.0, help="weight-preserved loss lambda (0: plain MSE)")

@@ -79,6 +79,11 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/predict_vs_train.json)")
     a = ap.parse_args(argv)
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()  # loading bars would bury the table
+    transformers.utils.logging.disable_progress_bar()
     info = device_info(a.device)
     print(f"device: {describe(info)}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-pvt-"))

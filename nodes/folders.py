@@ -17,6 +17,6 @@ def register_model_folders() -> None:
 
 
 def insightface_root() -> str:
-    """The first registered models/insightface folder (insightface wants `<root>/models/<name>`
-    inside it, so we hand it the folder's parent layout the way other identity packs do)."""
+    """The first registered models/insightface folder; packs live in `<it>/models/<name>/`,
+    the layout other identity packs (InstantID, IPAdapter FaceID) use too."""
     return folder_paths.get_folder_paths(INSIGHTFACE_FOLDER)[0]

@@ -26,6 +26,18 @@ from devtools.get_comfyui import ComfyUIUnavailable, get_comfyui  # noqa: E402
 from devtools.tiny_sdxl import CHECKPOINT_NAME, build_tiny_sdxl_checkpoint  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tests use tiny models: one thread is fastest, and on 2 shared cores two threads per
+    process stalled small matmuls ~50x (measured). run_tests.sh also sets OMP_NUM_THREADS=1."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def comfy_path() -> Path:
     try:

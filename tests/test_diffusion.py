@@ -12,15 +12,6 @@ from difflora.dit import DIT_CONFIGS, LoraDiT
 T, C, D = 8, 4, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread; two threads on shared, busy cores stall (~50x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class FixedX0(nn.Module):
     """Predicts x0 = target + cond_scale * mean(cond): a stand-in DiT with a known answer."""
 

@@ -11,15 +11,6 @@ from difflora.dit import DIT_CONFIGS, DiTConfig, LoraDiT
 T, C, D = 16, 4, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread; two threads on shared, busy cores stall (~50x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs(B=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, T, C, generator=g), torch.randint(0, 1000, (B,), generator=g), torch.randn(B, D, generator=g)

@@ -33,15 +33,6 @@ SPEC = _Spec(2, tuple(_Layer(f"l{i}", fi, fo) for i, (fi, fo) in enumerate([(16,
 P = sum(SPEC.rank * (l.in_features + l.out_features) for l in SPEC.layers)  # 352
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread; two threads on shared, busy cores stall (~50x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_factors(n, gen, scale=0.1):
     """(n, P) flat LoRAs with independent random factors in the spec's layout."""
     rows = []

@@ -11,15 +11,6 @@ from difflora.mixed_features import MIFConfig, MixedImageFeatures, average_refer
 CFG = MIFConfig(face_dim=12, image_dim=10, cond_dim=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread; two threads on shared, busy cores stall (~50x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _mif(seed=0):
     torch.manual_seed(seed)
     mif = MixedImageFeatures(CFG)

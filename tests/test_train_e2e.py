@@ -42,7 +42,7 @@ def trained(tmp_path_factory):
 
 def test_identity_loras_are_canonical_kohya_files_with_metadata_and_embeddings(trained):
     work, _, base = trained
-    spec = base_spec(str(base), rank=1, alpha=None)
+    spec = base_spec(str(base), rank=4, alpha=None)
     report = json.loads((work / "loras" / "report.json").read_text())
     assert [(r["name"], r["status"]) for r in report["identities"]] == [(n, "trained") for n in PEOPLE]
     for name in PEOPLE:
@@ -83,7 +83,7 @@ def test_hypernet_predicts_a_lora_for_the_held_out_identity(trained):
     work, _, base = trained
     path = work / "hypernet.safetensors"
     hn = load_hypernet(path)  # what the Load DiffLoRA Hypernet node calls
-    assert hn.spec.hash == base_spec(str(base), rank=1, alpha=None).hash
+    assert hn.spec.hash == base_spec(str(base), rank=4, alpha=None).hash
     assert (hn.encoders.face_kind, hn.encoders.face_dim) == ("dlib", 128)
     with safe_open(str(path), framework="pt") as f:
         split = json.loads(f.metadata()["train_identities"])
@@ -115,4 +115,25 @@ def test_export_from_a_checkpoint(trained, tmp_path):
     hn = load_hypernet(out)
     with safe_open(str(out), framework="pt") as f:
         assert f.metadata()["train_step"] == "3" and f.metadata()["train_ema"] == "False"
-    assert hn.latent_shape == (11, 40)
+    assert hn.latent_shape == (245, 8)
+
+
+def test_single_file_base(tmp_path, tmp_path_factory, caplog):
+    from devtools.tiny_sdxl import build_tiny_sdxl_checkpoint
+
+    ckpt = build_tiny_sdxl_checkpoint(tmp_path / "tiny_sdxl.safetensors")  # SGM keys, TAESD (no AutoencoderKL)
+    base, clip = tiny_base(tmp_path_factory), tiny_clip(tmp_path_factory)
+    spec = base_spec(str(ckpt), rank=4, alpha=None)  # from tensor shapes, no weights loaded
+    assert spec.hash == base_spec(str(base), rank=4, alpha=None).hash
+    data = make_identities(tmp_path / "ids", {"gina": 5}, per_person=2)
+    args = ["identity-loras", "--data", str(data), "--out", str(tmp_path / "loras"), "--base", str(ckpt),
+            "--base-config", str(base), "--vae", str(base / "vae"), "--face-encoder", "dlib",
+            "--image-encoder", str(clip), "--steps", "1", "--resolution", "64", "--min-images", "2", "--no-progress"]
+    # diffusers tells SDXL's two text encoders apart by width (768 vs 1280); the tiny ones are both 32
+    # wide, so it fills text_encoder_2 from CLIP-L and leaves its projection unloaded. A real SDXL file
+    # loads; here the point is that a half-loaded model is refused with a sentence, not a meta-tensor crash.
+    assert main(args) == 1
+    assert "text_encoder_2 were not found in the file" in caplog.text
+    assert main(["identity-loras", "--data", str(data), "--out", str(tmp_path / "x"), "--base",
+                 str(tmp_path / "model.ckpt"), "--image-encoder", str(clip)]) == 1  # missing / pickle: refused
+    assert "not found" in caplog.text

@@ -162,11 +162,7 @@ class EvalLayout:
 def protocol_counts(layout: EvalLayout, images: MethodImages, prompts: list[str]) -> dict:
     """What the layout holds against N x M x K, and what is missing."""
     ids = layout.identities()
-    per_prompt = {}
-    for imgs in images.images.values():
-        for g in imgs:
-            per_prompt[(g.prompt_index)] = max(per_prompt.get(g.prompt_index, 0), g.k + 1)
-    k = max(per_prompt.values(), default=0)
+    k = max((g.k + 1 for imgs in images.images.values() for g in imgs), default=0)
     expected = len(ids) * len(prompts) * k
     return {"identities": len(images.images), "identities_in_references": len(ids), "prompts": len(prompts),
             "images_per_prompt": k, "images": images.count, "images_expected": expected,

@@ -104,9 +104,10 @@ class _ReferenceCache:
         return self._cache[identity]
 
 
-def score_identity(models: EvalModels, ref: dict, images: list, prompts: list[str], paths: list[Path],
+def score_identity(models: EvalModels, ref: dict, images: list, texts: list[str], paths: list[Path],
                    prompt_idx: list[int], text: torch.Tensor | None) -> dict[str, list[float | None]]:
-    """Per-image scores of one identity's generated images."""
+    """Per-image scores of one identity's generated images; `texts` are the prompts with the class
+    phrase as subject, `text` their CLIP embeddings."""
     out: dict[str, list] = {}
     if models.clip is not None:
         emb = models.clip.image_embeds(images)
@@ -121,7 +122,7 @@ def score_identity(models: EvalModels, ref: dict, images: list, prompts: list[st
             sims.append(None if e is None else float(mean_similarity_to_references(e[None], ref["face"])[0]))
         out["face_sim"] = sims
     if models.image_reward is not None:
-        out["image_reward"] = [models.image_reward.scores(prompts[i], [p])[0] for i, p in zip(prompt_idx, paths)]
+        out["image_reward"] = [models.image_reward.scores(texts[i], [p])[0] for i, p in zip(prompt_idx, paths)]
     return out
 
 
@@ -150,7 +151,7 @@ def evaluate(layout: EvalLayout, models: EvalModels, methods: list[str] | None =
             images = [load_image_file(g.path) for g in gen]
             if models.inception is not None:
                 all_images.extend(images)
-            scores = score_identity(models, refs.get(identity), images, prompts, [g.path for g in gen],
+            scores = score_identity(models, refs.get(identity), images, texts, [g.path for g in gen],
                                     [g.prompt_index for g in gen], text)
             per_identity[identity] = {k: summarize(v)["mean"] for k, v in scores.items()}
             if "face_sim" in scores:

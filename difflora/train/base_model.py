@@ -63,12 +63,20 @@ def load_sdxl(base: str, base_config: str = "", vae: str = ""):
         kwargs["vae"] = AutoencoderKL.from_pretrained(vae, local_files_only=True, dtype=torch.float32)
     try:
         if path.is_dir():
-            return StableDiffusionXLPipeline.from_pretrained(path, **kwargs)
-        return StableDiffusionXLPipeline.from_single_file(str(path), config=base_config or None, **kwargs)
+            pipe = StableDiffusionXLPipeline.from_pretrained(path, **kwargs)
+        else:
+            pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=base_config or None, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         hint = ("" if path.is_dir() else " A single file needs --base-config (a diffusers SDXL folder with the "
                 "configs and tokenizers), and --vae when the file holds no VAE.")
         raise DiffLoRAError(f"Could not load the SDXL base {path} ({type(e).__name__}: {e}).{hint}") from e
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        # diffusers leaves weights a file lacks on the meta device instead of failing.
+        missing = [n for n, t in getattr(pipe, name).state_dict().items() if t.is_meta]
+        if missing:
+            raise DiffLoRAError(f"{path.name}: {len(missing)} weight(s) of {name} were not found in the file "
+                                f"(e.g. {missing[0]}); convert the checkpoint to a diffusers folder and pass that.")
+    return pipe
 
 
 def prepare_image(path: Path, resolution: int, flip: bool) -> tuple[torch.Tensor, tuple[int, ...]]:

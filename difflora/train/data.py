@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -31,6 +32,7 @@ from ..hypernet import EncoderSpec
 from ..lora_format import load_lora_file, to_kohya
 from ..lora_spec import LoraSpec
 from ..lora_weights import canonicalize_layers, flatten
+from .flat_cache import cached_flat_loras, take_rows
 
 log = logging.getLogger("difflora.train")
 
@@ -103,15 +105,28 @@ def read_metadata(path: Path) -> dict:
 # ---- identity LoRAs: read and check -------------------------------------------------------
 @dataclass
 class LoraDataset:
-    """Usable identities in name order: flat canonical LoRAs (N, P) and their embeddings."""
+    """Usable identities in name order: flat canonical LoRAs and their embeddings.
+
+    The LoRAs stay in a memory-mapped array (flat_cache.py); `rows(items)` reads the ones asked for."""
 
     spec: LoraSpec
     names: list[str]
-    flat: torch.Tensor                      # (N, P) float32, raw (not normalized)
+    store: np.ndarray                       # (rows, P) float32 memmap, raw (not normalized)
+    row_of: list[int]                       # names[i] is store[row_of[i]]
     face: list[torch.Tensor] | None         # per identity (n_i, Df), when embeddings were asked for
     image: list[torch.Tensor] | None        # per identity (n_i, Di)
     encoders: EncoderSpec | None
     report: SkipReport
+
+    def rows(self, items) -> torch.Tensor:
+        """(len(items), P) float32 raw LoRAs of identities `items` (indices into `names`)."""
+        return take_rows(self.store, [self.row_of[int(i)] for i in items])
+
+    def chunks(self, items, size: int = 8):
+        """`rows` in chunks of `size` (streaming statistics and encodings over big sets)."""
+        items = list(items)
+        for start in range(0, len(items), size):
+            yield self.rows(items[start:start + size])
 
 
 def lora_files(folder: str | Path) -> list[Path]:
@@ -151,11 +166,13 @@ def load_lora_dataset(folder: str | Path, spec: LoraSpec | None = None, embeddin
         raise DiffLoRAError(f"{folder} holds no identity LoRAs (<name>.safetensors).")
     spec = spec or majority_spec(files)
     report = SkipReport("identity")
-    names, flats, faces, images, kinds = [], [], [], [], []
+    store, rows, skipped = cached_flat_loras(Path(folder), files, spec, lambda p: _read_lora(p, spec))
+    for name, reason in skipped:
+        report.skip(name, reason)
+    names, row_of, faces, images, kinds = [], [], [], [], []
     for p in files:
         name = p.name[: -len(".safetensors")]
-        flat = _read_lora(p, spec, report, name)
-        if flat is None:
+        if name not in rows:
             continue
         if embeddings:
             emb = _read_embeddings(p.with_name(name + EMB_SUFFIX), report, name)
@@ -165,7 +182,7 @@ def load_lora_dataset(folder: str | Path, spec: LoraSpec | None = None, embeddin
             images.append(emb[1])
             kinds.append(emb[2])
         names.append(name)
-        flats.append(flat)
+        row_of.append(rows[name])
     enc = None
     if embeddings and kinds:
         enc = encoders or EncoderSpec(**dict(zip(("face_kind", "face_dim", "image_kind", "image_dim"),
@@ -174,35 +191,32 @@ def load_lora_dataset(folder: str | Path, spec: LoraSpec | None = None, embeddin
         for i in sorted(set(range(len(names))) - set(keep)):
             report.skip(names[i], f"its embeddings come from {kinds[i][0]} ({kinds[i][1]}-d) / {kinds[i][2]} "
                                   f"({kinds[i][3]}-d), the others' from {enc.face_kind} / {enc.image_kind}")
-        names, flats = [names[i] for i in keep], [flats[i] for i in keep]
+        names, row_of = [names[i] for i in keep], [row_of[i] for i in keep]
         faces, images = [faces[i] for i in keep], [images[i] for i in keep]
     if not names:
         raise DiffLoRAError(f"No usable identity LoRA in {folder}: " + report.summary(0))
     log.info("LoRA data set %s: %s", folder, report.summary(len(names)))
-    return LoraDataset(spec, names, torch.stack(flats), faces if embeddings else None,
+    return LoraDataset(spec, names, store, row_of, faces if embeddings else None,
                        images if embeddings else None, enc, report)
 
 
-def _read_lora(path: Path, spec: LoraSpec, report: SkipReport, name: str) -> torch.Tensor | None:
+def _read_lora(path: Path, spec: LoraSpec) -> torch.Tensor | str:
+    """The flat canonical LoRA, or why it cannot be used."""
     try:
         meta = read_metadata(path)
         if META_HASH in meta and meta[META_HASH] != spec.hash:
             other = LoraSpec.from_dict(json.loads(meta[META_SPEC])) if META_SPEC in meta else None
-            report.skip(name, f"LoRA of another spec ({other.describe() if other else meta[META_HASH]}; "
-                              f"expected {spec.describe()})")
-            return None
+            return (f"LoRA of another spec ({other.describe() if other else meta[META_HASH]}; "
+                    f"expected {spec.describe()})")
         layers = load_lora_file(spec, path)  # checks names, shapes and rank against the spec
     except DiffLoRAError as e:
-        report.skip(name, f"LoRA does not fit the spec: {e}")
-        return None
+        return f"LoRA does not fit the spec: {e}"
     except Exception as e:  # unreadable file: report it, keep going
-        report.skip(name, f"unreadable LoRA file {path.name} ({type(e).__name__}: {e})")
-        return None
-    flat = flatten(spec, canonicalize_layers(spec, layers)).float()
-    if not torch.isfinite(flat).all():
-        report.skip(name, f"{int((~torch.isfinite(flat)).sum())} NaN/inf weights in {path.name}")
-        return None
-    return flat
+        return f"unreadable LoRA file {path.name} ({type(e).__name__}: {e})"
+    bad = sum(int((~torch.isfinite(t)).sum()) for pair in layers.values() for t in pair)
+    if bad:  # checked before the SVD of the canonical form, which NaN would break
+        return f"{bad} NaN/inf weights in {path.name}"
+    return flatten(spec, canonicalize_layers(spec, layers)).float()
 
 
 def _read_embeddings(path: Path, report: SkipReport, name: str):

@@ -59,10 +59,11 @@ class DiTStage:
         unseen = [data.names[i] for i in self.train_idx if data.names[i] not in split["train"]]
         if unseen:
             log.info("%d identities were not in the LAE's data; training the DiT on them too.", len(unseen))
-        self.names, self.flat, self.face, self.image = data.names, data.flat, data.face, data.image
+        self.data, self.names, self.face, self.image = data, data.names, data.face, data.image
         self.num_train = len(self.train_idx)
-        with torch.no_grad():  # the LAE is frozen: encode every LoRA once
-            self.z = torch.cat([self.lae.encode(self.norm.normalize(c)) for c in data.flat.split(8)]).float()
+        with torch.no_grad():  # the LAE is frozen: encode every LoRA once (latents are small)
+            self.z = torch.cat([self.lae.encode(self.norm.normalize(c))
+                                for c in data.chunks(range(len(data.names)))]).float()          # (N, T, C)
         tokens, channels = self.lae.latent_shape
         cond_dim = cfg.cond_dim or (64 if cfg.size == "tiny" else 768)
         self.dit_cfg = DIT_CONFIGS[cfg.size](tokens, channels, cond_dim)
@@ -101,7 +102,7 @@ class DiTStage:
         z = sample_latent(model.dit, cond, model.mif.null, steps=self.cfg.eval_sample_steps,
                           guidance=self.cfg.eval_guidance, seed=0)
         flat = self.norm.denormalize(self.lae.to(device).decode(z).float().cpu())
-        return float(dw_relative_error(flat, self.flat[items], self.spec).mean())
+        return float(dw_relative_error(flat, self.data.rows(items), self.spec).mean())
 
     def evaluate(self, model) -> dict[str, float]:
         k = self.cfg.eval_identities
@@ -116,8 +117,10 @@ class DiTStage:
         if self.val_idx:
             out["train_dw_rel"] = self.sampled_error(model, self.train_idx[:k])
             # Baseline: the mean training LoRA for everyone. A useful hypernet beats it.
-            mean = self.flat[self.train_idx].mean(0, keepdim=True).expand(len(items), -1)
-            out["val_dw_rel_mean_lora"] = float(dw_relative_error(mean, self.flat[items], self.spec).mean())
+            if not hasattr(self, "mean_lora"):
+                self.mean_lora = sum(c.sum(0) for c in self.data.chunks(self.train_idx)) / len(self.train_idx)
+            mean = self.mean_lora[None].expand(len(items), -1)
+            out["val_dw_rel_mean_lora"] = float(dw_relative_error(mean, self.data.rows(items), self.spec).mean())
         return out
 
     def checkpoint_extras(self) -> tuple[dict, dict]:
@@ -135,7 +138,8 @@ def train_dit(cfg: DiTTrainConfig, accelerator=None, on_step=None) -> LoopResult
         raise DiffLoRAError("The dit stage needs --run (its output folder) and --lae (the lae stage's "
                             "lae_final.safetensors).")
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
-    stage = DiTStage(cfg)
+    with accelerator.main_process_first():  # one process builds the LoRA cache, the others reuse it
+        stage = DiTStage(cfg)
     result = run_loop(stage, cfg, accelerator, on_step=on_step)
     if result.status == "finished" and accelerator.is_main_process:
         out = export_hypernet(cfg.run, cfg.out or None)

@@ -38,6 +38,7 @@ class IdentityResult:
     status: str              # trained | done | skipped | interrupted
     reason: str = ""
     seconds: float = 0.0
+    process: int = 0         # which accelerate process handled it
 
 
 class _Trainer:
@@ -201,7 +202,9 @@ def train_identity_loras(cfg: IdentityLoraConfig, face_encoder=None, image_encod
             if stop.flag:
                 results.append(IdentityResult(folder.name, "interrupted", "stopped before it started"))
                 continue
-            results.append(_one_identity(folder, out, spec, cfg, trainer, face_encoder, image_encoder, stop))
+            result = _one_identity(folder, out, spec, cfg, trainer, face_encoder, image_encoder, stop)
+            result.process = accelerator.process_index
+            results.append(result)
     results = gather_object(results) if accelerator.num_processes > 1 else results
     if accelerator.is_main_process:
         summary = {"spec": spec.to_dict(), "spec_hash": spec.hash, "config": to_dict(cfg),

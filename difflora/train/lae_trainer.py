@@ -28,35 +28,35 @@ class LAEStage:
     name = "lae"
 
     def __init__(self, cfg: LAETrainConfig, data: LoraDataset):
-        self.cfg, self.spec = cfg, data.spec
+        self.cfg, self.spec, self.data = cfg, data.spec, data
         train, val = split_identities(data.names, cfg.val_fraction, cfg.seed)
         self.train_names, self.val_names = train, val
         pos = {n: i for i, n in enumerate(data.names)}
-        self.train_flat = data.flat[[pos[n] for n in train]]                    # (Nt, P) raw
-        self.val_flat = data.flat[[pos[n] for n in val]] if val else None      # (Nv, P) raw
+        self.train_items, self.val_items = [pos[n] for n in train], [pos[n] for n in val]
         self.num_train = len(train)
-        # Statistics of the training split only: held-out LoRAs must not leak into them.
-        self.normalizer = WeightNormalizer.fit(self.train_flat, per=cfg.norm_per, spec=self.spec)
+        # Statistics of the training split only (streamed): held-out LoRAs must not leak into them.
+        self.normalizer = WeightNormalizer.fit(data.chunks(self.train_items), per=cfg.norm_per, spec=self.spec)
         torch.manual_seed(cfg.seed)
         self.model = LoraAutoencoder(LAE_CONFIGS[cfg.size](self.spec.num_params))
         log.info("LAE %s: %d train / %d held-out LoRAs of %s; latent %s, %.1fx compression.", cfg.size,
                  len(train), len(val), self.spec.describe(), self.model.latent_shape, self.model.compression_ratio)
 
-    def _batch(self, flat: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = flat.to(device)
+    def _batch(self, raw: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = raw.to(device)
         return self.normalizer.to(device).normalize(raw), raw
 
     def loss(self, model, idx, generator):
-        x, raw = self._batch(self.train_flat[idx], next(model.parameters()).device)   # (B, P)
+        raw = self.data.rows([self.train_items[int(i)] for i in idx])                   # (B, P)
+        x, raw = self._batch(raw, next(model.parameters()).device)
         x_hat, _ = model(x)                                                            # (B, P)
         return weight_preserved_loss(x_hat, x, lam=self.cfg.lam, x_raw=raw, dw_term=self.cfg.dw_term,
                                      spec=self.spec, normalizer=self.normalizer)
 
     @torch.no_grad()
-    def reconstruction_errors(self, model, flat: torch.Tensor) -> dict[str, float]:
+    def reconstruction_errors(self, model, items: list[int]) -> dict[str, float]:
         """Relative squared error of the raw weights and of dW, averaged over LoRAs."""
         mse, dw = [], []
-        for chunk in flat.split(8):
+        for chunk in self.data.chunks(items):
             x, raw = self._batch(chunk, next(model.parameters()).device)
             x_hat = self.normalizer.denormalize(model(x)[0].float())
             mse.append(((x_hat - raw) ** 2).sum(-1) / (raw ** 2).sum(-1).clamp_min(1e-20))
@@ -65,9 +65,9 @@ class LAEStage:
 
     def evaluate(self, model) -> dict[str, float]:
         out = {}
-        if self.val_flat is not None:
-            out.update({f"val_{k}": v for k, v in self.reconstruction_errors(model, self.val_flat).items()})
-        out.update({f"train_{k}": v for k, v in self.reconstruction_errors(model, self.train_flat[:8]).items()})
+        if self.val_items:
+            out.update({f"val_{k}": v for k, v in self.reconstruction_errors(model, self.val_items).items()})
+        out.update({f"train_{k}": v for k, v in self.reconstruction_errors(model, self.train_items[:8]).items()})
         return out
 
     def checkpoint_extras(self) -> tuple[dict, dict]:
@@ -79,7 +79,7 @@ class LAEStage:
         """Fit per-channel latent statistics on the training LoRAs, then write lae_final."""
         model.eval()
         z = torch.cat([model.encode(self._batch(c, next(model.parameters()).device)[0]).float().cpu()
-                       for c in self.train_flat.split(8)])
+                       for c in self.data.chunks(self.train_items)])
         model.fit_latent_stats(z)
         return save_lae_final(path, model, self.normalizer, self.spec, self.train_names, self.val_names,
                               to_dict(self.cfg))
@@ -118,9 +118,8 @@ def train_lae(cfg: LAETrainConfig, accelerator=None, on_step=None) -> LoopResult
     if not cfg.run:
         raise DiffLoRAError("The lae stage needs --run (its output folder).")
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
-    data = load_lora_dataset(cfg.loras)
-    if len(data.names) < 1:
-        raise DiffLoRAError("The LAE needs at least one usable identity LoRA.")
+    with accelerator.main_process_first():  # one process builds the LoRA cache, the others reuse it
+        data = load_lora_dataset(cfg.loras)
     stage = LAEStage(cfg, data)
     result = run_loop(stage, cfg, accelerator, on_step=on_step)
     if result.status == "finished" and accelerator.is_main_process:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -63,13 +64,17 @@ class LoopResult:
 
 
 def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
-    """'auto' -> bf16 on GPUs that support it, else fp16; fp32 ('no') on CPU."""
+    """'auto' -> bf16 on GPUs that support it, else fp16; fp32 ('no') on CPU.
+
+    Several processes without CUDA (`accelerate launch --multi_gpu --num_processes N` on a CPU
+    machine) need cpu=True, or accelerate treats each process as a lone run."""
     if mixed_precision == "auto":
         if not torch.cuda.is_available():
             mixed_precision = "no"
         else:
             mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return Accelerator(mixed_precision=mixed_precision)
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 def step_seed(seed: int, *parts) -> int:
