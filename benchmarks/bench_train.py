@@ -10,6 +10,7 @@ backward, gradient clipping, AdamW, EMA. Data are random (timing does not depend
            (depth 16, hidden 1454), ArcFace 512-d + CLIP ViT-H 1024-d embeddings
 
 On a CPU the paper sizes run batch 1 for a few steps (a paper DiT step takes tens of seconds).
+Each configuration runs in its own process, so its peak memory is its own.
 
     python benchmarks/bench_train.py [--device cuda] [--sizes tiny,paper] [--steps 3]
 """
@@ -18,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 
@@ -115,13 +119,22 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--batch", type=int, default=None, help="override the per-size batch")
     ap.add_argument("--out", default=None, help="JSON results file (default benchmarks/results/train.json)")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one config, JSON on stdout
     a = ap.parse_args()
+    if a.only:
+        stage, size = a.only.split(":")
+        print("RESULT " + json.dumps(bench(stage, size, a)), flush=True)
+        return
     info = device_info(a.device)
     print(f"Training throughput on {describe(info)}\n", flush=True)
     rows, results = [], []
     for size in a.sizes.split(","):
         for stage in a.stages.split(","):
-            r = bench(stage, size, a)
+            # A fresh process per configuration: peak memory of one cannot hide in another's freed pages.
+            cmd = [sys.executable, __file__, "--only", f"{stage}:{size}", "--device", a.device, "--steps", str(a.steps)]
+            cmd += ["--batch", str(a.batch)] if a.batch else []
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            r = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
             results.append(r)
             rows.append([stage, size, r["model"], f"{r['params_m']:.1f}M", r["batch"], f"{r['median_step_s']:.3f}",
                          f"{r['samples_per_s']:.2f}", f"{r['peak_rss_gb']:.2f}", f"{r['rss_increase_gb']:.2f}"]

@@ -13,7 +13,7 @@ from difflora.eval.__main__ import main
 from difflora.eval.layout import fill, image_name
 from difflora.eval.protocol import evaluate, load_models
 from difflora.eval.report import markdown_table, write_report
-from tests.test_eval_metrics import build_tiny_clip, build_tiny_dino, synthetic_images
+from tests.support.tiny_eval_models import build_tiny_clip, build_tiny_dino, synthetic_images
 
 PROMPTS = ["a photo of {person}", "{person} in the snow", "an oil painting of {person}"]
 

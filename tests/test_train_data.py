@@ -81,6 +81,8 @@ def test_no_usable_lora_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["lae", "--loras", str(tmp_path / "empty"), "--run", str(tmp_path / "run")]) == 1
     assert main(["lae", "--loras", str(tmp_path / "missing"), "--run", str(tmp_path / "run")]) == 1
+    assert main(["lae", "--run", str(tmp_path / "run")]) == 1  # never the current folder by accident
+    assert main(["identity-loras", "--out", str(tmp_path / "out")]) == 1
 
 
 def test_identity_photos_are_filtered_and_bad_identities_skipped(tmp_path, tmp_path_factory, caplog):

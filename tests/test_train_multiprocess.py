@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,13 @@ from tests.support.train_data import make_identities, tiny_base, tiny_clip, tiny
 REPO = Path(__file__).resolve().parent.parent
 
 
+def free_port() -> int:
+    """A free TCP port, so two test runs on one machine never share torchrun's default 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_cpu_processes_write_the_same_kind_of_hypernet(tmp_path, tmp_path_factory):
     data = make_identities(tmp_path / "identities", {"dana": 3, "eve": 4, "frank": 5})
     base, clip = tiny_base(tmp_path_factory), tiny_clip(tmp_path_factory)
@@ -25,7 +33,8 @@ def test_two_cpu_processes_write_the_same_kind_of_hypernet(tmp_path, tmp_path_fa
     # accelerate 1.15's --cpu flag starts one process; --multi_gpu is its torchrun launcher, which on a
     # machine without CUDA gives N CPU processes (gloo) once the trainer asks for cpu=True.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "difflora.train"]
+              "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+              "--dynamo_backend", "no", "-m", "difflora.train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(launch + tiny_run_args(work, data, base, clip), cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)

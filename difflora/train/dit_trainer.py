@@ -134,9 +134,9 @@ def train_dit(cfg: DiTTrainConfig, accelerator=None, on_step=None) -> LoopResult
     """The whole dit stage; on success also writes the hypernet file (cfg.out or <run>/hypernet.safetensors)."""
     from .export import export_hypernet
 
-    if not cfg.run or not cfg.lae:
-        raise DiffLoRAError("The dit stage needs --run (its output folder) and --lae (the lae stage's "
-                            "lae_final.safetensors).")
+    if not cfg.run or not cfg.lae or not cfg.loras:
+        raise DiffLoRAError("The dit stage needs --loras (the identity LoRAs), --run (its output folder) and "
+                            "--lae (the lae stage's lae_final.safetensors).")
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     with accelerator.main_process_first():  # one process builds the LoRA cache, the others reuse it
         stage = DiTStage(cfg)

@@ -53,14 +53,14 @@ class _Trainer:
 
     def _load(self):
         from diffusers import DDPMScheduler
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
 
         cfg = self.cfg
         self.pipe = load_sdxl(cfg.base, cfg.base_config, cfg.vae)
         loaded = LoraSpec.from_unet(self.pipe.unet, rank=self.spec.rank, alpha=self.spec.alpha)
         self.spec.check_compatible(loaded)
-        self.noise = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        from peft import LoraConfig
-
+        self.noise = DDPMScheduler.from_config(self.pipe.scheduler.config)  # training noise, as DreamBooth
         self.unet = self.pipe.unet.requires_grad_(False).to(self.device)
         if self.weight_dtype != torch.float32:
             self.unet.to(dtype=self.weight_dtype)
@@ -68,8 +68,6 @@ class _Trainer:
         # per identity would cost more than a short training run).
         self.unet.add_adapter(LoraConfig(r=self.spec.rank, lora_alpha=self.spec.alpha, init_lora_weights="gaussian",
                                          target_modules=list(self.spec.layer_names)), adapter_name=ADAPTER)
-        from diffusers.training_utils import cast_training_params
-
         cast_training_params(self.unet, torch.float32)  # LoRA factors train in fp32 under autocast
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         if cfg.gradient_checkpointing:
@@ -177,8 +175,9 @@ def train_identity_loras(cfg: IdentityLoraConfig, face_encoder=None, image_encod
 
     from ..encoders import load_face_encoder, load_image_encoder
 
-    if not cfg.out:
-        raise DiffLoRAError("identity-loras needs --out (the folder the identity LoRAs go to).")
+    if not cfg.out or not cfg.data:
+        raise DiffLoRAError("identity-loras needs --data (one folder of photos per identity) and --out (the "
+                            "folder the identity LoRAs go to).")
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     folders = identity_folders(cfg.data)
     spec = base_spec(cfg.base, cfg.rank, cfg.alpha or None)

@@ -115,8 +115,8 @@ def load_lae_final(path: str | Path):
 
 def train_lae(cfg: LAETrainConfig, accelerator=None, on_step=None) -> LoopResult:
     """The whole lae stage; returns how the loop ended (finished / interrupted)."""
-    if not cfg.run:
-        raise DiffLoRAError("The lae stage needs --run (its output folder).")
+    if not cfg.run or not cfg.loras:
+        raise DiffLoRAError("The lae stage needs --loras (the identity LoRAs) and --run (its output folder).")
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     with accelerator.main_process_first():  # one process builds the LoRA cache, the others reuse it
         data = load_lora_dataset(cfg.loras)

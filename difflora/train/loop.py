@@ -141,13 +141,14 @@ def run_loop(stage: Stage, cfg: LoopConfig, accelerator: Accelerator,
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)
     ema = make_ema(model, decay=cfg.ema_decay)
-    start, last_ckpt = 1, None
+    start, last_ckpt, window = 1, None, []
     metrics_log = CsvLog(run / "metrics.csv", ["step", "loss", "lr", "samples_per_s", "seconds"])
     if found:
         ckpt = latest_checkpoint(run)
         check_resume_config(ckpt.meta["config"], config, run)
         restore(ckpt, model, optimizer, scheduler, ema)
         start, last_ckpt = ckpt.step + 1, ckpt.path
+        window = list(ckpt.meta.get("loss_window", []))  # a --log-every window cut by the stop goes on
         log.info("Resuming %s from %s (step %d).", stage.name, ckpt.path, ckpt.step)
         if accelerator.is_main_process:
             metrics_log.truncate_after(ckpt.step)
@@ -164,7 +165,7 @@ def run_loop(stage: Stage, cfg: LoopConfig, accelerator: Accelerator,
 
     bar = tqdm(total=cfg.steps, initial=start - 1, desc=stage.name, dynamic_ncols=True,
                disable=not (cfg.progress and accelerator.is_local_main_process))
-    window, t_log, stop = [], time.perf_counter(), StopRequest()
+    t_log, stop = time.perf_counter(), StopRequest()
     t_start = time.perf_counter()
     status = "finished"
     with stop:
@@ -211,7 +212,8 @@ def run_loop(stage: Stage, cfg: LoopConfig, accelerator: Accelerator,
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 evaluate(stage, model, ema, params, accelerator, run, step)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
-                last_ckpt = checkpoint(stage, model, optimizer, scheduler, ema, config, cfg, accelerator, step)
+                last_ckpt = checkpoint(stage, model, optimizer, scheduler, ema, config, cfg, accelerator, step,
+                                       window)
             if on_step is not None:
                 on_step(step)
             if stopping:
@@ -241,11 +243,11 @@ def evaluate(stage, model, ema, params, accelerator, run: Path, step: int) -> No
     accelerator.wait_for_everyone()
 
 
-def checkpoint(stage, model, optimizer, scheduler, ema, config, cfg, accelerator, step) -> Path:
+def checkpoint(stage, model, optimizer, scheduler, ema, config, cfg, accelerator, step, window) -> Path:
     path = Path(cfg.run) / "checkpoints" / f"step_{step:08d}.safetensors"
     if accelerator.is_main_process:
         tensors, meta = stage.checkpoint_extras()
         path = save_checkpoint(cfg.run, step, model, optimizer, scheduler, ema, config, tensors,
-                               {"stage": stage.name, **meta}, keep=cfg.keep_checkpoints)
+                               {"stage": stage.name, "loss_window": window, **meta}, keep=cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
     return path

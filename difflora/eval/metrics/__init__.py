@@ -33,6 +33,22 @@ def mean_similarity_to_references(generated: torch.Tensor, references: torch.Ten
     return cosine_matrix(generated, references).mean(dim=1)
 
 
+def load_local_model(metric: str, folder, needs: str, load):
+    """`load(folder)` on a local transformers folder, or MetricUnavailable saying what is needed
+    (no folder, no config.json, or a folder transformers cannot read)."""
+    from pathlib import Path
+
+    if not folder:
+        raise MetricUnavailable(metric, f"needs {needs}")
+    folder = Path(folder).expanduser()
+    if not (folder / "config.json").is_file():
+        raise MetricUnavailable(metric, f"{folder}/config.json not found; needs {needs}")
+    try:
+        return folder, load(str(folder))
+    except (OSError, ValueError) as e:
+        raise MetricUnavailable(metric, f"cannot load {folder} ({e}); needs {needs}") from None
+
+
 def pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ...encoders.clip_image import clip_preprocess
-from . import MetricUnavailable, pick_device
+from . import load_local_model, pick_device
 
 NEEDS = ("a transformers CLIP folder (config.json, model.safetensors, tokenizer files), "
          "e.g. openai/clip-vit-large-patch14, given with --clip")
@@ -39,18 +39,12 @@ class ClipScorer:
 
     @classmethod
     def load(cls, folder: str | Path | None, device: str | None = None) -> "ClipScorer":
-        if not folder:
-            raise MetricUnavailable("CLIP-I/CLIP-T", f"needs {NEEDS}")
-        folder = Path(folder).expanduser()
-        if not (folder / "config.json").is_file():
-            raise MetricUnavailable("CLIP-I/CLIP-T", f"{folder}/config.json not found; needs {NEEDS}")
         from transformers import AutoTokenizer, CLIPModel
 
-        try:
-            model = CLIPModel.from_pretrained(str(folder), local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise MetricUnavailable("CLIP-I/CLIP-T", f"cannot load {folder} ({e}); needs {NEEDS}") from None
+        folder, (model, tokenizer) = load_local_model(
+            "CLIP-I/CLIP-T", folder, NEEDS,
+            lambda f: (CLIPModel.from_pretrained(f, local_files_only=True),
+                       AutoTokenizer.from_pretrained(f, local_files_only=True)))
         scorer = cls(model, tokenizer, device)
         scorer.name = folder.name
         return scorer

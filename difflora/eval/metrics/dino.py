@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import MetricUnavailable, pick_device
+from . import load_local_model, pick_device
 
 NEEDS = "a transformers DINOv2 folder (config.json, model.safetensors), e.g. facebook/dinov2-base, given with --dino"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -39,17 +39,10 @@ class DinoScorer:
 
     @classmethod
     def load(cls, folder: str | Path | None, device: str | None = None) -> "DinoScorer":
-        if not folder:
-            raise MetricUnavailable("DINO", f"needs {NEEDS}")
-        folder = Path(folder).expanduser()
-        if not (folder / "config.json").is_file():
-            raise MetricUnavailable("DINO", f"{folder}/config.json not found; needs {NEEDS}")
         from transformers import Dinov2Model
 
-        try:
-            model = Dinov2Model.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise MetricUnavailable("DINO", f"cannot load {folder} ({e}); needs {NEEDS}") from None
+        folder, model = load_local_model(
+            "DINO", folder, NEEDS, lambda f: Dinov2Model.from_pretrained(f, local_files_only=True))
         scorer = cls(model, device)
         scorer.name = folder.name
         return scorer
