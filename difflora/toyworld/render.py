@@ -266,23 +266,24 @@ def _draw_person(pt: _Painter, ident: Identity, expression: str) -> None:
         pt.line([(-off + g, ey), (off - g, ey)], fill=FRAME, width=0.05)
 
     # Nose.
-    nose_fill, nose_line, ny = _shade(skin, 0.8), _shade(skin, 0.5), 0.2
+    nose_fill, nose_line, ny = _shade(skin, 0.72), _shade(skin, 0.45), 0.2
     if ident.nose == "button":
-        pt.ellipse(0, ny + 0.03, 0.12, 0.11, fill=nose_fill, outline=nose_line, width=0.04)
+        pt.ellipse(0, ny + 0.04, 0.14, 0.13, fill=nose_fill, outline=nose_line, width=0.04)
     elif ident.nose == "long":
-        pt.polygon([(0, ny - 0.22), (-0.08, ny + 0.16), (0.08, ny + 0.16)], fill=nose_fill,
+        pt.polygon([(0, ny - 0.3), (-0.1, ny + 0.18), (0.1, ny + 0.18)], fill=nose_fill,
                    outline=nose_line, width=0.04)
     elif ident.nose == "wide":
-        pt.ellipse(0, ny + 0.08, 0.25, 0.09, fill=nose_fill, outline=nose_line, width=0.04)
+        pt.ellipse(0, ny + 0.1, 0.3, 0.1, fill=nose_fill, outline=nose_line, width=0.04)
     else:  # pointed: a hooked line
-        pt.line([(0.04, ny - 0.16), (-0.15, ny + 0.13), (0.08, ny + 0.13)], fill=nose_line,
-                width=0.06)
+        pt.line([(0.05, ny - 0.2), (-0.17, ny + 0.15), (0.1, ny + 0.15)], fill=nose_line,
+                width=0.08)
 
     # Mouth: identity sets width and lip thickness, expression sets the shape.
     hw, lip = MOUTH[ident.mouth]
     lips, my = _mix(skin, (180, 40, 50), 0.65), 0.55
-    if expression == "smiling":
-        pt.arc(0, my - 0.12, hw, 0.2, 15, 165, fill=lips, width=lip)
+    if expression == "smiling":  # open smile: teeth in a lower half-ellipse
+        pt.polygon(superellipse(0, my - 0.06, hw, max(0.13, 0.5 * hw), 2.0, 28)[:15],
+                   fill=(248, 248, 244), outline=lips, width=lip)
     elif expression == "sad":
         pt.arc(0, my + 0.18, hw, 0.18, 200, 340, fill=lips, width=lip)
     elif expression == "surprised":
