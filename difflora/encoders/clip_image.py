@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import EncoderError
 from .base import ImageEncoder, l2_normalize
+from .images import to_float_tensor
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ _LAYER = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.")
 
 def clip_preprocess(image: np.ndarray, size: int = 224) -> torch.Tensor:
     """uint8 RGB (H, W, 3) -> normalized (3, size, size), as ComfyUI's clip_preprocess."""
-    x = torch.from_numpy(np.array(image, copy=True)).float().div(255.0).permute(2, 0, 1)[None]
+    x = to_float_tensor(image)
     if x.shape[2] != size or x.shape[3] != size:
         scale = size / min(x.shape[2], x.shape[3])
         x = F.interpolate(x, size=(round(scale * x.shape[2]), round(scale * x.shape[3])),

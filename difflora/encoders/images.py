@@ -59,6 +59,12 @@ def to_rgb_uint8(image, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def to_float_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 RGB (H, W, 3) -> float (1, 3, H, W) in [0, 1]. Copies: the caller's array may be
+    read-only (torch warns) and is never written through the tensor."""
+    return torch.from_numpy(np.array(image, copy=True)).float().div(255.0).permute(2, 0, 1)[None]
+
+
 def _to_hwc(arr: np.ndarray, name: str) -> np.ndarray:
     if arr.ndim == 4 and arr.shape[0] == 1:
         arr = arr[0]

@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .attributes import ALL_ATTRIBUTES, IDENTITY_ATTRIBUTES, SCENE_ATTRIBUTES
+from .attributes import IDENTITY_ATTRIBUTES, SCENE_ATTRIBUTES
 
 SUPERSAMPLE = 4  # drawn at 4x then box-filtered: smooth 1-px features at 64x64
 
@@ -41,10 +41,26 @@ EXPRESSION_WORDS = {"neutral": "neutral expression", "smiling": "smiling",
 SHIRT, FRAME = (70, 76, 92), (22, 22, 26)
 
 
+class _Named:
+    """Checks the value names on construction; ``labels()`` -> value indices (in the
+    vocabulary's order: the classifier's labels)."""
+
+    VOCAB: dict[str, tuple[str, ...]] = {}  # no annotation in subclasses: not a field
+
+    def __post_init__(self):
+        for name, vocab in self.VOCAB.items():
+            if getattr(self, name) not in vocab:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {vocab}.")
+
+    def labels(self) -> tuple[int, ...]:
+        return tuple(v.index(getattr(self, n)) for n, v in self.VOCAB.items())
+
+
 @dataclass(frozen=True)
-class Identity:
+class Identity(_Named):
     """One person: a value name per identity attribute."""
 
+    VOCAB = IDENTITY_ATTRIBUTES
     face_shape: str
     skin_tone: str
     hair_colour: str
@@ -55,27 +71,16 @@ class Identity:
     mouth: str
     glasses: str
 
-    def __post_init__(self):
-        for name, vocab in IDENTITY_ATTRIBUTES.items():
-            if getattr(self, name) not in vocab:
-                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {vocab}.")
-
-    def labels(self) -> tuple[int, ...]:
-        """Value indices in IDENTITY_ATTRIBUTES order (the classifier's labels)."""
-        return tuple(v.index(getattr(self, n)) for n, v in IDENTITY_ATTRIBUTES.items())
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_labels(cls, labels) -> Identity:
         return cls(*(v[int(i)] for v, i in zip(IDENTITY_ATTRIBUTES.values(), labels)))
 
 
 @dataclass(frozen=True)
-class Scene:
+class Scene(_Named):
     """What is not identity. Only background and expression are captioned."""
 
+    VOCAB = SCENE_ATTRIBUTES
     background: str = "grey"
     expression: str = "neutral"
     dx: float = 0.0  # face centre offset, fraction of the image side
@@ -86,17 +91,6 @@ class Scene:
     light_angle: float = 0.0  # radians: direction the light comes from
     light_strength: float = 0.0  # 0: flat light; 0.35: strong side light
     warmth: float = 0.0  # > 0 warmer (more red, less blue)
-
-    def __post_init__(self):
-        for name, vocab in SCENE_ATTRIBUTES.items():
-            if getattr(self, name) not in vocab:
-                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {vocab}.")
-
-    def labels(self) -> tuple[int, ...]:
-        return tuple(v.index(getattr(self, n)) for n, v in SCENE_ATTRIBUTES.items())
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 assert tuple(f.name for f in fields(Identity)) == tuple(IDENTITY_ATTRIBUTES)
@@ -190,18 +184,11 @@ def superellipse(u, v, ru, rv, n, points=28) -> list[tuple[float, float]]:
 
 
 def head_outline(shape: str, n_points: int = 48) -> list[tuple[float, float]]:
-    """The head as a polygon in face units (superellipse, optionally tapered to the chin)."""
+    """The head as a polygon in face units: a superellipse whose lower half narrows
+    towards the chin by ``taper`` ("heart")."""
     a, b, n, taper = FACE_SHAPES[shape]
-    pts = []
-    for k in range(n_points):
-        t = 2 * math.pi * k / n_points
-        c, s = math.cos(t), math.sin(t)
-        u = a * math.copysign(abs(c) ** (2 / n), c)
-        v = b * math.copysign(abs(s) ** (2 / n), s)
-        if v > 0:  # lower half: narrow towards the chin ("heart")
-            u *= 1 - taper * (v / b) ** 1.5
-        pts.append((u, v))
-    return pts
+    return [(u * (1 - taper * (v / b) ** 1.5) if v > 0 else u, v)
+            for u, v in superellipse(0, 0, a, b, n, n_points)]
 
 
 def _draw_person(pt: _Painter, ident: Identity, expression: str) -> None:
@@ -252,7 +239,7 @@ def _draw_person(pt: _Painter, ident: Identity, expression: str) -> None:
         pt.ellipse(x, ey, 0.14, min(0.14, open_), fill=EYES[ident.eye_colour])
         pt.ellipse(x, ey, 0.05, 0.05, fill=(10, 10, 10))
         by = ey - (0.44 if expression == "surprised" else 0.3)
-        inner, outer = {"sad": (-0.12, 0.06), "surprised": (-0.03, 0.03)}.get(expression, (0, 0))
+        inner, outer = {"sad": (-0.16, 0.07), "surprised": (-0.03, 0.03)}.get(expression, (0, 0))
         pt.line([(x - side * 0.06, by + inner), (x + side * 0.24, by + outer)],
                 fill=hair_line if ident.hair_colour == "white" else hair, width=0.08)
     if ident.glasses != "none":
@@ -281,8 +268,11 @@ def _draw_person(pt: _Painter, ident: Identity, expression: str) -> None:
     # Mouth: identity sets width and lip thickness, expression sets the shape.
     hw, lip = MOUTH[ident.mouth]
     lips, my = _mix(skin, (180, 40, 50), 0.65), 0.55
-    if expression == "smiling":  # open smile: teeth in a lower half-ellipse
-        pt.polygon(superellipse(0, my - 0.06, hw, max(0.13, 0.5 * hw), 2.0, 28)[:15],
+    if expression == "smiling":  # rosy cheeks + open smile (teeth in a lower half-ellipse)
+        for side in (-1, 1):
+            pt.ellipse(side * 0.5 * a, 0.28, 0.14, 0.09, fill=_mix(skin, (235, 80, 100), 0.4))
+        hw += 0.06  # a smile widens the mouth: reads at the smallest mouth too
+        pt.polygon(superellipse(0, my - 0.06, hw, max(0.14, 0.5 * hw), 2.0, 28)[:15],
                    fill=(248, 248, 244), outline=lips, width=lip)
     elif expression == "sad":
         pt.arc(0, my + 0.18, hw, 0.18, 200, 340, fill=lips, width=lip)
@@ -333,6 +323,7 @@ def sample_identities(n: int, seed: int, first: int = 0) -> list[Identity]:
 class Sample:
     image: np.ndarray  # (H, W, 3) uint8
     identity_id: int  # index in the seed's identity sequence
+    photo: int  # index among this identity's photos
     identity: Identity
     scene: Scene
     caption: str
@@ -345,9 +336,9 @@ def iter_dataset(n_identities: int, images_per_identity: int, seed: int, size: i
     identities = sample_identities(n_identities, seed, first_identity)
     for i, ident in enumerate(identities, start=first_identity):
         rng = np.random.default_rng([seed, 1, i])
-        for _ in range(images_per_identity):
+        for k in range(images_per_identity):
             scene = sample_scene(rng)
-            yield Sample(render(ident, scene, size), i, ident, scene, caption(scene))
+            yield Sample(render(ident, scene, size), i, k, ident, scene, caption(scene))
 
 
 @dataclass
@@ -384,14 +375,13 @@ def write_identity_folders(root: str | os.PathLike, n_identities: int, images_pe
                            seed: int, subject: str = "a sks person",
                            first_identity: int = 0) -> Path:
     """The data-set layout of docs/TRAINING.md: ``root/id_00042/000.png`` + ``000.txt``
-    (its caption, with ``subject`` as the trigger phrase)."""
+    (its caption, with ``subject`` as the trigger phrase). Rerunning rewrites the same files."""
     root = Path(root)
     for s in iter_dataset(n_identities, images_per_identity, seed, first_identity=first_identity):
         folder = root / f"id_{s.identity_id:05d}"
         folder.mkdir(parents=True, exist_ok=True)
-        k = len(list(folder.glob("*.png")))
-        Image.fromarray(s.image).save(folder / f"{k:03d}.png")
-        (folder / f"{k:03d}.txt").write_text(caption(s.scene, subject) + "\n")
+        Image.fromarray(s.image).save(folder / f"{s.photo:03d}.png")
+        (folder / f"{s.photo:03d}.txt").write_text(caption(s.scene, subject) + "\n")
     return root
 
 
@@ -399,11 +389,10 @@ def contact_sheet(images: np.ndarray, columns: int) -> np.ndarray:
     """(N, H, W, 3) -> one grid image (rows of ``columns``), for looking at the world."""
     n, h, w, _ = images.shape
     rows = -(-n // columns)
-    sheet = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
-    for k, img in enumerate(images):
-        r, c = divmod(k, columns)
-        sheet[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = img
-    return sheet
+    tiles = np.full((rows * columns, h + 2, w + 2, 3), 255, np.uint8)  # 2 px white gutters
+    tiles[:n, :h, :w] = images
+    return tiles.reshape(rows, columns, h + 2, w + 2, 3).transpose(0, 2, 1, 3, 4) \
+        .reshape(rows * (h + 2), columns * (w + 2), 3)
 
 
 def main(argv=None) -> None:
@@ -412,20 +401,17 @@ def main(argv=None) -> None:
     import time
 
     p = argparse.ArgumentParser(description="Benchmark the toy-world renderer.")
-    p.add_argument("--identities", type=int, default=500)
-    p.add_argument("--images-per-identity", type=int, default=4)
+    p.add_argument("--identities", type=int, default=500, help="4 photos each")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sheet", default="", help="write a PNG: 8 identities x 6 photos each")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    ds = make_dataset(args.identities, args.images_per_identity, args.seed)
+    n = len(make_dataset(args.identities, 4, args.seed).images)
     dt = time.perf_counter() - t0
-    print(f"{len(ds.images)} images of {args.identities} identities in {dt:.2f} s: "
-          f"{len(ds.images) / dt:.0f} images/s (one process)")
+    print(f"{n} images in {dt:.2f} s: {n / dt:.0f} images/s (one process)")
     if args.sheet:
-        sheet = make_dataset(8, 6, args.seed).images
-        Image.fromarray(contact_sheet(sheet, 6)).resize((6 * 66 * 3, 8 * 66 * 3),
-                                                        Image.NEAREST).save(args.sheet)
+        sheet = Image.fromarray(contact_sheet(make_dataset(8, 6, args.seed).images, 6))
+        sheet.resize((sheet.width * 3, sheet.height * 3), Image.NEAREST).save(args.sheet)
         print(f"wrote {args.sheet}")
 
 

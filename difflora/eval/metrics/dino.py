@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...encoders.images import to_float_tensor
 from . import load_local_model, pick_device
 
 NEEDS = "a transformers DINOv2 folder (config.json, model.safetensors), e.g. facebook/dinov2-base, given with --dino"
@@ -21,7 +22,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def imagenet_preprocess(image: np.ndarray, resize: int = 256, crop: int = 224) -> torch.Tensor:
     """uint8 RGB (H, W, 3) -> (3, crop, crop): shorter side to `resize`, centre crop, normalize."""
-    x = torch.from_numpy(np.array(image, copy=True)).float().div(255.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    x = to_float_tensor(image)  # (1, 3, H, W)
     scale = resize / min(x.shape[2], x.shape[3])
     x = F.interpolate(x, size=(round(scale * x.shape[2]), round(scale * x.shape[3])), mode="bicubic",
                       antialias=True, align_corners=False).clamp(0, 1)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...encoders.images import to_float_tensor
 from . import MetricUnavailable, pick_device
 from .dino import IMAGENET_MEAN, IMAGENET_STD
 
@@ -74,7 +75,7 @@ class InceptionFeatures:
         for i in range(0, len(images), self.batch_size):
             batch = []
             for im in images[i:i + self.batch_size]:
-                x = torch.from_numpy(np.ascontiguousarray(im)).float().div(255.0).permute(2, 0, 1)[None]
+                x = to_float_tensor(im)
                 x = F.interpolate(x, size=(299, 299), mode="bilinear", antialias=True, align_corners=False)[0]
                 batch.append((x.clamp(0, 1) - mean) / std)
             out.append(self.model(torch.stack(batch).to(self.device)).double().cpu())
