@@ -31,8 +31,8 @@ def test_brief_training_beats_chance_on_held_out_identities(trained):
     acc = per_attribute_accuracy(trained, test.images, test.labels)
     chance = {n: 1 / len(v) for n, v in ALL_ATTRIBUTES.items()}
     lift = np.mean([acc[n] - chance[n] for n in ALL_ATTRIBUTES])
-    assert lift > 0.2, acc
-    assert acc["background"] > 0.8 and acc["skin_tone"] > 0.6, acc
+    assert lift > 0.15, acc  # 0.27 measured; chance is 0
+    assert acc["background"] > 0.8 and acc["skin_tone"] > 0.5, acc  # 1.0, 0.71 measured
 
 
 def test_save_load_round_trip_is_exact(trained, tmp_path):
@@ -104,3 +104,8 @@ def test_predict_names_and_upscaled_inputs(trained):
     names = trained.predict_names(big)
     assert len(names) == 2 and set(names[0]) == set(ALL_ATTRIBUTES)
     assert all(names[0][n] in ALL_ATTRIBUTES[n] for n in ALL_ATTRIBUTES)
+    comfy = torch.from_numpy(images).float() / 255.0  # a ComfyUI IMAGE batch
+    assert all((trained.predict(comfy)[n] == trained.predict(images)[n]).all()
+               for n in ALL_ATTRIBUTES)
+    with pytest.raises(DiffLoRAError, match="No image"):
+        trained.predict([])

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..encoders.images import split_batch, to_rgb_uint8
 from ..errors import DiffLoRAError
 
 log = logging.getLogger(__name__)
@@ -98,18 +99,22 @@ class ConvBackbone(nn.Module):
 
 
 def to_batch(images, size: int = 64) -> torch.Tensor:
-    """Images (N, H, W, 3) uint8 / a list of (H, W, 3) -> uint8 tensor (N, 3, size, size)."""
-    if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 3:
-        return images  # already (N, 3, S, S)
-    arr = np.stack([np.asarray(a) for a in images]) if not isinstance(images, np.ndarray) \
-        else images
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.shape[1:3] != (size, size):  # e.g. an upscaled generation: back to the net's size
+    """Images -> uint8 tensor (N, 3, size, size). Fast path: (N, H, W, 3) uint8 arrays and
+    our own (N, 3, S, S) uint8 tensors; anything else the encoders accept (a ComfyUI IMAGE
+    batch of floats, PIL images, lists) goes through encoders.images.to_rgb_uint8."""
+    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4 \
+            and images.shape[1] == 3:
+        return images
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
+        arrays = images
+    else:
+        arrays = [to_rgb_uint8(a, f"image {i + 1}") for i, a in enumerate(split_batch(images))]
+    if any(a.shape[:2] != (size, size) for a in arrays):  # e.g. an upscaled generation
         from PIL import Image
-        arr = np.stack([np.asarray(Image.fromarray(a).resize((size, size), Image.BOX))
-                        for a in arr])
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+        arrays = [np.asarray(Image.fromarray(a).resize((size, size), Image.BOX)) for a in arrays]
+    if not len(arrays):
+        raise DiffLoRAError("No image given: pass at least one image.")
+    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
@@ -176,8 +181,12 @@ def load_model_file(path: str | os.PathLike, model_type: str) -> tuple[dict, dic
     if found != model_type:
         raise DiffLoRAError(f"{path} holds a {found or 'non-toy-world'} model, not a "
                             f"{model_type}: pick the right file.")
-    config = json.loads(meta["config"])
-    names = config.get("attributes", [])
+    try:
+        config = json.loads(meta["config"])
+        names = config["attributes"]
+    except (KeyError, ValueError):
+        raise DiffLoRAError(f"{path} has no readable config in its metadata: it was not "
+                            "written by difflora.toyworld; retrain or re-save it.") from None
     if meta.get("vocabulary") != vocabulary_json(names):
         raise DiffLoRAError(f"{path} was trained on another attribute vocabulary than this code "
                             "has: retrain it with this version of difflora.toyworld.")
@@ -284,19 +293,17 @@ def identity_accuracy(model: AttributeClassifier, images, identity) -> float:
     """Fraction of identity attributes the classifier reads back, averaged over images.
 
     ``identity``: one Identity (every image should show it) or one per image."""
-    names = tuple(IDENTITY_ATTRIBUTES)
-    n = len(to_batch(images))
-    labels = np.broadcast_to(_label_matrix(identity, names), (n, len(names)))
-    return float(np.mean(list(per_attribute_accuracy(model, images, labels, names).values())))
+    names, x = tuple(IDENTITY_ATTRIBUTES), to_batch(images, model.net_config.image_size)
+    labels = np.broadcast_to(_label_matrix(identity, names), (len(x), len(names)))
+    return float(np.mean(list(per_attribute_accuracy(model, x, labels, names).values())))
 
 
 def prompt_accuracy(model: AttributeClassifier, images, scene) -> float:
     """Fraction of prompt attributes (background, expression) read back; ``scene``: one
     Scene (every image was asked for it) or one per image."""
-    names = tuple(SCENE_ATTRIBUTES)
-    n = len(to_batch(images))
-    labels = np.broadcast_to(_label_matrix(scene, names), (n, len(names)))
-    return float(np.mean(list(per_attribute_accuracy(model, images, labels, names).values())))
+    names, x = tuple(SCENE_ATTRIBUTES), to_batch(images, model.net_config.image_size)
+    labels = np.broadcast_to(_label_matrix(scene, names), (len(x), len(names)))
+    return float(np.mean(list(per_attribute_accuracy(model, x, labels, names).values())))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

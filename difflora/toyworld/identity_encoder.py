@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -51,9 +51,7 @@ class EncoderConfig:
     logit_scale: float = 16.0  # cosine heads: logits = scale * cos(z, class vector)
 
     def to_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["net"], d["attributes"] = self.net.to_dict(), list(self.attributes)
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> EncoderConfig:

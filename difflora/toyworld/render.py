@@ -140,10 +140,10 @@ class _Painter:
     """Draws in face units: (u, v) -> pixels, R = one unit (about a face half-width).
 
     Every shape goes through ``p``, which also applies the head tilt: rotating the points
-    is exact and ~20x cheaper than rotating a drawn layer (which was 80% of render time)."""
+    is exact, where a bicubic rotate of the drawn layer blurred and took 75% of the time."""
 
     def __init__(self, draw: ImageDraw.ImageDraw, side: int, scene: Scene):
-        self.d, self.side = draw, side
+        self.d = draw
         self.cx, self.cy = side * (0.5 + scene.dx), side * (0.53 + scene.dy)
         self.r = side * 0.26 * scene.scale
         t = math.radians(scene.tilt)
@@ -174,13 +174,10 @@ class _Painter:
 
 
 def superellipse(u, v, ru, rv, n, points=28) -> list[tuple[float, float]]:
-    out = []
-    for k in range(points):
-        t = 2 * math.pi * k / points
-        c, s = math.cos(t), math.sin(t)
-        out.append((u + ru * math.copysign(abs(c) ** (2 / n), c),
-                    v + rv * math.copysign(abs(s) ** (2 / n), s)))
-    return out
+    """|x/ru|^n + |y/rv|^n = 1 around (u, v); n=2 an ellipse, larger n squarer."""
+    ts = [2 * math.pi * k / points for k in range(points)]
+    return [(u + ru * math.copysign(abs(math.cos(t)) ** (2 / n), math.cos(t)),
+             v + rv * math.copysign(abs(math.sin(t)) ** (2 / n), math.sin(t))) for t in ts]
 
 
 def head_outline(shape: str, n_points: int = 48) -> list[tuple[float, float]]:
