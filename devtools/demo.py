@@ -25,15 +25,15 @@ REPO = Path(__file__).resolve().parent.parent
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workflow", default=str(REPO / "workflows" / "difflora_basic.json"))
-    ap.add_argument("--out", default=str(REPO / "out" / "demo"), help="where the results are copied")
+    ap.add_argument("--out", default=str(REPO / "out" / "demo"),
+                    help="results go to a new time-stamped folder inside it (earlier runs are kept)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the predicted LoRA")
     a = ap.parse_args(argv)
-
     t0 = time.monotonic()
     print("[demo] preparing the embedded default models (first run builds them, ~10 s)")
     models = harness_models.build_models(REPO / ".cache" / "default_models")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(a.out) / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=False)
     try:
         with ComfyServer(get_comfyui()) as server:
             print(f"[demo] headless ComfyUI ready at {server.url} in {server.startup_seconds:.1f} s")
