@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 
 from .dit import DiTConfig
-from .safetensors_io import save_file_reproducible
+from .safetensors_io import save_file_atomic
 from .errors import HypernetFileError
 from .hypernet import EncoderSpec, Hypernet
 from .lae import LAEConfig
@@ -178,14 +177,4 @@ def save_hypernet(model: Hypernet, path: str | os.PathLike, extra_metadata: dict
         if k in metadata:
             raise ValueError(f"extra metadata may not overwrite '{k}'")
         metadata[k] = str(v)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file_reproducible(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_file_atomic(model.state_dict(), path, metadata)

@@ -1,4 +1,4 @@
-"""Byte-reproducible `.safetensors` writing.
+"""`.safetensors` writing: byte-reproducible, and atomic.
 
 safetensors stores `__metadata__` from a hash map, so two saves of the same tensors and
 metadata can order the header differently and get different checksums. Checksums in
@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tempfile
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -28,3 +30,20 @@ def save_file_reproducible(tensors: dict[str, torch.Tensor], path: str | os.Path
         f.seek(0)
         f.write(struct.pack("<Q", len(text)) + text + data)
         f.truncate()
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Reproducible write that never leaves half a file: a temp file in the same folder, then
+    a rename over `path`. Raises OSError (e.g. a read-only folder) before touching `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file_reproducible({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -27,14 +27,6 @@ GOOD = ["ann", "ben", "cat", "dan"]
 SHORT = dict(steps=2, batch_size=2, warmup_steps=1, eval_every=2, ckpt_every=2, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def messy_loras(tmp_path_factory):
     folder = random_identity_loras(tmp_path_factory.mktemp("loras"), tiny_spec(), GOOD + ["no_emb", "nan"])

@@ -22,14 +22,6 @@ from tests.support.train_data import make_identities, tiny_base, tiny_clip, tiny
 PEOPLE = {"alice": 0, "bob": 1, "carol": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")

@@ -29,14 +29,6 @@ LOOP = dict(steps=10, batch_size=3, warmup_steps=2, eval_every=5, ckpt_every=4, 
             ema_decay=0.99, lr=1e-3, grad_accum=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory):
     return random_identity_loras(tmp_path_factory.mktemp("loras"), tiny_spec(), [f"id{i}" for i in range(6)])

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import EncoderError
+from ..safetensors_io import save_file_atomic
 from .base import FaceEncoder, ImageEncoder, choose_face, l2_normalize
 from .images import FolderReport, SkippedFile, list_image_files, load_image_file
 
@@ -152,20 +151,10 @@ def _read_cache(path: Path, kind: str, dim: int) -> dict[str, tuple]:
 
 def _write_cache(path: Path, kind: str, dim: int, entries: list, emb: torch.Tensor,
                  valid: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
     meta = {"format": CACHE_FORMAT, "kind": kind, "dim": str(dim), "files": json.dumps(entries)}
     tensors = {"embeddings": emb.contiguous(), "valid": valid.to(torch.uint8).contiguous()}
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        save_file_atomic(tensors, path, meta)
     except OSError as e:  # read-only dataset folder: work on without a cache
         log.warning("Cannot write the embedding cache %s (%s): embeddings will be recomputed "
                     "next time.", path, e)
-        return
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import DiffLoRAError
-from .data import atomic_save
+from ..safetensors_io import save_file_atomic
 
 FORMAT = "difflora-train-checkpoint-1"
 _NAME = re.compile(r"^step_(\d{8})\.safetensors$")
@@ -72,7 +72,7 @@ def save_checkpoint(run: str | Path, step: int, model, optimizer, scheduler, ema
         "param_names": names, **(extra_meta or {}),
     }
     path = checkpoint_dir(run) / f"step_{step:08d}.safetensors"
-    atomic_save(tensors, path, {k: json.dumps(v) for k, v in meta.items()})
+    save_file_atomic(tensors, path, {k: json.dumps(v) for k, v in meta.items()})
     for _, old in list_checkpoints(run)[:-max(1, keep)]:
         old.unlink(missing_ok=True)
     return path

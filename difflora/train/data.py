@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import DiffLoRAError
 from ..hypernet import EncoderSpec
 from ..lora_format import load_lora_file, to_kohya
 from ..lora_spec import LoraSpec
 from ..lora_weights import canonicalize_layers, flatten
+from ..safetensors_io import save_file_atomic
 from .flat_cache import cached_flat_loras, take_rows
 
 log = logging.getLogger("difflora.train")
@@ -56,18 +55,6 @@ class SkipReport:
         return text + "".join(f"\n  - {item}: {reason}" for item, reason in self.skipped)
 
 
-def atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> Path:
-    """safetensors write that never leaves half a file (temp file in the folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 # ---- identity folders ---------------------------------------------------------------------
@@ -88,13 +75,13 @@ def write_identity_lora(path: Path, spec: LoraSpec, layers, meta: dict[str, str]
     sd = to_kohya(spec, canonicalize_layers(spec, layers), dtype=torch.float32)
     metadata = {META_SPEC: spec.to_json(), META_HASH: spec.hash,
                 "modelspec.architecture": "stable-diffusion-xl-v1-base/lora", **meta}
-    return atomic_save(sd, path, {k: str(v) for k, v in metadata.items()})
+    return save_file_atomic(sd, path, {k: str(v) for k, v in metadata.items()})
 
 
 def write_embeddings(path: Path, face: torch.Tensor, image: torch.Tensor, files: list[str],
                      face_kind: str, image_kind: str, identity: str) -> Path:
     meta = {"identity": identity, "face_kind": face_kind, "image_kind": image_kind, "files": json.dumps(files)}
-    return atomic_save({"face": face.float(), "image": image.float()}, path, meta)
+    return save_file_atomic({"face": face.float(), "image": image.float()}, path, meta)
 
 
 def read_metadata(path: Path) -> dict:

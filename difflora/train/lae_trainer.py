@@ -17,7 +17,8 @@ from ..lae import LAE_CONFIGS, LAEConfig, LoraAutoencoder, dw_relative_error, we
 from ..lora_spec import LoraSpec
 from ..normalization import WeightNormalizer
 from .config import LAETrainConfig, to_dict
-from .data import LoraDataset, atomic_save, load_lora_dataset, split_identities
+from ..safetensors_io import save_file_atomic
+from .data import LoraDataset, load_lora_dataset, split_identities
 from .loop import LoopResult, make_accelerator, run_loop
 
 log = logging.getLogger("difflora.train")
@@ -91,7 +92,7 @@ def save_lae_final(path: Path, model: LoraAutoencoder, normalizer: WeightNormali
     tensors.update({f"norm.{k}": v for k, v in normalizer.state_dict().items()})
     meta = {"difflora_lae_final": "1", "lae_config": json.dumps(model.cfg.to_dict()), "lora_spec": spec.to_json(),
             "split": json.dumps({"train": train, "val": val}), "train_config": json.dumps(config)}
-    return atomic_save(tensors, Path(path), meta)
+    return save_file_atomic(tensors, Path(path), meta)
 
 
 def load_lae_final(path: str | Path):
