@@ -49,6 +49,16 @@ def load_local_model(metric: str, folder, needs: str, load):
         raise MetricUnavailable(metric, f"cannot load {folder} ({e}); needs {needs}") from None
 
 
+@torch.inference_mode()
+def embed_in_batches(images, batch_size: int, preprocess, forward, device) -> torch.Tensor:
+    """`forward(stack of preprocess(image))` over `images` in batches, results on the CPU."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        px = torch.stack([preprocess(im) for im in images[i:i + batch_size]])
+        out.append(forward(px.to(device)).cpu())
+    return torch.cat(out)
+
+
 def pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

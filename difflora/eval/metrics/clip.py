@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ...encoders.clip_image import clip_preprocess
-from . import load_local_model, pick_device
+from . import embed_in_batches, load_local_model, pick_device
 
 NEEDS = ("a transformers CLIP folder (config.json, model.safetensors, tokenizer files), "
          "e.g. openai/clip-vit-large-patch14, given with --clip")
@@ -49,13 +49,10 @@ class ClipScorer:
         scorer.name = folder.name
         return scorer
 
-    @torch.inference_mode()
     def image_embeds(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            px = torch.stack([clip_preprocess(im, self.image_size) for im in images[i:i + self.batch_size]])
-            out.append(_pooled(self.model.get_image_features(pixel_values=px.to(self.device))).float().cpu())
-        return torch.cat(out)  # (N, D)
+        return embed_in_batches(  # (N, D)
+            images, self.batch_size, lambda im: clip_preprocess(im, self.image_size),
+            lambda px: _pooled(self.model.get_image_features(pixel_values=px)).float(), self.device)
 
     @torch.inference_mode()
     def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:

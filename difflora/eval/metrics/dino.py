@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ...encoders.images import to_float_tensor
-from . import load_local_model, pick_device
+from . import embed_in_batches, load_local_model, pick_device
 
 NEEDS = "a transformers DINOv2 folder (config.json, model.safetensors), e.g. facebook/dinov2-base, given with --dino"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -48,10 +48,7 @@ class DinoScorer:
         scorer.name = folder.name
         return scorer
 
-    @torch.inference_mode()
     def image_embeds(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            px = torch.stack([imagenet_preprocess(im) for im in images[i:i + self.batch_size]])
-            out.append(self.model(pixel_values=px.to(self.device)).pooler_output.float().cpu())
-        return torch.cat(out)  # (N, D)
+        return embed_in_batches(  # (N, D)
+            images, self.batch_size, imagenet_preprocess,
+            lambda px: self.model(pixel_values=px).pooler_output.float(), self.device)

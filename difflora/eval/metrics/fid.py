@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ...encoders.images import to_float_tensor
-from . import MetricUnavailable, pick_device
+from . import MetricUnavailable, embed_in_batches, pick_device
 from .dino import IMAGENET_MEAN, IMAGENET_STD
 
 NEEDS = ("a local Inception-v3 weights file in torchvision's layout (inception_v3_google-0cc3c7bd.pth "
@@ -68,18 +68,16 @@ class InceptionFeatures:
         scorer.name = path.name
         return scorer
 
-    @torch.inference_mode()
     def features(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        out = []
         mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        for i in range(0, len(images), self.batch_size):
-            batch = []
-            for im in images[i:i + self.batch_size]:
-                x = to_float_tensor(im)
-                x = F.interpolate(x, size=(299, 299), mode="bilinear", antialias=True, align_corners=False)[0]
-                batch.append((x.clamp(0, 1) - mean) / std)
-            out.append(self.model(torch.stack(batch).to(self.device)).double().cpu())
-        return torch.cat(out).numpy()  # (N, 2048) float64
+
+        def preprocess(im):
+            x = F.interpolate(to_float_tensor(im), size=(299, 299), mode="bilinear", antialias=True,
+                              align_corners=False)[0]
+            return (x.clamp(0, 1) - mean) / std
+
+        feats = embed_in_batches(images, self.batch_size, preprocess, lambda px: self.model(px).double(), self.device)
+        return feats.numpy()  # (N, 2048) float64
 
 
 def trace_sqrt_product(a: np.ndarray, b: np.ndarray) -> float:
