@@ -1,8 +1,11 @@
-"""The README's main job: a headless ComfyUI runs the shipped basic workflow on a bundled
-reference photo with the embedded default (tiny) models, and says where it wrote the image
-and the predicted LoRA.
+"""The README's main job: a headless ComfyUI runs the shipped basic workflow on a reference photo
+of a held-out toy-world identity, with the embedded default models (the toy world's trained base
+model and hypernet, docs/TOYWORLD.md), and reports how much of that identity the image shows.
 
-    python -m devtools.demo [--out out/demo] [--workflow workflows/difflora_basic.json]
+    python -m devtools.demo [--out out/demo] [--identity 0] [--workflow workflows/difflora_basic.json]
+
+The graph runs twice with the same seeds: as shipped, and with Apply Predicted LoRA at strength 0
+(the base model alone), so the identity accuracy of the personalized image has its baseline.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from . import harness_models
 from .comfy_server import ComfyServer, ComfyServerError
 from .get_comfyui import get_comfyui
@@ -22,49 +28,81 @@ from .workflow_api import ui_to_api
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _scores(image: Path, identity, scene) -> tuple[float, float]:
+    from difflora.toyworld.attributes import identity_accuracy, load_classifier, prompt_accuracy
+
+    clf = load_classifier(harness_models.toy_asset(harness_models.TOY_CLASSIFIER))
+    img = np.asarray(Image.open(image).convert("RGB"))[None]
+    return identity_accuracy(clf, img, identity), prompt_accuracy(clf, img, scene)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from difflora.toyworld.results import eval_scene
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workflow", default=str(REPO / "workflows" / "difflora_basic.json"))
     ap.add_argument("--out", default=str(REPO / "out" / "demo"),
                     help="results go to a new time-stamped folder inside it (earlier runs are kept)")
+    ap.add_argument("--identity", type=int, default=0, help="which held-out toy-world identity (0-15 were scored "
+                                                            "in docs/TOYWORLD.md; any index works)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the predicted LoRA")
     a = ap.parse_args(argv)
     t0 = time.monotonic()
-    print("[demo] preparing the embedded default models (first run builds them, ~10 s)")
-    models = harness_models.build_models(REPO / ".cache" / "default_models")
+    try:
+        models = harness_models.toy_models(REPO / ".cache" / "default_models")
+    except harness_models.ToyAssetError as e:
+        print(f"[demo] {e}", file=sys.stderr)
+        return 1
     out = Path(a.out) / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=False)
+    scene = eval_scene(*harness_models.TOY_SCENE)
     try:
         with ComfyServer(get_comfyui()) as server:
             print(f"[demo] headless ComfyUI ready at {server.url} in {server.startup_seconds:.1f} s")
-            harness_models.install(server, models)
-            reference = harness_models.reference_photos(server.input_dir)[0]
+            harness_models.install_toy(server, models)
+            reference, identity = harness_models.toy_reference(server.input_dir, a.identity)
             shutil.copy2(reference, out / "reference.png")
             workflow = json.loads(Path(a.workflow).read_text())
-            run = {**harness_models.TINY_RUN, "DiffLoRASampleLoraLatent": {
-                **harness_models.TINY_RUN["DiffLoRASampleLoraLatent"], "seed": a.seed}}
-            prompt = ui_to_api(workflow, server.object_info(), class_overrides=run)
-            print(f"[demo] running {Path(a.workflow).name} on {reference.name}")
-            outputs = server.run(prompt, timeout=900)
-            images = [shutil.copy2(p, out / p.name) for p in server.output_paths(outputs)]
-            loras = []
-            for node in outputs.values():
-                for line in node.get("text", []):
-                    if line.startswith("saved LoRA: "):
-                        src = server.models_dir("loras") / line.removeprefix("saved LoRA: ")
-                        loras.append(shutil.copy2(src, out / src.name))
+            run = {**harness_models.TOY_RUN, "DiffLoRASampleLoraLatent": {
+                **harness_models.TOY_RUN["DiffLoRASampleLoraLatent"], "seed": a.seed}}
+            print(f"[demo] running {Path(a.workflow).name} on held-out identity {a.identity}: "
+                  f"{', '.join(f'{k}={v}' for k, v in vars(identity).items())}")
+            results = {}
+            for label, strength in (("personalized", 1.0), ("base", 0.0)):
+                classes = {**run, "DiffLoRAApplyLora": {"strength": strength}}
+                prompt = ui_to_api(workflow, server.object_info(), overrides=harness_models.TOY_PROMPTS,
+                                   class_overrides=classes)
+                if label == "base":  # the base image only: do not save a second LoRA
+                    prompt = {k: v for k, v in prompt.items() if v["class_type"] != "DiffLoRASaveLora"}
+                outputs = server.run(prompt, timeout=900)
+                images = [Path(shutil.copy2(p, out / f"{label}_{p.name}")) for p in server.output_paths(outputs)]
+                results[label] = images
+                if label == "personalized":
+                    loras = []
+                    for node in outputs.values():
+                        for line in node.get("text", []):
+                            if line.startswith("saved LoRA: "):
+                                src = server.models_dir("loras") / line.removeprefix("saved LoRA: ")
+                                loras.append(shutil.copy2(src, out / src.name))
     except ComfyServerError as e:
         print(f"[demo] failed: {e}", file=sys.stderr)
         return 1
+    if not (results.get("personalized") and results.get("base") and loras):
+        print("[demo] failed: the graph saved no image or no LoRA", file=sys.stderr)
+        return 1
+    ida, pa = _scores(results["personalized"][0], identity, scene)
+    base_ida, base_pa = _scores(results["base"][0], identity, scene)
     print(f"[demo] done in {time.monotonic() - t0:.1f} s")
     print(f"[demo] reference photo:  {out / 'reference.png'}")
-    for p in images:
-        print(f"[demo] generated image:  {p}")
+    print(f"[demo] generated image:  {results['personalized'][0]}")
+    print(f"[demo] base model image: {results['base'][0]}  (same seed, LoRA strength 0)")
     for p in loras:
-        print(f"[demo] predicted LoRA:   {p}  (kohya keys; drop it into ComfyUI/models/loras)")
-    print("[demo] note: the embedded default hypernet is untrained (plumbing only), so the image "
-          "does not yet show the reference identity.")
-    return 0 if images and loras else 1
+        print(f"[demo] predicted LoRA:   {p}  (kohya keys)")
+    print(f"[demo] identity accuracy (share of the 9 identity attributes the classifier reads back; chance "
+          f"~0.26): personalized {ida:.2f}, base model {base_ida:.2f}")
+    print(f"[demo] prompt accuracy (background, expression of '{harness_models.TOY_PROMPTS['10']['text']}'): "
+          f"personalized {pa:.2f}, base model {base_pa:.2f}")
+    return 0
 
 
 if __name__ == "__main__":

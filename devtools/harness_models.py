@@ -67,3 +67,77 @@ def reference_photos(folder: str | Path) -> list[Path]:
         img.save(folder / name)
         paths.append(folder / name)
     return paths
+
+
+# --- the toy world (docs/TOYWORLD.md): trained models, committed under assets/toyworld -----------
+
+REPO = Path(__file__).resolve().parent.parent
+TOY_ASSETS = REPO / "assets" / "toyworld"
+# ComfyUI model folder -> (name in the workflows, committed file)
+TOY_MODELS = {"checkpoints": (CKPT, "toy_sdxl.safetensors"), "difflora": (HYPERNET, "difflora_toy.safetensors")}
+TOY_CLASSIFIER = "toy_classifier.safetensors"
+TOY_SCENE = ("blue", "smiling")
+
+# The shipped graphs on the toy world: its image size, a sampler setting that suits it, and
+# prompts in its caption vocabulary (node ids 10 / 11: the graphs' positive / negative prompt).
+# The hypernet carries its encoders, so the face analysis and CLIP vision inputs are unused.
+TOY_RUN = {
+    "DiffLoRAFaceAnalysisLoader": {"model": "dlib"},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "KSampler": {"steps": 20, "cfg": 4.0},
+    "DiffLoRASampleLoraLatent": {"steps": 25, "guidance": 3.0},
+}
+TOY_PROMPTS = {"10": {"text": f"a photo of a sks person, {TOY_SCENE[0]} background, {TOY_SCENE[1]}"},
+               "11": {"text": ""}}
+
+
+class ToyAssetError(RuntimeError):
+    pass
+
+
+def toy_asset(name: str) -> Path:
+    """A committed toy-world file, checked against its size and sha256 in weights_manifest.json."""
+    import hashlib
+    import json
+
+    path = TOY_ASSETS / name
+    entry = next((m for m in json.loads((REPO / "weights_manifest.json").read_text())["models"]
+                  if m.get("path") == f"assets/toyworld/{name}"), None)
+    if entry is None:
+        raise ToyAssetError(f"weights_manifest.json lists no assets/toyworld/{name}")
+    if not path.is_file():
+        raise ToyAssetError(f"{path} is missing: restore it with git (git lfs is not used) or rebuild it with "
+                            "python -m devtools.toyworld build && python -m devtools.toyworld export")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if path.stat().st_size != entry["size"] or digest != entry["sha256"]:
+        raise ToyAssetError(f"{path} does not match weights_manifest.json (sha256 {digest[:12]}..., listed "
+                            f"{str(entry['sha256'])[:12]}...): restore it with git checkout, or re-export the world")
+    return path
+
+
+def toy_models(folder: str | Path) -> dict[str, Path]:
+    """{model folder: file} for a toy-world run: the committed checkpoint and hypernet, plus the
+    tiny CLIP vision the graphs' CLIPVisionLoader needs to load (its output goes unused)."""
+    models = {folder_: toy_asset(file) for folder_, (_, file) in TOY_MODELS.items()}
+    models["clip_vision"] = build_models(folder)["clip_vision"]
+    return models
+
+
+def install_toy(server, models: dict[str, Path]) -> None:
+    for model_folder, path in models.items():
+        name = TOY_MODELS[model_folder][0] if model_folder in TOY_MODELS else MODELS[model_folder][0]
+        server.add_model(model_folder, path, name)
+
+
+def toy_reference(folder: str | Path, index: int = 0, seed: int = 0, name: str = "reference.png"):
+    """reference.png: photo 0 of held-out identity `index` of the committed world (an identity no
+    model was trained on), as the world's identity-loras data has it. Returns (path, identity)."""
+    from difflora.toyworld.render import iter_dataset
+    from difflora.toyworld.world import HELDOUT_FIRST
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sample = next(iter(iter_dataset(1, 1, seed, first_identity=HELDOUT_FIRST + index)))
+    path = folder / name
+    Image.fromarray(sample.image).save(path)
+    return path, sample.identity

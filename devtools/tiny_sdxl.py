@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from difflora.sdxl_checkpoint import (clip_text_state_dict, diffusers_to_sgm,  # noqa: F401 (re-exported)
+                                     hf_clip_to_open_clip as _to_open_clip, single_file_state_dict)
+
 SDXL_CHANNELS = (32, 64, 128)      # model_channels * channel_mult [1, 2, 4]
 CONTEXT_DIM = 64                   # CLIP-L hidden 32 + CLIP-G hidden 32, concatenated
 POOLED_DIM = 32                    # CLIP-G projection
@@ -73,92 +76,6 @@ def tiny_sdxl_unet_config() -> dict:
     }
 
 
-# --- diffusers UNet names -> SGM/ldm names (what single-file SDXL checkpoints use) ---------
-
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_BASIC = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-          "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-          "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-
-
-def _module_map(config: dict) -> dict[str, str]:
-    """diffusers module prefix -> SGM module prefix, for an SDXL-style UNet config."""
-    n_res = config["layers_per_block"]
-    levels = len(config["block_out_channels"])
-    m = dict(_BASIC)
-    for lvl in range(levels):  # input_blocks: 1 + (n_res + 1) per level
-        for i in range(n_res):
-            n = 1 + (n_res + 1) * lvl + i
-            m[f"down_blocks.{lvl}.resnets.{i}"] = f"input_blocks.{n}.0"
-            m[f"down_blocks.{lvl}.attentions.{i}"] = f"input_blocks.{n}.1"
-        if lvl < levels - 1:
-            m[f"down_blocks.{lvl}.downsamplers.0.conv"] = f"input_blocks.{(n_res + 1) * (lvl + 1)}.0.op"
-    m["mid_block.resnets.0"] = "middle_block.0"
-    m["mid_block.attentions.0"] = "middle_block.1"
-    m["mid_block.resnets.1"] = "middle_block.2"
-    for up, block_type in enumerate(config["up_block_types"]):  # output_blocks: n_res + 1 per level
-        for i in range(n_res + 1):
-            n = (n_res + 1) * up + i
-            m[f"up_blocks.{up}.resnets.{i}"] = f"output_blocks.{n}.0"
-            m[f"up_blocks.{up}.attentions.{i}"] = f"output_blocks.{n}.1"
-        if up < levels - 1:  # the upsampler follows the attention, if the level has one
-            slot = 2 if block_type.startswith("CrossAttn") else 1
-            m[f"up_blocks.{up}.upsamplers.0.conv"] = f"output_blocks.{(n_res + 1) * up + n_res}.{slot}.conv"
-    return m
-
-
-def diffusers_to_sgm(unet_sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """Rename a diffusers UNet state dict to SGM names (no `model.diffusion_model.` prefix)."""
-    mapping = _module_map(config)
-    out = {}
-    for key, value in unet_sd.items():
-        parts = key.split(".")
-        for cut in range(len(parts) - 1, 0, -1):  # longest known module prefix wins
-            prefix = ".".join(parts[:cut])
-            if prefix in mapping:
-                rest = parts[cut:]
-                if ".resnets." in prefix and rest[0] in _RESNET:
-                    rest = [_RESNET[rest[0]], *rest[1:]]
-                out[".".join([mapping[prefix], *rest])] = value
-                break
-        else:
-            raise KeyError(f"no SGM name for diffusers key {key!r}")
-    return out
-
-
-# --- text encoders ------------------------------------------------------------------------
-
-def _clip_text_state_dict(config: dict) -> dict[str, torch.Tensor]:
-    """A random CLIP text encoder in HF naming (`text_model.*`, `text_projection.weight`)."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-    sd = CLIPTextModelWithProjection(CLIPTextConfig(**config)).state_dict()
-    # transformers versions differ on the `text_model.` prefix; settle on the SDXL file's form.
-    return {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
-            for k, v in sd.items() if not k.endswith("position_ids")}
-
-
-def _to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF CLIPTextModelWithProjection names -> open_clip names, as SDXL stores CLIP-G."""
-    out = {"token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
-           "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
-           "ln_final.weight": sd["text_model.final_layer_norm.weight"],
-           "ln_final.bias": sd["text_model.final_layer_norm.bias"],
-           "text_projection": sd["text_projection.weight"].t().contiguous()}
-    rename = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
-              "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
-    n_layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers."))
-    for i in range(n_layers):
-        src, dst = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for a, b in rename.items():
-            for p in ("weight", "bias"):
-                out[f"{dst}{b}.{p}"] = sd[f"{src}{a}.{p}"]
-        for p in ("weight", "bias"):  # open_clip packs q, k, v into one in_proj
-            out[f"{dst}attn.in_proj_{p}"] = torch.cat(
-                [sd[f"{src}self_attn.{x}_proj.{p}"] for x in ("q", "k", "v")])
-    return out
-
-
 def _taesd_state_dict() -> dict[str, torch.Tensor]:
     """Random weights in ComfyUI's TAESD layout (comfy/taesd/taesd.py), built without ComfyUI."""
     from torch import nn
@@ -198,19 +115,13 @@ def build_tiny_unet(seed: int = 0, device: str | torch.device | None = None):
 
 def tiny_sdxl_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The whole checkpoint in SGM naming: model.diffusion_model.*, conditioner.embedders.*, first_stage_model.*."""
-    config = tiny_sdxl_unet_config()
     unet_sd = build_tiny_unet(seed).state_dict()
-    sd = {f"model.diffusion_model.{k}": v for k, v in diffusers_to_sgm(unet_sd, config).items()}
     torch.manual_seed(seed + 1)
-    clip_l = _clip_text_state_dict(TINY_CLIP_L_CONFIG)  # SDXL files keep CLIP-L in HF naming
-    sd.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in clip_l.items()
-               if k.startswith("text_model.")})
+    clip_l = clip_text_state_dict(TINY_CLIP_L_CONFIG)  # SDXL files keep CLIP-L in HF naming
     torch.manual_seed(seed + 2)
-    clip_g = _to_open_clip(_clip_text_state_dict(TINY_CLIP_G_CONFIG))  # ... and CLIP-G in open_clip
-    sd.update({f"conditioner.embedders.1.model.{k}": v for k, v in clip_g.items()})
+    clip_g = clip_text_state_dict(TINY_CLIP_G_CONFIG)  # ... and CLIP-G in open_clip naming
     torch.manual_seed(seed + 3)
-    sd.update({f"first_stage_model.{k}": v for k, v in _taesd_state_dict().items()})
-    return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+    return single_file_state_dict(unet_sd, tiny_sdxl_unet_config(), clip_l, clip_g, _taesd_state_dict(), dtype)
 
 
 def build_tiny_sdxl_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:

@@ -51,7 +51,7 @@ class _ShapeOnly:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .hypernet_file import read_header
+    from .hypernet_file import CARRIED_KEY, CARRIED_PREFIX, carried_summary, read_header
 
     path = Path(args.file)
     try:
@@ -68,10 +68,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {part}: {n:,} values")
     print(f"  total: {total:,} values in {len(shapes)} tensors")
     print("  encoders: " + json.dumps(meta["encoders"]))
+    carried = carried_summary(meta, shapes)
+    print("  carried encoders: " + (", ".join(
+        f"{role} {c['kind']} ({c['dim']}-d, {c['values']:,} values under {CARRIED_PREFIX}{role}.)"
+        for role, c in carried.items()) or "none (connect the encoders in the graph)"))
     for key in ("lae_config", "dit_config", "mif_config"):
         print(f"  {key}: {json.dumps(meta[key])}")
     for key, value in meta.items():
-        if key not in ("lae_config", "dit_config", "mif_config", "lora_spec", "encoders"):
+        if key not in ("lae_config", "dit_config", "mif_config", "lora_spec", "encoders", CARRIED_KEY):
             print(f"  {key}: {value}")
     return 0
 

@@ -46,6 +46,11 @@ def dit_tiny(tokens, in_channels, cond_dim):
     return DiTConfig(tokens, in_channels, cond_dim, hidden=64, depth=2, heads=4)
 
 
+def dit_toy(tokens, in_channels, cond_dim):
+    # The toy world's hypernet: sized so that training fits minutes on a 2-core CPU.
+    return DiTConfig(tokens, in_channels, cond_dim, hidden=192, depth=4, heads=3)
+
+
 def dit_paper(tokens, in_channels, cond_dim):
     # The paper's size: 16 layers, hidden 1454. 1454 = 2 x 727, so 2 heads of dim 727 is the only
     # even split; such heads miss the fused GPU attention kernels (slow), hence the sizes below.
@@ -61,7 +66,7 @@ def dit_l(tokens, in_channels, cond_dim):
     return DiTConfig(tokens, in_channels, cond_dim, hidden=1472, depth=16, heads=23)
 
 
-DIT_CONFIGS = {"tiny": dit_tiny, "DiffLoRA-paper": dit_paper, "DiffLoRA-B": dit_b, "DiffLoRA-L": dit_l}
+DIT_CONFIGS = {"tiny": dit_tiny, "toy": dit_toy, "DiffLoRA-paper": dit_paper, "DiffLoRA-B": dit_b, "DiffLoRA-L": dit_l}
 
 
 def modulate(x, shift, scale):

@@ -3,7 +3,9 @@
 A `Hypernet` bundles the LoRA spec it predicts for, the normalization statistics of its
 training LoRAs, the LoRA autoencoder (LAE), the DiT denoiser, the Mixed Image Features gate
 and the embedding sizes it expects from the face and image encoders. It is what the
-hypernet file stores and what the pipeline functions take.
+hypernet file stores and what the pipeline functions take. A hypernet may also carry the
+encoders themselves (``face_encoder`` / ``image_encoder``, e.g. the toy world's), which the
+file then stores too, so the nodes need no encoder input.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ class Hypernet(nn.Module):
         self.lae = LoraAutoencoder(lae_config)
         self.dit = LoraDiT(dit_config)
         self.mif = MixedImageFeatures(mif_config)
+        # Encoders carried in the file (None: the user connects them). Plain attributes, not
+        # sub-modules: they stay out of the state dict, `.to()` and the networks' dtype, and
+        # run on the CPU.
+        self.face_encoder = None
+        self.image_encoder = None
         if tuple(self.lae.latent_shape) != (dit_config.tokens, dit_config.in_channels):
             raise ValueError(
                 f"LAE latent {tuple(self.lae.latent_shape)} does not match the DiT's "

@@ -3,11 +3,18 @@
 Tensors are the hypernet's state dict (prefixes `norm.`, `lae.`, `dit.`, `mif.`); the
 metadata holds the format version and every config as JSON. Loading never unpickles: a
 pickle-based file is refused before it is opened.
+
+A file may carry the face and image encoders too, when they can serialize themselves (the
+toy world's): their tensors under `encoders.face.` / `encoders.image.` and, in the metadata
+key `carried_encoders`, {role: the encoder file's own metadata}. Such files are format 2, so
+an older pack says "update" rather than misreading them; files without encoders stay format
+1, byte for byte what earlier versions wrote.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from pathlib import Path
@@ -25,12 +32,17 @@ from .lora_spec import LoraSpec
 from .mixed_features import MIFConfig
 from .normalization import WeightNormalizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this reads; written for files that carry encoders
+PLAIN_FORMAT_VERSION = 1  # written for files without carried encoders
 FORMAT_KEY = "difflora_format"
+CARRIED_KEY = "carried_encoders"
+CARRIED_PREFIX = "encoders."
+ROLES = ("face", "image")
 _CONFIG_KEYS = ("lae_config", "dit_config", "mif_config", "lora_spec", "encoders")
 _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 # A safetensors header is JSON right after its 8-byte length; anything bigger is not one.
 _MAX_HEADER_BYTES = 100_000_000
+log = logging.getLogger(__name__)
 
 
 def _refuse_non_safetensors(path: Path) -> None:
@@ -98,8 +110,37 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[int, ...
             meta[key] = json.loads(raw[key])
         except json.JSONDecodeError as e:
             raise HypernetFileError(f"{path.name}: metadata '{key}' is not valid JSON ({e}).") from e
+    if CARRIED_KEY in raw:
+        try:
+            meta[CARRIED_KEY] = json.loads(raw[CARRIED_KEY])
+        except json.JSONDecodeError as e:
+            raise HypernetFileError(f"{path.name}: metadata '{CARRIED_KEY}' is not valid JSON ({e}).") from e
+    else:
+        meta[CARRIED_KEY] = {}
     meta[FORMAT_KEY] = version
     return meta, shapes
+
+
+def carried_summary(meta: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict]:
+    """{role: {"kind", "dim", "values"}} of the encoders a file carries (from read_header)."""
+    out = {}
+    for role, enc_meta in meta.get(CARRIED_KEY, {}).items():
+        try:
+            config = json.loads(enc_meta["config"])
+            kind, dim = config["kind"], config["embedding_dim"]
+        except (KeyError, TypeError, ValueError):
+            kind, dim = "unreadable", None
+        prefix = f"{CARRIED_PREFIX}{role}."
+        values = sum(_numel(s) for k, s in shapes.items() if k.startswith(prefix))
+        out[role] = {"kind": kind, "dim": dim, "values": values}
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _build_from_meta(path: Path, meta: dict) -> Hypernet:
@@ -137,44 +178,117 @@ def _check_tensors(path: Path, model: Hypernet, shapes: dict[str, tuple[int, ...
         raise HypernetFileError(f"{path.name}: tensors do not match its configs: {'; '.join(problems)}. Export it again.")
 
 
+def _carried_encoders(path: Path, model: Hypernet, carried: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """{role: encoder} rebuilt from the file's `encoders.<role>.` tensors and metadata."""
+    from .errors import EncoderError
+    from .toyworld.identity_encoder import encoder_from_tensors
+
+    in_tensors = {k[len(CARRIED_PREFIX):].split(".", 1)[0] for k in tensors}
+    if set(carried) - set(ROLES) or in_tensors != set(carried):
+        raise HypernetFileError(
+            f"{path.name}: its carried encoders are inconsistent (metadata names {sorted(carried)}, tensors "
+            f"{sorted(in_tensors)}; roles are {', '.join(ROLES)}). Export it again.")
+    out = {}
+    for role in ROLES:
+        if role not in carried:
+            continue
+        prefix = f"{CARRIED_PREFIX}{role}."
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            encoder = encoder_from_tensors(own, carried[role], f"{path.name} (its {role} encoder)")
+        except EncoderError as e:
+            raise HypernetFileError(str(e)) from None
+        _check_carried(model, role, encoder, path.name)
+        out[role] = encoder
+    return out
+
+
+def _check_carried(model: Hypernet, role: str, encoder, where: str) -> None:
+    spec = model.encoders
+    kind, dim = (spec.face_kind, spec.face_dim) if role == "face" else (spec.image_kind, spec.image_dim)
+    if (encoder.kind, encoder.embedding_dim) != (kind, dim):
+        raise HypernetFileError(
+            f"{where}: the {role} encoder is {encoder.kind} ({encoder.embedding_dim}-d) but the hypernet was "
+            f"trained on {kind} ({dim}-d) {role} embeddings: carry the {role} encoder it was trained with.")
+
+
 def load_hypernet(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Hypernet:
-    """Rebuild a Hypernet from its file alone. `dtype` applies to the networks; the
-    normalization statistics stay float32 (they de-normalize the final weights)."""
+    """Rebuild a Hypernet from its file alone. `dtype` (default float32, whatever the file
+    stores) applies to the networks; the
+    normalization statistics stay float32 (they de-normalize the final weights). Encoders
+    the file carries come back as `face_encoder` / `image_encoder` (None when it carries
+    none), on the CPU in float32."""
     path = Path(path)
     meta, shapes = read_header(path)
     model = _build_from_meta(path, meta)
-    _check_tensors(path, model, shapes)
-    state = {}
+    _check_tensors(path, model, {k: v for k, v in shapes.items() if not k.startswith(CARRIED_PREFIX)})
+    state, carried = {}, {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
-                state[key] = f.get_tensor(key)
+                (carried if key.startswith(CARRIED_PREFIX) else state)[key] = f.get_tensor(key)
     except Exception as e:
         raise HypernetFileError(f"{path.name}: tensor data is corrupt or truncated ({e}); download or export it again.") from e
     model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:  # a parameter the state dict did not cover: a bug in a module, not the file
         raise RuntimeError(f"hypernet tensors not restored from the file: {leftover[:3]}")
+    if meta[CARRIED_KEY] or carried:
+        encoders = _carried_encoders(path, model, meta[CARRIED_KEY], carried)
+        model.face_encoder, model.image_encoder = encoders.get("face"), encoders.get("image")
     model.eval().requires_grad_(False)
     model.to(device)
-    if dtype is not None:
-        for part in (model.lae, model.dit, model.mif):
-            part.to(dtype)
+    # Files may store the networks in half precision (to ship small); they run as asked, else float32.
+    for part in (model.lae, model.dit, model.mif):
+        part.to(dtype or torch.float32)
     return model
 
 
-def save_hypernet(model: Hypernet, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write `model` atomically (temp file, then rename): a crash never leaves half a file."""
+_CARRIED_BY_MODEL = object()  # save_hypernet's default: the encoders the model carries
+
+
+def save_hypernet(model: Hypernet, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None, *,
+                  face_encoder=_CARRIED_BY_MODEL, image_encoder=_CARRIED_BY_MODEL,
+                  dtype: torch.dtype | None = None) -> Path:
+    """Write `model` atomically (temp file, then rename): a crash never leaves half a file.
+
+    `face_encoder` / `image_encoder` (default: the model's own `face_encoder` /
+    `image_encoder`, None when it carries none): encoders to carry in the file. Only those
+    that can serialize themselves (a `to_tensors()` method: the toy world's) are stored; others
+    are left out with a log line, and the user connects them in the graph. A carried encoder
+    must be the kind and size the hypernet was trained with. `dtype` (e.g. float16, to ship a
+    small file) casts the networks' and encoders' floating tensors; the normalization
+    statistics stay float32.
+    """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise HypernetFileError(f"{path.name}: hypernet files must end in .safetensors.")
+    tensors = dict(model.state_dict())
     metadata = {k: json.dumps(v, sort_keys=True) for k, v in model.configs().items()}
-    metadata[FORMAT_KEY] = str(FORMAT_VERSION)
+    carried = {}
+    given = {"face": getattr(model, "face_encoder", None) if face_encoder is _CARRIED_BY_MODEL else face_encoder,
+             "image": getattr(model, "image_encoder", None) if image_encoder is _CARRIED_BY_MODEL else image_encoder}
+    for role, encoder in given.items():
+        if encoder is None:
+            continue
+        if not callable(getattr(encoder, "to_tensors", None)):
+            log.info("%s: the %s encoder (%s) cannot be stored in a hypernet file; connect it in the graph.",
+                     path.name, role, getattr(encoder, "kind", type(encoder).__name__))
+            continue
+        _check_carried(model, role, encoder, path.name)
+        enc_tensors, carried[role] = encoder.to_tensors()
+        tensors.update({f"{CARRIED_PREFIX}{role}.{k}": v for k, v in enc_tensors.items()})
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() and not k.startswith("norm.") else v
+                   for k, v in tensors.items()}
+    metadata[FORMAT_KEY] = str(FORMAT_VERSION if carried else PLAIN_FORMAT_VERSION)
     metadata["created_by"] = "difflora"
+    if carried:
+        metadata[CARRIED_KEY] = json.dumps(carried, sort_keys=True)
     for k, v in (extra_metadata or {}).items():
-        if k in metadata:
+        if k in metadata or k == CARRIED_KEY:
             raise ValueError(f"extra metadata may not overwrite '{k}'")
         metadata[k] = str(v)
-    return save_file_atomic(model.state_dict(), path, metadata)
+    return save_file_atomic(tensors, path, metadata)

@@ -88,7 +88,13 @@ def lae_sdxl_r4(param_count: int) -> LAEConfig:
                      latent_channels=40, res_blocks=2)
 
 
-LAE_CONFIGS = {"tiny": lae_tiny, "small": lae_small, "sdxl-r4": lae_sdxl_r4}
+def lae_toy(param_count: int) -> LAEConfig:
+    # The toy world's base (difflora/toyworld, 30,720 LoRA entries at rank 4): 512 entries per
+    # token, C = 4 -> 60 tokens, 128x.
+    return LAEConfig(param_count, patch=32, strides=(4, 4), widths=(64, 96, 128), latent_channels=4)
+
+
+LAE_CONFIGS = {"tiny": lae_tiny, "toy": lae_toy, "small": lae_small, "sdxl-r4": lae_sdxl_r4}
 
 
 def _groups(width: int) -> int:

@@ -10,8 +10,9 @@ The ComfyUI nodes wrap exactly these; `predict_lora` chains them.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -20,6 +21,11 @@ from .errors import DiffLoRAError
 from .hypernet import Hypernet
 from .lora_format import to_kohya
 from .lora_weights import canonicalize_layers, unflatten
+
+if TYPE_CHECKING:
+    from .encoders.base import FaceEncoder, ImageEncoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +59,33 @@ def _as_batch(emb: torch.Tensor, dim: int, what: str, hint: str) -> torch.Tensor
     if not torch.isfinite(emb).all():
         raise DiffLoRAError(f"{what} embeddings contain NaN or inf; check the reference images.")
     return emb.float()
+
+
+def resolve_encoders(
+    hn: Hypernet, face_encoder: FaceEncoder | None = None, image_encoder: ImageEncoder | None = None
+) -> tuple[FaceEncoder | None, ImageEncoder]:
+    """(face encoder or None, image encoder) to embed references with.
+
+    Encoders the hypernet carries (`hn.face_encoder` / `hn.image_encoder`, from its file) win
+    over the given ones, which are then ignored (one log line says so); the others come from
+    the arguments. A missing face encoder is left to `check_encoders` (image-only mode); a
+    missing image encoder is an error.
+    """
+    carried = {"face": getattr(hn, "face_encoder", None), "image": getattr(hn, "image_encoder", None)}
+    given = {"face": face_encoder, "image": image_encoder}
+    chosen = {role: carried[role] if carried[role] is not None else given[role] for role in carried}
+    if chosen["image"] is None:
+        raise DiffLoRAError(
+            "no image encoder: this hypernet carries none, so connect a Load CLIP Vision node to clip_vision "
+            f"(the CLIP vision model it was trained with, {hn.encoders.image_kind})."
+        )
+    used = [role for role, enc in carried.items() if enc is not None]
+    if used:
+        ignored = [{"face": "face_analysis", "image": "clip_vision"}[r] for r in used if given[r] is not None]
+        log.info("Using the %s the hypernet carries%s.",
+                 " and ".join(f"{r} encoder ({carried[r].kind})" for r in used),
+                 f"; ignoring the connected {' and '.join(ignored)}" if ignored else "")
+    return chosen["face"], chosen["image"]
 
 
 def check_encoders(hn: Hypernet, face_dim: int | None, image_dim: int, on_no_face: str = "error") -> None:

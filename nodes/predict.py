@@ -38,13 +38,17 @@ class EncodeMixedFeatures(io.ComfyNode):
             display_name="Encode Mixed Features",
             category=CATEGORY,
             description="Face + image embeddings of the reference photo(s), mixed by the hypernet's gate. "
-                        "Several images in the batch are averaged.",
+                        "Several images in the batch are averaged. A hypernet file that carries its encoders "
+                        "(the toy world's) uses them instead of clip_vision / face_analysis.",
             inputs=[
                 Hypernet.Input("hypernet", tooltip="From Load DiffLoRA Hypernet."),
                 io.Image.Input("images", tooltip="Reference photo(s) of one person; a batch is averaged."),
-                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the hypernet was trained with."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="The CLIP vision model the hypernet was trained with. Not needed (and "
+                                            "ignored) when the hypernet file carries its own image encoder."),
                 FaceAnalysis.Input("face_analysis", optional=True,
-                                   tooltip="From Load Face Analysis. Leave empty only with on_no_face = image_only."),
+                                   tooltip="From Load Face Analysis. Leave empty only with on_no_face = image_only, "
+                                           "or when the hypernet file carries its own face encoder (then ignored)."),
                 io.Combo.Input("face_choice", options=["largest", "index", "score"], default="largest",
                                tooltip="Which face when a photo holds several: the largest, the N-th from the "
                                        "left (face_index), or the most confident detection."),
@@ -58,12 +62,13 @@ class EncodeMixedFeatures(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, hypernet, images, clip_vision, face_analysis=None, face_choice="largest",
+    def execute(cls, hypernet, images, clip_vision=None, face_analysis=None, face_choice="largest",
                 face_index=0, on_no_face="error") -> io.NodeOutput:
-        image_encoder = _ComfyClipVision(clip_vision)
-        face_dim = None if face_analysis is None else face_analysis.embedding_dim
+        face_encoder, image_encoder = pipeline.resolve_encoders(
+            hypernet, face_analysis, None if clip_vision is None else _ComfyClipVision(clip_vision))
+        face_dim = None if face_encoder is None else face_encoder.embedding_dim
         pipeline.check_encoders(hypernet, face_dim, image_encoder.embedding_dim, on_no_face)
-        refs = encode_references(images, face_analysis, image_encoder, face_choice=face_choice,
+        refs = encode_references(images, face_encoder, image_encoder, face_choice=face_choice,
                                  face_index=face_index, on_no_face=on_no_face)
         return io.NodeOutput(pipeline.encode_features(hypernet, refs.face, refs.image))
 

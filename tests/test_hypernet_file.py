@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from difflora.errors import HypernetFileError
-from difflora.hypernet_file import FORMAT_VERSION, load_hypernet, read_header, save_hypernet
+from difflora.hypernet_file import (FORMAT_VERSION, PLAIN_FORMAT_VERSION, load_hypernet, read_header,
+                                    save_hypernet)
 from tests.support.tiny_models import tiny_hypernet
 
 
@@ -42,7 +43,7 @@ def test_round_trip_is_bit_exact(saved):
 def test_metadata_holds_every_config(saved):
     _, path = saved
     meta, shapes = read_header(path)
-    assert meta["difflora_format"] == FORMAT_VERSION
+    assert meta["difflora_format"] == PLAIN_FORMAT_VERSION  # no carried encoders: as earlier versions wrote
     assert meta["lora_spec"]["rank"] == 2 and len(meta["lora_spec"]["layers"]) == 16
     assert meta["encoders"]["face_dim"] == 12 and meta["encoders"]["image_dim"] == 10
     assert {"lae_config", "dit_config", "mif_config"} <= meta.keys()

@@ -21,7 +21,8 @@ from .base import (
 from .cache import FolderEmbeddings, encode_folder
 from .images import FolderReport, iter_image_folder, load_image_file, to_rgb_uint8
 
-FACE_ENCODER_KINDS = ("dlib", "antelopev2", "buffalo_l")
+FACE_ENCODER_KINDS = ("dlib", "antelopev2", "buffalo_l", "toy-face")
+TOY_FACE_FILE = "toy_face.safetensors"  # what `--kind toy-face --out` is called in docs/TOYWORLD.md
 
 
 def load_face_encoder(kind: str, root: str | Path | None = None,
@@ -31,6 +32,8 @@ def load_face_encoder(kind: str, root: str | Path | None = None,
     ``kind``: "dlib" (offline, 128-d) or an insightface pack "antelopev2" / "buffalo_l"
     (512-d ArcFace, files under ``<root>/models/<kind>/``, e.g. root = ComfyUI's
     models/insightface). ``provider``: "auto", "cpu" or "cuda" (insightface only).
+    "toy-face" is the toy world's (docs/TOYWORLD.md): ``root`` is its ``toy_face.safetensors``
+    file, or a folder holding exactly one file of that name.
     """
     if kind == "dlib":
         from .dlib_face import DlibFaceEncoder
@@ -43,12 +46,75 @@ def load_face_encoder(kind: str, root: str | Path | None = None,
         from .insightface_face import InsightFaceEncoder
 
         return InsightFaceEncoder(name=kind, root=root, providers=provider)
+    if kind == "toy-face":
+        return _load_toy_face(root)
     raise EncoderError(f"Unknown face analysis {kind!r}: use one of "
                        f"{', '.join(FACE_ENCODER_KINDS)}.")
 
 
+def _toy_face_file(root: str | Path | None) -> Path:
+    if root is None or str(root) == "":
+        raise EncoderError(f"The toy-face face analysis needs its model file: give the {TOY_FACE_FILE} "
+                           "written by `python -m difflora.toyworld.identity_encoder --kind toy-face "
+                           "--out FILE` (or a folder holding it) as its root.")
+    root = Path(root)
+    if root.is_file():
+        return root
+    if not root.is_dir():
+        raise EncoderError(f"Toy face model not found: {root} is neither a {TOY_FACE_FILE} file nor a "
+                           "folder holding one.")
+    found = [root / TOY_FACE_FILE] if (root / TOY_FACE_FILE).is_file() else \
+        sorted(root.rglob(TOY_FACE_FILE))
+    if len(found) != 1:
+        what = "none" if not found else f"{len(found)} ({', '.join(str(f) for f in found[:3])})"
+        raise EncoderError(f"{root} should hold exactly one {TOY_FACE_FILE}, it holds {what}: give the "
+                           "file itself.")
+    return found[0]
+
+
+def _load_toy_face(root: str | Path | None) -> FaceEncoder:
+    from ..toyworld.identity_encoder import load_encoder
+
+    path = _toy_face_file(root)
+    encoder = load_encoder(path)
+    if encoder.kind != "toy-face":
+        raise EncoderError(f"{path} holds the {encoder.kind} encoder, an image encoder, not a face "
+                           "analysis: give the toy-face file (toy_face.safetensors) here and this one "
+                           "as the image encoder.")
+    return encoder
+
+
+def _safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a ``.safetensors`` file (header only), {} for anything else."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception:  # noqa: BLE001 - unreadable here: the CLIP loader says why
+        return {}
+
+
 def load_image_encoder(path: str | Path, device: str = "cpu") -> ImageEncoder:
-    """CLIP vision from a ComfyUI clip_vision ``.safetensors`` or a transformers folder."""
+    """CLIP vision from a ComfyUI clip_vision ``.safetensors`` or a transformers folder, or the
+    toy world's ``toy_image.safetensors`` (recognized by its metadata; it runs on the CPU)."""
+    meta = _safetensors_metadata(path)
+    if meta.get("toyworld_model") == "toy-encoder":
+        from ..toyworld.identity_encoder import load_encoder
+
+        encoder = load_encoder(path)
+        if encoder.kind == "toy-image":
+            return encoder
+        raise EncoderError(f"{path} holds the {encoder.kind} encoder, a face analysis, not an image "
+                           f"encoder: use it as the face encoder ({encoder.kind}, with this file as its "
+                           "root) and give toy_image.safetensors as the image encoder.")
+    if "toyworld_model" in meta:
+        raise EncoderError(f"{path} holds the toy world's {meta['toyworld_model']}, not an image encoder: "
+                           "give toy_image.safetensors (python -m difflora.toyworld.identity_encoder "
+                           "--kind toy-image --out FILE) or a CLIP vision model.")
     from .clip_image import ClipImageEncoder
 
     return ClipImageEncoder.load(path, device=device)

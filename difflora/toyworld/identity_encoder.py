@@ -13,11 +13,14 @@ vector, trained on renderer labels:
 
 Heads are cosine classifiers (scaled dot products with unit class vectors), so what is
 learned is the geometry of the unit sphere that cosine similarity reads. Files are
-`.safetensors` with the config and vocabulary in the metadata (attributes.save_model).
+`.safetensors` with the config and vocabulary in the metadata (as attributes.save_model
+writes them); ``encoder_to_tensors`` / ``encoder_from_tensors`` are the one serialization,
+shared with hypernet files that carry their encoders (difflora.hypernet_file).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -32,12 +35,13 @@ from torch import nn
 from ..encoders.base import DetectedFace, FaceEncoder, ImageEncoder
 from ..errors import EncoderError
 from .attributes import (ALL_ATTRIBUTES, IDENTITY_ATTRIBUTES, ConvBackbone, NetConfig,
-                         TrainPool, batched, cosine_lr, load_model_file, multi_head_loss,
-                         render_pool, save_model, to_batch)
+                         TrainPool, batched, cosine_lr, multi_head_loss, render_pool, to_batch,
+                         vocabulary_json)
 
 log = logging.getLogger(__name__)
 
 KINDS = ("toy-face", "toy-image")
+MODEL_TYPE = "toy-encoder"  # the ``toyworld_model`` metadata of encoder files
 
 
 @dataclass
@@ -120,6 +124,10 @@ class ToyFaceEncoder(FaceEncoder):
         detection round trip, for data sets and metrics."""
         return self.net.embed_batch(images)
 
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """What a hypernet file carries of this encoder (``encoder_to_tensors``)."""
+        return encoder_to_tensors(self)
+
 
 class ToyImageEncoder(ImageEncoder):
     """The toy CLIP stand-in: whole-image embedding, scene included."""
@@ -135,22 +143,82 @@ class ToyImageEncoder(ImageEncoder):
 
     embed_batch = embed
 
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """What a hypernet file carries of this encoder (``encoder_to_tensors``)."""
+        return encoder_to_tensors(self)
+
 
 def _wrap(net: EmbeddingNet) -> ToyFaceEncoder | ToyImageEncoder:
     return (ToyFaceEncoder if net.cfg.kind == "toy-face" else ToyImageEncoder)(net)
 
 
-def save_encoder(encoder: ToyFaceEncoder | ToyImageEncoder, path: str | os.PathLike) -> None:
+# --------------------------------------------------------------------------- files
+# One serialization, used by the encoder's own file and by a hypernet file that carries it:
+# the net's tensors plus three string fields (the encoder file's safetensors metadata).
+
+def encoder_to_tensors(encoder: ToyFaceEncoder | ToyImageEncoder
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata): the net's state dict (CPU, contiguous) and ``toyworld_model``,
+    ``config`` (JSON) and ``vocabulary`` (JSON) strings."""
     cfg = encoder.net.cfg
-    save_model(encoder.net, path, "toy-encoder", cfg.to_dict(), cfg.attributes)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.net.state_dict().items()}
+    return tensors, {"toyworld_model": MODEL_TYPE, "config": json.dumps(cfg.to_dict(), sort_keys=True),
+                     "vocabulary": vocabulary_json(cfg.attributes)}
+
+
+def encoder_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                         source: str = "the file") -> ToyFaceEncoder | ToyImageEncoder:
+    """Rebuild what ``encoder_to_tensors`` wrote; errors name ``source`` and what to do."""
+    found = metadata.get("toyworld_model")
+    if found != MODEL_TYPE:
+        raise EncoderError(f"{source} holds a {found or 'non-toy-world'} model, not a {MODEL_TYPE}: "
+                           "pick the right file.")
+    try:
+        cfg = EncoderConfig.from_dict(json.loads(metadata["config"]))
+    except (KeyError, TypeError, ValueError):
+        raise EncoderError(f"{source} has no readable toy encoder config: it was not written by "
+                           "difflora.toyworld; retrain or re-save it.") from None
+    if cfg.kind not in KINDS:
+        raise EncoderError(f"{source} holds an unknown toy encoder kind {cfg.kind!r}: use one of "
+                           f"{', '.join(KINDS)}.")
+    if metadata.get("vocabulary") != vocabulary_json(cfg.attributes):
+        raise EncoderError(f"{source} was trained on another attribute vocabulary than this code "
+                           "has: retrain it with this version of difflora.toyworld.")
+    net = EmbeddingNet(cfg)
+    try:
+        net.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise EncoderError(f"{source}: the {cfg.kind} tensors do not match its config ({e}); "
+                           "retrain or re-save it.") from None
+    return _wrap(net.eval())
+
+
+def save_encoder(encoder: ToyFaceEncoder | ToyImageEncoder, path: str | os.PathLike) -> None:
+    from ..safetensors_io import save_file_reproducible
+
+    tensors, metadata = encoder_to_tensors(encoder)
+    save_file_reproducible(tensors, path, metadata)
+
+
+def _read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a ``.safetensors`` file; errors name the file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise EncoderError(f"Toy encoder file not found: {path}.")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise EncoderError(f"Cannot read {path} as a .safetensors file ({e}).") from None
 
 
 def load_encoder(path: str | os.PathLike) -> ToyFaceEncoder | ToyImageEncoder:
     """A ToyFaceEncoder or ToyImageEncoder, whichever ``path`` holds."""
-    tensors, config = load_model_file(path, "toy-encoder")
-    net = EmbeddingNet(EncoderConfig.from_dict(config))
-    net.load_state_dict(tensors)
-    return _wrap(net)
+    tensors, meta = _read_file(path)
+    return encoder_from_tensors(tensors, meta, str(path))
 
 
 # --------------------------------------------------------------------------- training

@@ -42,9 +42,10 @@ class IdentityLoraConfig:
                        "single file has no VAE.", metavar="PATH")
     face_encoder: str = opt("antelopev2", "Face analysis for filtering and the face embeddings; the hypernet is "
                                           "then used with the same one.", choices=FACE_ENCODER_KINDS)
-    insightface_root: str = opt("", "Folder holding models/<antelopev2|buffalo_l>/ (e.g. ComfyUI/models/insightface).", metavar="PATH")
+    insightface_root: str = opt("", "Folder holding models/<antelopev2|buffalo_l>/ (e.g. ComfyUI/models/insightface); "
+                                    "for toy-face, its toy_face.safetensors file.", metavar="PATH")
     image_encoder: str = opt("", "CLIP vision model for the image embeddings: a transformers folder or a ComfyUI "
-                                 "clip_vision .safetensors.", metavar="PATH")
+                                 "clip_vision .safetensors (or the toy world's toy_image.safetensors).", metavar="PATH")
     rank: int = opt(4, "LoRA rank of the spec (method.md: 4).")
     alpha: float = opt(0.0, "LoRA alpha; 0 means alpha = rank (scale 1).")
     steps: int = opt(500, "Optimizer steps per identity (DreamBooth-LoRA: 500-1000 at lr 1e-4).")
@@ -60,7 +61,7 @@ class IdentityLoraConfig:
                                                         "Use its trigger word with the predicted LoRAs.")
     min_images: int = opt(3, "Identities with fewer usable images are skipped and reported.")
     min_face_similarity: float = opt(-1.0, "Cosine similarity to the reference face an image needs; -1: the "
-                                           "encoder's default (dlib 0.91, ArcFace 0.35).")
+                                           "encoder's default (dlib 0.91, ArcFace 0.35, toy-face 0.8).")
     class_data: str = opt("", "Prior preservation (off when empty): a folder of generic photos of the class.", metavar="PATH")
     class_prompt: str = opt("a photo of a person", "Prompt of the prior-preservation images.")
     prior_loss_weight: float = opt(1.0, "Weight of the prior-preservation loss.")

@@ -1,0 +1,76 @@
+"""Rebuild the toy world, measure it, and refresh the shipped artifacts (docs/TOYWORLD.md).
+
+    python -m devtools.toyworld build   [--world .cache/toyworld]   # ~1 h on 2 CPU cores; resumes
+    python -m devtools.toyworld results [--world .cache/toyworld]   # results.md / .json / grid.png
+    python -m devtools.toyworld export  [--world .cache/toyworld]   # -> assets/toyworld + manifest
+
+`build` is `python -m difflora.toyworld build` with the test harness's ComfyUI supplying CLIP's
+tokenizer files (so prompts tokenize exactly as in ComfyUI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "assets" / "toyworld"
+MANIFEST = REPO / "weights_manifest.json"
+DEFAULT_WORLD = REPO / ".cache" / "toyworld"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def update_manifest(files: dict[str, Path]) -> None:
+    """Write the shipped files' sizes and checksums into weights_manifest.json's toy-world entries."""
+    manifest = json.loads(MANIFEST.read_text())
+    by_path = {m.get("path"): m for m in manifest["models"]}
+    for path in files.values():
+        rel = path.relative_to(REPO).as_posix()
+        if rel not in by_path:
+            raise SystemExit(f"weights_manifest.json has no entry with path {rel}")
+        by_path[rel]["size"] = path.stat().st_size
+        by_path[rel]["sha256"] = sha256(path)
+    MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from difflora.toyworld.__main__ import main as toyworld_main
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("command", choices=("build", "results", "export"))
+    ap.add_argument("--world", default=str(DEFAULT_WORLD))
+    a, rest = ap.parse_known_args(argv)
+    if a.command == "build":
+        from .get_comfyui import get_comfyui
+
+        t0 = time.monotonic()
+        rc = toyworld_main(["build", "--world", a.world,
+                            "--tokenizer", str(get_comfyui() / "comfy" / "sd1_tokenizer"), *rest])
+        print(f"[toyworld] build took {time.monotonic() - t0:.0f} s")
+        return rc
+    if a.command == "results":
+        return toyworld_main(["results", "--world", a.world, *rest])
+    from difflora.toyworld.world import export_artifacts
+
+    files = export_artifacts(a.world, ASSETS)
+    update_manifest(files)
+    total = sum(p.stat().st_size for p in files.values())
+    for p in files.values():
+        print(f"{p.relative_to(REPO)}  {p.stat().st_size / 2**20:.1f} MiB")
+    print(f"total {total / 2**20:.1f} MiB; weights_manifest.json updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The paper's comparison in miniature, on held-out identities of a built toy world.
+
+For each held-out identity and each method (base model alone; its trained identity LoRA; the
+LAE's reconstruction of that LoRA; the LoRA DiffLoRA predicts from ONE reference photo), the
+base model draws the identity in fixed scenes with the same seeds, and the attribute classifier
+reads every image: identity accuracy (share of the 9 identity attributes that match) and prompt
+accuracy (background and expression as captioned). Seconds per identity: identity-loras' own
+training time (from its report) against the prediction (embeddings, DiT sampling, LAE decode).
+LoRAs are merged into the UNet (fused), so sampling costs the same for every method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import toy_sdxl
+from .render import Scene, caption, sample_identities
+
+log = logging.getLogger("difflora.toyworld")
+
+METHODS = ("base", "trained", "reconstructed", "predicted")
+LABELS = {"base": "base model", "trained": "trained identity LoRA", "reconstructed": "LAE reconstruction",
+          "predicted": "DiffLoRA (1 photo)"}
+# Fixed evaluation scenes: every background/expression pair the captions use is not needed;
+# four that cover different backgrounds and expressions are.
+EVAL_SCENES = (("blue", "smiling"), ("green", "neutral"), ("pink", "surprised"), ("orange", "sad"))
+SEEDS_PER_SCENE = 2
+ADAPTER = "toyworld"
+
+
+def eval_scene(background: str, expression: str) -> Scene:
+    return Scene(background=background, expression=expression)  # centred, flat light
+
+
+@torch.no_grad()
+def generate(pipe, lora: dict | None, prompts: list[str], seeds: list[int], steps: int, guidance: float):
+    """Images (N, 64, 64, 3) uint8 for the prompts, with the LoRA fused into the UNet (if any)."""
+    if lora is not None:
+        pipe.load_lora_weights(lora, adapter_name=ADAPTER)
+        pipe.fuse_lora(adapter_names=[ADAPTER])
+    try:
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        out = pipe(prompt=prompts, height=toy_sdxl.IMAGE_SIZE, width=toy_sdxl.IMAGE_SIZE,
+                   num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np").images
+    finally:
+        if lora is not None:
+            pipe.unfuse_lora()
+            pipe.unload_lora_weights()
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+def reconstruct(hn, lora_path: Path) -> dict:
+    """The trained LoRA through the hypernet's LAE (normalize, encode, decode, de-normalize)."""
+    from ..lora_format import load_lora_file
+    from ..lora_weights import canonicalize_layers, flatten
+    from ..pipeline import decode_lora, lora_state_dict
+
+    flat = flatten(hn.spec, canonicalize_layers(hn.spec, load_lora_file(hn.spec, lora_path))).float()
+    param = next(hn.lae.parameters())
+    with torch.no_grad():
+        z = hn.lae.encode(hn.norm.normalize(flat[None].to(hn.norm.mean.device)).to(param.device, param.dtype))
+    return lora_state_dict(hn, decode_lora(hn, z))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int | None = None,
+             steps: int = 20, guidance: float = 4.0, lora_steps: int = 25, lora_guidance: float = 3.0,
+             seed: int = 0) -> dict:
+    """Scores of every method on the held-out identities; also keeps a few images for the grid."""
+    from ..encoders import encode_references, load_image_file
+    from ..hypernet_file import load_hypernet
+    from ..pipeline import predict_lora
+    from .attributes import identity_accuracy, load_classifier, prompt_accuracy
+    from .identity_encoder import load_encoder
+    from .world import HELDOUT_FIRST, TRIGGER, World, WorldConfig
+
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoders": by design, UNet-only LoRAs
+    world = World(world_root)
+    cfg = WorldConfig(**json.loads(world.config.read_text()))
+    clf = load_classifier(world.classifier)
+    pipe = toy_sdxl.load_pipeline(world.base, device)
+    hn = load_hypernet(world.hypernet, device=device)
+    face = getattr(hn, "face_encoder", None) or load_encoder(world.face)
+    image = getattr(hn, "image_encoder", None) or load_encoder(world.image)
+    report = json.loads((world.loras / "heldout" / "report.json").read_text())
+    train_seconds = {r["name"]: r["seconds"] for r in report["identities"] if r["status"] == "trained"}
+    n = cfg.heldout_identities if identities is None else min(identities, cfg.heldout_identities)
+    people = sample_identities(n, cfg.seed, first=HELDOUT_FIRST)
+    scenes = [eval_scene(b, e) for b, e in EVAL_SCENES for _ in range(SEEDS_PER_SCENE)]
+    prompts = [caption(s, TRIGGER) for s in scenes]
+    seeds = [seed + i for i in range(len(scenes))]
+    rows, grid = [], []
+    for i, person in enumerate(people):
+        name = f"id_{HELDOUT_FIRST + i:05d}"
+        lora_path = world.loras / "heldout" / f"{name}.safetensors"
+        if not lora_path.is_file():
+            log.warning("%s has no trained LoRA (skipped by identity-loras); not scored", name)
+            continue
+        reference = load_image_file(world.data / "heldout" / name / "000.png")
+        _sync(device)
+        t0 = time.perf_counter()
+        refs = encode_references([reference], face, image)
+        predicted = predict_lora(hn, refs.face, refs.image, steps=lora_steps, guidance=lora_guidance, seed=seed)
+        _sync(device)
+        predict_s = time.perf_counter() - t0
+        loras = {"base": None, "predicted": predicted, "reconstructed": reconstruct(hn, lora_path),
+                 "trained": str(lora_path)}
+        row = {"identity": name, "attributes": dataclasses.asdict(person),
+               "train_seconds": train_seconds.get(name), "predict_seconds": predict_s}
+        images = {}
+        for method in METHODS:
+            lora = loras[method]
+            if isinstance(lora, str):
+                from safetensors.torch import load_file
+                lora = load_file(lora)
+            imgs = generate(pipe, lora, prompts, seeds, steps, guidance)
+            images[method] = imgs
+            row[method] = {"identity_accuracy": identity_accuracy(clf, imgs, person),
+                           "prompt_accuracy": prompt_accuracy(clf, imgs, scenes)}
+        rows.append(row)
+        log.info("%s: %s (predicted in %.2f s)", name, ", ".join(
+            f"{m} {row[m]['identity_accuracy']:.2f}/{row[m]['prompt_accuracy']:.2f}" for m in METHODS), predict_s)
+        grid.append((reference, images))
+    return {"rows": rows, "grid": grid, "settings": {
+        "world": cfg.to_dict(), "scenes": EVAL_SCENES, "seeds_per_scene": SEEDS_PER_SCENE, "sampler_steps": steps,
+        "guidance": guidance, "lora_sampler_steps": lora_steps, "lora_guidance": lora_guidance, "seed": seed,
+        "device": device, "torch_threads": torch.get_num_threads()}}
+
+
+def summarize(rows: list[dict]) -> dict:
+    out = {}
+    for m in METHODS:
+        ida = [r[m]["identity_accuracy"] for r in rows]
+        pa = [r[m]["prompt_accuracy"] for r in rows]
+        out[m] = {"identity_accuracy": float(np.mean(ida)), "identity_accuracy_sem": float(np.std(ida) / np.sqrt(len(ida))),
+                  "prompt_accuracy": float(np.mean(pa))}
+    base, trained = out["base"]["identity_accuracy"], out["trained"]["identity_accuracy"]
+    train_s = [r["train_seconds"] for r in rows if r["train_seconds"]]
+    pred_s = [r["predict_seconds"] for r in rows]
+    out["seconds_per_identity"] = {"trained": float(np.mean(train_s)) if train_s else None,
+                                   "predicted": float(np.mean(pred_s))}
+    gain = trained - base
+    out["targets"] = {
+        "reconstruction_within_5pct": {
+            "value": out["reconstructed"]["identity_accuracy"] / trained if trained else None, "target": ">= 0.95"},
+        "predicted_share_of_trained_gain": {
+            "value": (out["predicted"]["identity_accuracy"] - base) / gain if gain > 0 else None, "target": ">= 0.80"},
+        "prompt_accuracy_drop_vs_base_points": {
+            "value": 100 * (out["base"]["prompt_accuracy"] - out["predicted"]["prompt_accuracy"]), "target": "<= 5"},
+        "prediction_speedup": {
+            "value": (out["seconds_per_identity"]["trained"] / out["seconds_per_identity"]["predicted"]
+                      if train_s else None), "target": ">= 100"},
+    }
+    out["identities"] = len(rows)
+    return out
+
+
+def markdown(summary: dict, settings: dict, command: str) -> str:
+    lines = [f"# Toy world results ({summary['identities']} held-out identities)", "",
+             f"Reproduce: `{command}`", "",
+             "| method | identity accuracy | prompt accuracy | seconds per identity |",
+             "| --- | --- | --- | --- |"]
+    secs = summary["seconds_per_identity"]
+    for m in METHODS:
+        s = summary[m]
+        t = {"trained": secs["trained"], "predicted": secs["predicted"]}.get(m)
+        lines.append(f"| {LABELS[m]} | {s['identity_accuracy']:.3f} ± {s['identity_accuracy_sem']:.3f} | "
+                     f"{s['prompt_accuracy']:.3f} | {'' if t is None else f'{t:.2f}'} |")
+    lines += ["", "| target | value | goal |", "| --- | --- | --- |"]
+    for k, v in summary["targets"].items():
+        val = "n/a" if v["value"] is None else f"{v['value']:.3f}"
+        lines.append(f"| {k.replace('_', ' ')} | {val} | {v['target']} |")
+    lines += ["", f"Identity accuracy: share of the 9 identity attributes the classifier reads back, chance ~0.26; "
+              f"{len(settings['scenes']) * settings['seeds_per_scene']} images per identity and method "
+              f"(scenes {', '.join(f'{b}/{e}' for b, e in settings['scenes'])}, {settings['seeds_per_scene']} seeds "
+              f"each, same seeds for every method), {settings['sampler_steps']} sampler steps, guidance "
+              f"{settings['guidance']}. Device {settings['device']}, {settings['torch_threads']} torch threads.", ""]
+    return "\n".join(lines)
+
+
+def grid_image(grid: list, rows: int = 6, scale: int = 2) -> np.ndarray:
+    """reference | base | trained | predicted (first image of each), one row per identity."""
+    cols = ("reference", "base", "trained", "predicted")
+    tiles = []
+    for reference, images in grid[:rows]:
+        from PIL import Image
+
+        ref = np.asarray(Image.fromarray(reference).resize((toy_sdxl.IMAGE_SIZE,) * 2))
+        tiles.append([ref] + [images[m][0] for m in cols[1:]])
+    h = w = toy_sdxl.IMAGE_SIZE
+    out = np.full((len(tiles) * (h + 2), len(cols) * (w + 2), 3), 255, np.uint8)
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            out[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = tile
+    return out.repeat(scale, 0).repeat(scale, 1)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_results(world_root, out: str | None = None, device: str = "cpu", identities: int | None = None) -> Path:
+    from PIL import Image
+
+    out = Path(out or Path(world_root) / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    res = evaluate(world_root, device=device, identities=identities)
+    summary = summarize(res["rows"])
+    command = f"python -m difflora.toyworld results --world {world_root}"
+    payload = {"summary": summary, "settings": res["settings"], "identities": res["rows"],
+               "seconds": time.perf_counter() - t0}
+    atomic_write_text(out / "results.json", json.dumps(payload, indent=1, default=str))
+    atomic_write_text(out / "results.md", markdown(summary, res["settings"], command))
+    tmp = out / ".grid.png.tmp"
+    Image.fromarray(grid_image(res["grid"])).save(tmp, format="PNG")
+    os.replace(tmp, out / "grid.png")
+    print((out / "results.md").read_text())
+    return out

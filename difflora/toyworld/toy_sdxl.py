@@ -1,0 +1,169 @@
+"""The toy world's base model: an SDXL-architecture text-to-image model small enough to train on a CPU.
+
+Same family as SDXL, narrowed: a diffusers `UNet2DConditionModel` with SDXL's block types,
+`text_time` micro-conditioning (pooled CLIP-G + six 256-d size embeddings) and linear-projection
+transformers; two CLIP text encoders (CLIP-L and CLIP-G, hidden 32, 3 layers); an
+`AutoencoderKL` with SDXL's 8x downsampling and 4 latent channels, whose latent scale is folded
+into its weights so that SDXL's own factor 0.13025 applies (ComfyUI's stock SDXL latent format).
+64x64 photos give 8x8 latents, as 1024x1024 give 128x128 in SDXL.
+
+The pipeline is kept two ways: a diffusers folder (what `identity-loras` and the evaluation
+load; `StableDiffusionXLPipeline.from_pretrained`) and one single-file `.safetensors` in SDXL's
+checkpoint naming (what ComfyUI's CheckpointLoaderSimple loads, once the small shapes are
+registered; see devtools/comfy_tiny_sdxl). Text encoders are frozen at their seeded random
+initialisation (like SDXL's, they are not trained with the UNet); the tokenizer is CLIP's own,
+so the ids match ComfyUI's stock SDXL tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import DiffLoRAError
+
+SDXL_LATENT_SCALE = 0.13025     # ComfyUI's latent_formats.SDXL.scale_factor and diffusers' SDXL VAE config
+CONTEXT_DIM = 64                # CLIP-L hidden 32 + CLIP-G hidden 32
+POOLED_DIM = 32                 # CLIP-G projection
+ADM_IN_CHANNELS = POOLED_DIM + 6 * 256
+IMAGE_SIZE = 64
+
+UNET_CONFIG = {  # diffusers UNet2DConditionModel(**UNET_CONFIG)
+    "sample_size": IMAGE_SIZE // 8,
+    "in_channels": 4, "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [64, 128],
+    "layers_per_block": 1,
+    "transformer_layers_per_block": [1, 1],
+    "attention_head_dim": [1, 2],          # diffusers' legacy name for the head count: 64 channels a head
+    "cross_attention_dim": CONTEXT_DIM,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": ADM_IN_CHANNELS,
+    "norm_num_groups": 32,
+}
+
+# What ComfyUI's model detection reports for this UNet; the registration matches exactly this.
+COMFY_UNET_CONFIG = {
+    "model_channels": 64, "in_channels": 4, "out_channels": 4,
+    "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+    "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
+    "transformer_depth_middle": 1, "context_dim": CONTEXT_DIM,
+    "adm_in_channels": ADM_IN_CHANNELS, "use_linear_in_transformer": True,
+    "use_temporal_attention": False,
+}
+
+_CLIP_COMMON = {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
+                "projection_dim": POOLED_DIM, "max_position_embeddings": 77, "vocab_size": 49408,
+                "eos_token_id": 49407, "bos_token_id": 49406, "pad_token_id": 49407}
+CLIP_L_CONFIG = {**_CLIP_COMMON, "hidden_act": "quick_gelu"}
+CLIP_G_CONFIG = {**_CLIP_COMMON, "hidden_act": "gelu"}
+
+VAE_CONFIG = {  # diffusers AutoencoderKL(**VAE_CONFIG)
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [32, 32, 64, 64],
+    "layers_per_block": 1, "norm_num_groups": 32,
+    "sample_size": IMAGE_SIZE, "scaling_factor": SDXL_LATENT_SCALE,
+}
+# The same VAE as ComfyUI's ldm AutoencoderKL ddconfig (its stock detection assumes ch 128).
+COMFY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": IMAGE_SIZE, "in_channels": 3, "out_ch": 3,
+                      "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                      "dropout": 0.0}
+
+SCHEDULER_CONFIG = {  # SDXL base's scheduler config (Euler, epsilon, scaled-linear betas)
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
+    "use_karras_sigmas": False, "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "clip_sample": False,
+}
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def check_tokenizer(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    missing = [f for f in TOKENIZER_FILES if not (folder / f).is_file()]
+    if missing:
+        raise DiffLoRAError(f"{folder} is not a CLIP tokenizer folder (missing {', '.join(missing)}): pass the "
+                            "folder holding CLIP's vocab.json and merges.txt, e.g. ComfyUI's comfy/sd1_tokenizer.")
+    return folder
+
+
+def _write_tokenizer(src: Path, dst: Path, pad: str) -> None:
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer(vocab=str(src / "vocab.json"), merges=str(src / "merges.txt"),
+                        model_max_length=77, pad_token=pad)
+    tok.save_pretrained(dst)
+
+
+def init_pipeline_folder(folder: str | os.PathLike, tokenizer: str | os.PathLike, seed: int = 0) -> Path:
+    """A diffusers SDXL folder with seeded, untrained weights (written atomically); returns it."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    src = check_tokenizer(tokenizer)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**UNET_CONFIG).save_pretrained(tmp / "unet")
+    torch.manual_seed(seed + 1)
+    CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG)).save_pretrained(tmp / "text_encoder")
+    torch.manual_seed(seed + 2)
+    CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_CONFIG)).save_pretrained(tmp / "text_encoder_2")
+    torch.manual_seed(seed + 3)
+    AutoencoderKL(**VAE_CONFIG).save_pretrained(tmp / "vae")
+    EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
+    _write_tokenizer(src, tmp / "tokenizer", "<|endoftext|>")   # as SDXL: CLIP-L pads with end-of-text,
+    _write_tokenizer(src, tmp / "tokenizer_2", "!")             # CLIP-G with "!" (id 0)
+    (tmp / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+        "force_zeros_for_empty_prompt": False,   # the toy base learns "" as its unconditional prompt
+        "feature_extractor": [None, None], "image_encoder": [None, None],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def load_pipeline(folder: str | os.PathLike, device: str | torch.device = "cpu"):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def export_checkpoint(folder: str | os.PathLike, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """The diffusers folder -> one fp16 single-file SDXL checkpoint (atomic, reproducible bytes)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from ..safetensors_io import save_file_atomic
+    from ..sdxl_checkpoint import single_file_state_dict
+
+    folder = Path(folder)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+    clip_l = load_file(folder / "text_encoder" / "model.safetensors")
+    clip_g = load_file(folder / "text_encoder_2" / "model.safetensors")
+    sd = single_file_state_dict(unet.state_dict(), UNET_CONFIG, clip_l, clip_g, vae.state_dict())
+    meta = {"modelspec.architecture": "stable-diffusion-xl-v1-base (difflora toy world, 64x64)",
+            "modelspec.resolution": f"{IMAGE_SIZE}x{IMAGE_SIZE}", **(metadata or {})}
+    return save_file_atomic(sd, path, metadata=meta)

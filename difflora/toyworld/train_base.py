@@ -1,0 +1,173 @@
+"""Train the toy base model from scratch: first its VAE, then its UNet on rendered photos and captions.
+
+The text encoders stay at their seeded initialisation (frozen, as SDXL's are during UNet
+training). The UNet trains as SDXL's did: epsilon prediction on DDPM noise from the scheduler
+config, SDXL micro-conditioning (here always 64x64, uncropped), 10% of captions dropped to ""
+so classifier-free guidance works, and an EMA of the weights, which is what is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .toy_sdxl import IMAGE_SIZE, SCHEDULER_CONFIG, SDXL_LATENT_SCALE
+
+log = logging.getLogger("difflora.toyworld")
+Progress = Callable[[int, int, float], None]   # (step, total, loss)
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1], the diffusers VAE's input range."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(vae, images: np.ndarray, *, steps: int, batch_size: int = 16, lr: float = 1e-3, crop: int = 32,
+              kl_weight: float = 1e-6, seed: int = 0, device: str = "cpu", progress: Progress | None = None):
+    """Train the AutoencoderKL in place on random `crop`x`crop` crops (it is fully convolutional, so
+    crops teach it what whole photos need, at a quarter of the cost), then fold the latent scale in."""
+    gen = torch.Generator().manual_seed(seed)
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    pixels = to_pixels(images)
+    n, size = len(pixels), pixels.shape[-1]
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * _cosine(step, steps, max(1, steps // 20))
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        top, left = (torch.randint(0, size - crop + 1, (2,), generator=gen) // 8 * 8).tolist()
+        x = pixels[idx, :, top:top + crop, left:left + crop].to(device)
+        dist = vae.encode(x).latent_dist
+        rec = vae.decode(dist.sample(generator=None)).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * dist.kl().mean() / x[0].numel()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if progress:
+            progress(step + 1, steps, loss.item())
+    vae.eval()
+    fold_latent_scale(vae, pixels[:512].to(device))
+    return vae.cpu()
+
+
+@torch.no_grad()
+def fold_latent_scale(vae, pixels: torch.Tensor) -> float:
+    """Rescale the latent space so that latents x SDXL's 0.13025 have unit variance (ComfyUI's stock
+    SDXL latent format fixes that factor), by scaling quant_conv's output and post_quant_conv's
+    input: the decoded images do not change. Returns the factor applied."""
+    mean = torch.cat([vae.encode(pixels[i:i + 64]).latent_dist.mean for i in range(0, len(pixels), 64)])
+    factor = 1.0 / (SDXL_LATENT_SCALE * float(mean.std()))
+    c = vae.config.latent_channels
+    vae.quant_conv.weight[:c] *= factor          # mean channels
+    vae.quant_conv.bias[:c] *= factor
+    vae.quant_conv.bias[c:] += 2 * math.log(factor)  # log-variance of the scaled latent
+    vae.post_quant_conv.weight *= 1.0 / factor
+    return factor
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, device: str = "cpu", batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent mean and std of every photo, unscaled (N, 4, 8, 8) each."""
+    vae.to(device).eval()
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        d = vae.encode(to_pixels(images[i:i + batch]).to(device)).latent_dist
+        means.append(d.mean.cpu())
+        stds.append(d.std.cpu())
+    vae.cpu()
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: list[str], device: str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each distinct caption once through the pipeline's own SDXL prompt encoding."""
+    out = {}
+    for text in sorted(set(captions)):
+        e, _, p, _ = pipe.encode_prompt(text, device=device, num_images_per_prompt=1,
+                                        do_classifier_free_guidance=False)
+        out[text] = (e[0].float().cpu(), p[0].float().cpu())
+    return out
+
+
+def time_ids(n: int) -> torch.Tensor:
+    """SDXL micro-conditioning of uncropped 64x64 photos: (orig h, orig w, top, left, target h, w)."""
+    return torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32).repeat(n, 1)
+
+
+def train_unet(unet, latent_mean: torch.Tensor, latent_std: torch.Tensor, captions: list[str],
+               prompt_embeds: dict[str, tuple[torch.Tensor, torch.Tensor]], *, steps: int, batch_size: int = 32,
+               lr: float = 5e-4, uncond_prob: float = 0.1, ema_decay: float = 0.999, seed: int = 0,
+               device: str = "cpu", progress: Progress | None = None):
+    """Train the UNet in place; returns the EMA copy (the weights to keep)."""
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    alphas = noise_sched.alphas_cumprod
+    gen = torch.Generator().manual_seed(seed)
+    texts = sorted(prompt_embeds)
+    which = torch.tensor([texts.index(c) for c in captions])
+    embeds = torch.stack([prompt_embeds[t][0] for t in texts])
+    pooled = torch.stack([prompt_embeds[t][1] for t in texts])
+    empty = texts.index("")
+    unet.to(device).train()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    ids = time_ids(batch_size).to(device)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * _cosine(step, steps, max(1, steps // 20))
+        idx = torch.randint(0, len(latent_mean), (batch_size,), generator=gen)
+        z = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * SDXL_LATENT_SCALE
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        cap = torch.where(torch.rand(batch_size, generator=gen) < uncond_prob, empty, which[idx])
+        pred = unet(noisy.to(device), t.to(device), embeds[cap].to(device),
+                    added_cond_kwargs={"text_embeds": pooled[cap].to(device), "time_ids": ids}).sample
+        loss = F.mse_loss(pred, noise.to(device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        decay = min(ema_decay, (1 + step) / (10 + step))  # warm-up: early averages are not stuck at init
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        if progress:
+            progress(step + 1, steps, loss.item())
+    return ema.cpu().eval()
+
+
+class ProgressPrinter:
+    """One line every `every` seconds (and at the end): stage, step/total, loss, rate, ETA."""
+
+    def __init__(self, name: str, every: float = 10.0, print_fn=print):
+        self.name, self.every, self.print = name, every, print_fn
+        self.t0 = self.last = time.monotonic()
+        self.losses: list[float] = []
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        self.losses.append(loss)
+        now = time.monotonic()
+        if now - self.last >= self.every or step == total:
+            self.last = now
+            rate = step / max(now - self.t0, 1e-9)
+            recent = float(np.mean(self.losses[-50:]))
+            self.print(f"  [{self.name}] {step}/{total} loss {recent:.4f}  {rate:.1f} steps/s  "
+                       f"eta {(total - step) / max(rate, 1e-9):.0f} s", flush=True)

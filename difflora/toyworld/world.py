@@ -1,0 +1,326 @@
+"""Build the toy world from nothing: every model of the DiffLoRA pipeline, trained with the project's code.
+
+Stages, each writing its outputs atomically into the world folder so a stopped build resumes at
+the first unfinished stage (identity-loras and the lae/dit loops also resume inside a stage):
+
+  classifier      attribute classifier (the measuring instrument)    classifier.safetensors
+  encoders        toy-face and toy-image embeddings                  toy_face / toy_image.safetensors
+  vae, unet       the toy SDXL base, trained from scratch            base/ (diffusers), toy_sdxl.safetensors
+  data            identity folders with trigger captions             data/train, data/heldout
+  identity-loras  one DreamBooth LoRA per identity (project trainer) loras/train, loras/heldout
+  lae, dit        LoRA autoencoder, DiT + MIF (project trainers)     lae/, dit/, hypernet.safetensors
+
+Identities are disjoint by construction: the base model, classifier and encoders see identities
+[0, base_identities); the hypernet learns from [TRAIN_FIRST, ...); the measurement uses
+[HELDOUT_FIRST, ...), which nothing was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DiffLoRAError
+from . import toy_sdxl
+
+log = logging.getLogger("difflora.toyworld")
+
+TRAIN_FIRST = 20_000     # first identity index of the LoRA (hypernet training) identities
+HELDOUT_FIRST = 50_000   # first identity index of the held-out identities
+TRIGGER = "a sks person"
+
+
+@dataclass
+class WorldConfig:
+    """Sizes of one world; `WORLD_SIZES` names the two used (the committed one and the test one)."""
+
+    seed: int = 0
+    base_identities: int = 1500        # x photos_per_identity photos train the base, classifier, encoders
+    photos_per_identity: int = 4
+    classifier_steps: int = 600
+    encoder_steps: int = 500
+    vae_steps: int = 800
+    vae_batch: int = 16
+    unet_steps: int = 2500
+    unet_batch: int = 32
+    unet_lr: float = 5e-4
+    train_identities: int = 240        # identity LoRAs the hypernet learns from
+    heldout_identities: int = 16       # identity LoRAs for the comparison only
+    lora_photos: int = 6
+    lora_steps: int = 80
+    lora_batch: int = 4
+    lora_lr: float = 2e-3
+    lae_steps: int = 1500
+    dit_steps: int = 3000
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+WORLD_SIZES = {
+    "default": WorldConfig(),
+    # A world that builds in about a minute: for tests of the build machinery, not of quality.
+    "smoke": WorldConfig(base_identities=60, classifier_steps=20, encoder_steps=20, vae_steps=10, unet_steps=10,
+                         train_identities=4, heldout_identities=2, lora_photos=3, lora_steps=3, lae_steps=10,
+                         dit_steps=10, unet_batch=8),
+}
+
+
+class World:
+    """Paths of a world folder."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __getattr__(self, name):  # world.classifier -> root/classifier.safetensors etc.
+        files = {"classifier": "classifier.safetensors", "face": "toy_face.safetensors",
+                 "image": "toy_image.safetensors", "checkpoint": "toy_sdxl.safetensors",
+                 "hypernet": "hypernet.safetensors", "base": "base", "data": "data", "loras": "loras",
+                 "lae": "lae", "dit": "dit", "config": "world.json"}
+        if name not in files:
+            raise AttributeError(name)
+        return self.root / files[name]
+
+
+def _stage(name: str, done: bool, t0: float) -> bool:
+    state = "done earlier, skipped" if done else "running"
+    print(f"[world {time.monotonic() - t0:7.1f} s] {name}: {state}", flush=True)
+    return not done
+
+
+def _save_dir_atomic(save, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _check_config(world: World, cfg: WorldConfig) -> None:
+    """A world folder is built with one config; resuming with another would mix two worlds."""
+    if world.config.is_file():
+        old = json.loads(world.config.read_text())
+        if old != cfg.to_dict():
+            changed = sorted(k for k in cfg.to_dict() if old.get(k) != cfg.to_dict()[k])
+            raise DiffLoRAError(f"{world.root} was built with other settings ({', '.join(changed)} differ); "
+                                "use a new folder, or delete this one to rebuild.")
+    else:
+        world.root.mkdir(parents=True, exist_ok=True)
+        world.config.write_text(json.dumps(cfg.to_dict(), indent=1))
+
+
+def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.PathLike,
+                processes: int = 1) -> World:
+    """Run every unfinished stage; returns the world's paths. `processes` > 1 trains the identity
+    LoRAs under `accelerate launch` with that many CPU processes (identities are independent)."""
+    from .attributes import render_pool, save_classifier, train_attribute_classifier
+    from .identity_encoder import load_encoder, save_encoder, train_encoder
+    from .render import make_dataset
+    from .train_base import (ProgressPrinter, encode_captions, encode_latents, train_unet, train_vae)
+
+    world = World(root)
+    _check_config(world, cfg)
+    t0 = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    pool = None
+
+    def base_pool():
+        nonlocal pool
+        if pool is None:
+            pool = render_pool(cfg.base_identities, cfg.photos_per_identity, cfg.seed)
+        return pool
+
+    if _stage("classifier", world.classifier.is_file(), t0):
+        save_classifier(train_attribute_classifier(cfg.classifier_steps, cfg.seed, pool=base_pool()),
+                        world.classifier)
+    for kind, path in (("toy-face", world.face), ("toy-image", world.image)):
+        if _stage(f"encoder {kind}", path.is_file(), t0):
+            save_encoder(train_encoder(kind, cfg.encoder_steps, cfg.seed, pool=base_pool()), path)
+
+    base, vae_done, unet_done = world.base, world.base / "vae", world.base / "unet" / "trained"
+    if not (base / "model_index.json").is_file():
+        toy_sdxl.init_pipeline_folder(base, tokenizer, cfg.seed)
+    photos = None
+    if _stage("vae", (vae_done / "trained").is_file(), t0):
+        from diffusers import AutoencoderKL
+
+        photos = make_dataset(cfg.base_identities, cfg.photos_per_identity, cfg.seed)
+        vae = AutoencoderKL.from_pretrained(vae_done, local_files_only=True)
+        train_vae(vae, photos.images, steps=cfg.vae_steps, batch_size=cfg.vae_batch, seed=cfg.seed,
+                  device=cfg.device, progress=ProgressPrinter("vae"))
+
+        def save_vae(tmp):
+            vae.save_pretrained(tmp)
+            (tmp / "trained").write_text("1")
+        _save_dir_atomic(save_vae, vae_done)
+    if _stage("unet", unet_done.is_file(), t0):
+        photos = photos or make_dataset(cfg.base_identities, cfg.photos_per_identity, cfg.seed)
+        pipe = toy_sdxl.load_pipeline(base)
+        mean, std = encode_latents(pipe.vae, photos.images, cfg.device)
+        embeds = encode_captions(pipe, list(photos.captions) + [""])
+        ema = train_unet(pipe.unet, mean, std, list(photos.captions), embeds, steps=cfg.unet_steps,
+                         batch_size=cfg.unet_batch, lr=cfg.unet_lr, seed=cfg.seed, device=cfg.device,
+                         progress=ProgressPrinter("unet"))
+
+        def save_unet(tmp):
+            ema.save_pretrained(tmp)
+            (tmp / "trained").write_text("1")
+        _save_dir_atomic(save_unet, base / "unet")
+        world.checkpoint.unlink(missing_ok=True)
+    if _stage("checkpoint", world.checkpoint.is_file(), t0):
+        toy_sdxl.export_checkpoint(base, world.checkpoint, {"difflora_toyworld": json.dumps(cfg.to_dict())})
+
+    from .render import write_identity_folders
+
+    data_done = world.data / "complete"
+    if _stage("data", data_done.is_file(), t0):
+        for split, n, first in (("train", cfg.train_identities, TRAIN_FIRST),
+                                ("heldout", cfg.heldout_identities, HELDOUT_FIRST)):
+            write_identity_folders(world.data / split, n, cfg.lora_photos, cfg.seed, subject=TRIGGER,
+                                   first_identity=first)
+        data_done.write_text("1")
+
+    face, image = load_encoder(world.face), load_encoder(world.image)
+    for split in ("train", "heldout"):
+        report = world.loras / split / "report.json"
+        if _stage(f"identity-loras {split}", _loras_complete(report), t0):
+            run_identity_loras(world, split, cfg, face, image, processes)
+
+    if _stage("lae", (world.lae / "lae_final.safetensors").is_file(), t0):
+        run_lae(world, cfg)
+    if _stage("dit", world.hypernet.is_file(), t0):
+        run_dit(world, cfg, face, image)
+    print(f"[world {time.monotonic() - t0:7.1f} s] complete: {world.root}", flush=True)
+    return world
+
+
+def _loras_complete(report: Path) -> bool:
+    if not report.is_file():
+        return False
+    rows = json.loads(report.read_text())["identities"]
+    return all(r["status"] in ("trained", "done", "skipped") for r in rows)
+
+
+def identity_lora_config(world: World, split: str, cfg: WorldConfig):
+    from ..train.config import IdentityLoraConfig
+
+    return IdentityLoraConfig(
+        data=str(world.data / split), out=str(world.loras / split), base=str(world.base),
+        face_encoder="toy-face", insightface_root=str(world.face), image_encoder=str(world.image),
+        rank=4, steps=cfg.lora_steps, batch_size=cfg.lora_batch, lr=cfg.lora_lr, resolution=toy_sdxl.IMAGE_SIZE,
+        min_images=3, min_face_similarity=0.8, mixed_precision="no", seed=cfg.seed, progress=True)
+
+
+def run_identity_loras(world: World, split: str, cfg: WorldConfig, face, image, processes: int = 1):
+    """In this process, or as the user's command under `accelerate launch` with CPU processes."""
+    from ..train.identity_loras import train_identity_loras
+
+    lora_cfg = identity_lora_config(world, split, cfg)
+    if processes <= 1 or cfg.device != "cpu":
+        return train_identity_loras(lora_cfg, face_encoder=face, image_encoder=image)
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port for the processes' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # --multi_gpu is accelerate's torchrun launcher; without CUDA it starts N CPU (gloo) processes.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "difflora.train", "identity-loras", *cli_args(lora_cfg)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    print("  " + " ".join(cmd[2:]), flush=True)
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise DiffLoRAError(f"identity-loras ({split}) failed; see the output above. Run the build again to continue.")
+
+
+def cli_args(cfg) -> list[str]:
+    """A config dataclass as the command-line options that reproduce it (non-defaults only)."""
+    args = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def run_lae(world: World, cfg: WorldConfig):
+    from ..train.config import LAETrainConfig
+    from ..train.lae_trainer import train_lae
+
+    run = world.lae
+    result = train_lae(LAETrainConfig(
+        loras=str(world.loras / "train"), run=str(run), size="toy", steps=cfg.lae_steps, batch_size=32,
+        lr=1e-3, warmup_steps=min(100, cfg.lae_steps // 10), ema_decay=0.999, eval_every=max(cfg.lae_steps // 3, 1),
+        ckpt_every=max(cfg.lae_steps // 3, 1), log_every=20, mixed_precision="no", seed=cfg.seed,
+        resume=(run / "checkpoints").is_dir()))
+    if result.status != "finished":
+        raise DiffLoRAError("the lae stage was interrupted; run the build again to continue it")
+
+
+def run_dit(world: World, cfg: WorldConfig, face, image):
+    from ..train.config import DiTTrainConfig
+    from ..train.dit_trainer import train_dit
+
+    run = world.dit
+    out = run / "hypernet_plain.safetensors"
+    result = train_dit(DiTTrainConfig(
+        loras=str(world.loras / "train"), run=str(run), lae=str(world.lae / "lae_final.safetensors"), size="toy",
+        cond_dim=128, steps=cfg.dit_steps, batch_size=32, lr=5e-4, warmup_steps=min(200, cfg.dit_steps // 10),
+        ema_decay=0.999, eval_every=max(cfg.dit_steps // 3, 1), ckpt_every=max(cfg.dit_steps // 3, 1), log_every=20,
+        eval_identities=4, eval_sample_steps=10, mixed_precision="no", seed=cfg.seed, out=str(out),
+        resume=(run / "checkpoints").is_dir()))
+    if result.status != "finished":
+        raise DiffLoRAError("the dit stage was interrupted; run the build again to continue it")
+    embed_encoders(out, world.hypernet, face, image)
+
+
+def embed_encoders(src: Path, dst: Path, face, image) -> Path:
+    """The final hypernet carries its encoders so that nodes need no extra model (when the
+    hypernet file format supports it); otherwise it is the plain file."""
+    from .. import hypernet_file
+
+    save = getattr(hypernet_file, "save_hypernet", None)
+    hn = hypernet_file.load_hypernet(src)
+    try:
+        save(hn, dst, face_encoder=face, image_encoder=image)
+    except TypeError:
+        shutil.copyfile(src, dst)
+    return dst
+
+
+# What ships: the three files the demo and the tests need (30 MB at most in all).
+ARTIFACTS = {"checkpoint": "toy_sdxl.safetensors", "hypernet": "difflora_toy.safetensors",
+             "classifier": "toy_classifier.safetensors"}
+
+
+def export_artifacts(world_root: str | os.PathLike, dest: str | os.PathLike) -> dict[str, Path]:
+    """The built world's shipped files: the base checkpoint as is; the hypernet, which carries its
+    two encoders, and the classifier in float16 (they load back as float32)."""
+    from ..hypernet_file import load_hypernet, save_hypernet
+    from .attributes import load_classifier, save_classifier
+
+    world, dest = World(world_root), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = {name: dest / file for name, file in ARTIFACTS.items()}
+    tmp = out["checkpoint"].with_name(f".{out['checkpoint'].name}.tmp")
+    shutil.copyfile(world.checkpoint, tmp)
+    os.replace(tmp, out["checkpoint"])
+    save_hypernet(load_hypernet(world.hypernet), out["hypernet"], dtype=torch.float16)
+    save_classifier(load_classifier(world.classifier).half(), out["classifier"])
+    return out

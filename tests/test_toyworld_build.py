@@ -1,0 +1,92 @@
+"""The toy-world build (difflora/toyworld/world.py) at its "smoke" size: every stage runs with the
+project's own trainers, a second run resumes (skips every finished stage), another config is
+refused, the results command writes its three files, and the shipped files export and load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difflora.errors import DiffLoRAError
+from difflora.toyworld import toy_sdxl
+from difflora.toyworld.train_base import fold_latent_scale
+from difflora.toyworld.world import WORLD_SIZES, build_world, export_artifacts
+
+
+def test_folding_the_latent_scale_keeps_decoded_images_and_gives_sdxl_scale():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**toy_sdxl.VAE_CONFIG).eval()
+    x = torch.rand(8, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        before = vae.decode(vae.encode(x).latent_dist.mean).sample
+        factor = fold_latent_scale(vae, x)
+        z = vae.encode(x).latent_dist.mean
+        after = vae.decode(z).sample
+    assert factor != pytest.approx(1.0)
+    assert float((z * toy_sdxl.SDXL_LATENT_SCALE).std()) == pytest.approx(1.0, rel=1e-3)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def smoke_world(comfy_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    cfg = WORLD_SIZES["smoke"]
+    build_world(root, cfg, comfy_path / "comfy" / "sd1_tokenizer", processes=1)
+    return root, cfg
+
+
+@pytest.mark.slow
+def test_build_writes_every_stage_and_resumes(smoke_world, comfy_path, capsys):
+    root, cfg = smoke_world
+    for name in ("classifier.safetensors", "toy_face.safetensors", "toy_image.safetensors", "toy_sdxl.safetensors",
+                 "hypernet.safetensors", "lae/lae_final.safetensors", "base/model_index.json"):
+        assert (root / name).is_file(), name
+    trained = json.loads((root / "loras" / "train" / "report.json").read_text())["identities"]
+    assert [r["status"] for r in trained] == ["trained"] * cfg.train_identities
+    capsys.readouterr()
+    build_world(root, cfg, comfy_path / "comfy" / "sd1_tokenizer", processes=1)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[world")]
+    stages = [l for l in lines if "complete" not in l]
+    assert stages and all(l.endswith("done earlier, skipped") for l in stages), lines
+
+
+def test_another_config_in_the_same_folder_is_refused(smoke_world, comfy_path):
+    root, cfg = smoke_world
+    with pytest.raises(DiffLoRAError, match="unet_steps"):
+        build_world(root, dataclasses.replace(cfg, unet_steps=cfg.unet_steps + 1), comfy_path / "comfy" / "sd1_tokenizer")
+
+
+@pytest.mark.slow
+def test_results_write_table_json_and_grid(smoke_world, tmp_path):
+    from difflora.toyworld.results import METHODS, write_results
+
+    root, _ = smoke_world
+    out = write_results(root, tmp_path / "results", identities=1)
+    payload = json.loads((out / "results.json").read_text())
+    assert set(METHODS) <= set(payload["summary"])
+    row = payload["identities"][0]
+    for m in METHODS:
+        assert 0.0 <= row[m]["identity_accuracy"] <= 1.0 and 0.0 <= row[m]["prompt_accuracy"] <= 1.0
+    assert row["predict_seconds"] > 0 and row["train_seconds"] > 0
+    assert "| DiffLoRA (1 photo) |" in (out / "results.md").read_text()
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape[1] == 4 * (64 + 2) * 2  # reference | base | trained | predicted, 2x
+
+
+def test_export_writes_small_files_that_load_back(smoke_world, tmp_path):
+    from difflora.hypernet_file import load_hypernet
+    from difflora.toyworld.attributes import load_classifier
+
+    root, _ = smoke_world
+    files = export_artifacts(root, tmp_path)
+    hn = load_hypernet(files["hypernet"])
+    assert next(hn.dit.parameters()).dtype == torch.float32 and hn.face_encoder is not None
+    assert files["hypernet"].stat().st_size < (root / "hypernet.safetensors").stat().st_size * 0.6
+    assert load_classifier(files["classifier"]).attributes
