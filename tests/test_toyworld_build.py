@@ -90,3 +90,23 @@ def test_export_writes_small_files_that_load_back(smoke_world, tmp_path):
     assert next(hn.dit.parameters()).dtype == torch.float32 and hn.face_encoder is not None
     assert files["hypernet"].stat().st_size < (root / "hypernet.safetensors").stat().st_size * 0.6
     assert load_classifier(files["classifier"]).attributes
+
+
+def _subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean squared cosine of the principal angles between the row spaces of two (r, in) matrices."""
+    qa, _ = torch.linalg.qr(a.T.float())
+    qb, _ = torch.linalg.qr(b.T.float())
+    return float(torch.linalg.svdvals(qa.T @ qb).pow(2).mean())
+
+
+def test_identity_loras_share_one_basis(smoke_world):
+    """identity-loras starts every identity from the same LoRA init, so short runs stay in one
+    input basis the LAE can learn (random 4-d subspaces of these layers overlap ~0.05)."""
+    from safetensors.torch import load_file
+
+    root, _ = smoke_world
+    a, b = (load_file(root / "loras" / "train" / f"id_{20000 + i:05d}.safetensors") for i in (0, 1))
+    downs = [k for k in a if k.endswith(".lora_down.weight")]
+    assert downs
+    overlaps = [_subspace_overlap(a[k], b[k]) for k in downs]
+    assert min(overlaps) > 0.8, overlaps

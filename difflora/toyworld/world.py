@@ -58,8 +58,8 @@ class WorldConfig:
     lora_steps: int = 80
     lora_batch: int = 4
     lora_lr: float = 2e-3
-    lae_steps: int = 1500
-    dit_steps: int = 3000
+    lae_steps: int = 1000
+    dit_steps: int = 2500
     device: str = "cpu"
 
     def to_dict(self) -> dict:

@@ -68,7 +68,8 @@ class IdentityLoraConfig:
     gradient_checkpointing: bool = opt(False, "Trade compute for memory in the UNet (GPUs under 24 GB).")
     mixed_precision: str = opt("auto", "auto: bf16 on GPUs that have it, else fp16; always fp32 on CPU.",
                                choices=MIXED_PRECISION)
-    seed: int = opt(0, "Seed; each identity's run depends only on (seed, identity name).")
+    seed: int = opt(0, "Seed of the random streams every identity shares: the LoRA initialization and, per step, "
+                       "batch positions, noise and timesteps (identities then differ only by their photos).")
     progress: bool = opt(True, "Show progress bars.")
 
 
