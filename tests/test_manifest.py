@@ -11,7 +11,7 @@ from devtools import harness_models
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = json.loads((REPO / "weights_manifest.json").read_text())
-FIELDS = {"id", "variant", "role", "folder", "file", "size", "sha256", "source", "required"}
+FIELDS = {"id", "variant", "role", "folder", "file", "path", "size", "sha256", "source", "required"}
 
 
 def _readme_rows() -> dict[str, tuple[str, str]]:
@@ -36,7 +36,8 @@ def test_every_entry_is_complete():
 
 def test_readme_model_table_agrees_with_manifest():
     rows = _readme_rows()
-    expected = {m["id"]: (m["variant"], f"{m['folder']}/{m['file']}" if m["folder"] else "(pip package)")
+    expected = {m["id"]: (m["variant"], f"{m['folder']}/{m['file']}" if m["folder"] else
+                          m["path"] or "(pip package)")
                 for m in MANIFEST["models"]}
     assert rows == expected
 
@@ -47,9 +48,9 @@ def test_every_workflow_model_name_is_in_the_manifest():
         assert (folder, name) in real
 
 
-def test_embedded_defaults_build_to_the_listed_bytes(tmp_path):
+def test_test_fixtures_build_to_the_listed_bytes(tmp_path):
     built = harness_models.build_models(tmp_path)
-    listed = {m["folder"]: m for m in MANIFEST["models"] if m["variant"] == "embedded-default"}
+    listed = {m["folder"]: m for m in MANIFEST["models"] if m["variant"] == "test-fixture"}
     assert set(built) == set(listed)
     for folder, path in built.items():
         entry = listed[folder]
