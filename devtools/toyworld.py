@@ -11,24 +11,17 @@ tokenizer files (so prompts tokenize exactly as in ComfyUI).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 
+from .get_comfyui import _sha256 as file_sha256
+
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "assets" / "toyworld"
 MANIFEST = REPO / "weights_manifest.json"
 DEFAULT_WORLD = REPO / ".cache" / "toyworld"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def update_manifest(files: dict[str, Path]) -> None:
@@ -40,7 +33,7 @@ def update_manifest(files: dict[str, Path]) -> None:
         if rel not in by_path:
             raise SystemExit(f"weights_manifest.json has no entry with path {rel}")
         by_path[rel]["size"] = path.stat().st_size
-        by_path[rel]["sha256"] = sha256(path)
+        by_path[rel]["sha256"] = file_sha256(path)
     MANIFEST.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
