@@ -28,10 +28,9 @@ from .workflow_api import ui_to_api
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _scores(image: Path, identity, scene) -> tuple[float, float]:
-    from difflora.toyworld.attributes import identity_accuracy, load_classifier, prompt_accuracy
+def _scores(clf, image: Path, identity, scene) -> tuple[float, float]:
+    from difflora.toyworld.attributes import identity_accuracy, prompt_accuracy
 
-    clf = load_classifier(harness_models.toy_asset(harness_models.TOY_CLASSIFIER))
     img = np.asarray(Image.open(image).convert("RGB"))[None]
     return identity_accuracy(clf, img, identity), prompt_accuracy(clf, img, scene)
 
@@ -90,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (results.get("personalized") and results.get("base") and loras):
         print("[demo] failed: the graph saved no image or no LoRA", file=sys.stderr)
         return 1
-    ida, pa = _scores(results["personalized"][0], identity, scene)
-    base_ida, base_pa = _scores(results["base"][0], identity, scene)
+    from difflora.toyworld.attributes import load_classifier
+
+    clf = load_classifier(harness_models.toy_asset(harness_models.TOY_CLASSIFIER))
+    ida, pa = _scores(clf, results["personalized"][0], identity, scene)
+    base_ida, base_pa = _scores(clf, results["base"][0], identity, scene)
     print(f"[demo] done in {time.monotonic() - t0:.1f} s")
     print(f"[demo] reference photo:  {out / 'reference.png'}")
     print(f"[demo] generated image:  {results['personalized'][0]}")

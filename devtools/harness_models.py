@@ -97,8 +97,9 @@ class ToyAssetError(RuntimeError):
 
 def toy_asset(name: str) -> Path:
     """A committed toy-world file, checked against its size and sha256 in weights_manifest.json."""
-    import hashlib
     import json
+
+    from .get_comfyui import _sha256
 
     path = TOY_ASSETS / name
     entry = next((m for m in json.loads((REPO / "weights_manifest.json").read_text())["models"]
@@ -108,7 +109,7 @@ def toy_asset(name: str) -> Path:
     if not path.is_file():
         raise ToyAssetError(f"{path} is missing: restore it with git (git lfs is not used) or rebuild it with "
                             "python -m devtools.toyworld build && python -m devtools.toyworld export")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = _sha256(path)
     if path.stat().st_size != entry["size"] or digest != entry["sha256"]:
         raise ToyAssetError(f"{path} does not match weights_manifest.json (sha256 {digest[:12]}..., listed "
                             f"{str(entry['sha256'])[:12]}...): restore it with git checkout, or re-export the world")

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 from .get_comfyui import _sha256 as file_sha256
+from .harness_models import REPO, TOY_ASSETS as ASSETS
 
-REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "assets" / "toyworld"
 MANIFEST = REPO / "weights_manifest.json"
 DEFAULT_WORLD = REPO / ".cache" / "toyworld"
 

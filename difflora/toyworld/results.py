@@ -87,6 +87,7 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
     from .world import HELDOUT_FIRST, TRIGGER, World, WorldConfig
 
     from diffusers.utils import logging as diffusers_logging
+    from safetensors.torch import load_file
 
     diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoders": by design, UNet-only LoRAs
     world = World(world_root)
@@ -118,16 +119,12 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
         _sync(device)
         predict_s = time.perf_counter() - t0
         loras = {"base": None, "predicted": predicted, "reconstructed": reconstruct(hn, lora_path),
-                 "trained": str(lora_path)}
+                 "trained": load_file(lora_path)}
         row = {"identity": name, "attributes": dataclasses.asdict(person),
                "train_seconds": train_seconds.get(name), "predict_seconds": predict_s}
         images = {}
         for method in METHODS:
-            lora = loras[method]
-            if isinstance(lora, str):
-                from safetensors.torch import load_file
-                lora = load_file(lora)
-            imgs = generate(pipe, lora, prompts, seeds, steps, guidance)
+            imgs = generate(pipe, loras[method], prompts, seeds, steps, guidance)
             images[method] = imgs
             row[method] = {"identity_accuracy": identity_accuracy(clf, imgs, person),
                            "prompt_accuracy": prompt_accuracy(clf, imgs, scenes)}

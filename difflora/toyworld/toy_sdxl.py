@@ -89,6 +89,19 @@ SCHEDULER_CONFIG = {  # SDXL base's scheduler config (Euler, epsilon, scaled-lin
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 
+def write_dir_atomic(write, folder: str | os.PathLike) -> Path:
+    """`write(tmp)` fills a sibling temp folder, which then replaces `folder`: a stopped run
+    never leaves a half-written model folder behind."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
 def check_tokenizer(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     missing = [f for f in TOKENIZER_FILES if not (folder / f).is_file()]
@@ -111,35 +124,32 @@ def init_pipeline_folder(folder: str | os.PathLike, tokenizer: str | os.PathLike
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    folder = Path(folder)
     src = check_tokenizer(tokenizer)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.manual_seed(seed)
-    UNet2DConditionModel(**UNET_CONFIG).save_pretrained(tmp / "unet")
-    torch.manual_seed(seed + 1)
-    CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG)).save_pretrained(tmp / "text_encoder")
-    torch.manual_seed(seed + 2)
-    CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_CONFIG)).save_pretrained(tmp / "text_encoder_2")
-    torch.manual_seed(seed + 3)
-    AutoencoderKL(**VAE_CONFIG).save_pretrained(tmp / "vae")
-    EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
-    _write_tokenizer(src, tmp / "tokenizer", "<|endoftext|>")   # as SDXL: CLIP-L pads with end-of-text,
-    _write_tokenizer(src, tmp / "tokenizer_2", "!")             # CLIP-G with "!" (id 0)
-    (tmp / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
-        "force_zeros_for_empty_prompt": False,   # the toy base learns "" as its unconditional prompt
-        "feature_extractor": [None, None], "image_encoder": [None, None],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-    }, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
+
+    def write(tmp: Path) -> None:
+        torch.manual_seed(seed)
+        UNet2DConditionModel(**UNET_CONFIG).save_pretrained(tmp / "unet")
+        torch.manual_seed(seed + 1)
+        CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG)).save_pretrained(tmp / "text_encoder")
+        torch.manual_seed(seed + 2)
+        CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_CONFIG)).save_pretrained(tmp / "text_encoder_2")
+        torch.manual_seed(seed + 3)
+        AutoencoderKL(**VAE_CONFIG).save_pretrained(tmp / "vae")
+        EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
+        _write_tokenizer(src, tmp / "tokenizer", "<|endoftext|>")   # as SDXL: CLIP-L pads with end-of-text,
+        _write_tokenizer(src, tmp / "tokenizer_2", "!")             # CLIP-G with "!" (id 0)
+        (tmp / "model_index.json").write_text(json.dumps({
+            "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+            "force_zeros_for_empty_prompt": False,   # the toy base learns "" as its unconditional prompt
+            "feature_extractor": [None, None], "image_encoder": [None, None],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        }, indent=1))
+
+    return write_dir_atomic(write, folder)
 
 
 def load_pipeline(folder: str | os.PathLike, device: str | torch.device = "cpu"):

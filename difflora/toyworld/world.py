@@ -97,14 +97,6 @@ def _stage(name: str, done: bool, t0: float) -> bool:
     return not done
 
 
-def _save_dir_atomic(save, folder: Path) -> None:
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-
-
 def _check_config(world: World, cfg: WorldConfig) -> None:
     """A world folder is built with one config; resuming with another would mix two worlds."""
     if world.config.is_file():
@@ -161,7 +153,7 @@ def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.P
         def save_vae(tmp):
             vae.save_pretrained(tmp)
             (tmp / "trained").write_text("1")
-        _save_dir_atomic(save_vae, vae_done)
+        toy_sdxl.write_dir_atomic(save_vae, vae_done)
     if _stage("unet", unet_done.is_file(), t0):
         photos = photos or make_dataset(cfg.base_identities, cfg.photos_per_identity, cfg.seed)
         pipe = toy_sdxl.load_pipeline(base)
@@ -174,7 +166,7 @@ def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.P
         def save_unet(tmp):
             ema.save_pretrained(tmp)
             (tmp / "trained").write_text("1")
-        _save_dir_atomic(save_unet, base / "unet")
+        toy_sdxl.write_dir_atomic(save_unet, base / "unet")
         world.checkpoint.unlink(missing_ok=True)
     if _stage("checkpoint", world.checkpoint.is_file(), t0):
         toy_sdxl.export_checkpoint(base, world.checkpoint, {"difflora_toyworld": json.dumps(cfg.to_dict())})
@@ -291,17 +283,10 @@ def run_dit(world: World, cfg: WorldConfig, face, image):
 
 
 def embed_encoders(src: Path, dst: Path, face, image) -> Path:
-    """The final hypernet carries its encoders so that nodes need no extra model (when the
-    hypernet file format supports it); otherwise it is the plain file."""
-    from .. import hypernet_file
+    """The final hypernet carries its encoders, so the nodes need no extra model."""
+    from ..hypernet_file import load_hypernet, save_hypernet
 
-    save = getattr(hypernet_file, "save_hypernet", None)
-    hn = hypernet_file.load_hypernet(src)
-    try:
-        save(hn, dst, face_encoder=face, image_encoder=image)
-    except TypeError:
-        shutil.copyfile(src, dst)
-    return dst
+    return save_hypernet(load_hypernet(src), dst, face_encoder=face, image_encoder=image)
 
 
 # What ships: the three files the demo and the tests need (30 MB at most in all).
