@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
           f"~0.26): personalized {ida:.2f}, base model {base_ida:.2f}")
     print(f"[demo] prompt accuracy (background, expression of '{harness_models.TOY_PROMPTS['10']['text']}'): "
           f"personalized {pa:.2f}, base model {base_pa:.2f}")
+    for label in ("personalized", "base"):
+        read = clf.predict_names(np.asarray(Image.open(results[label][0]).convert("RGB"))[None])[0]
+        print(f"[demo] read from the {label} image: " + ", ".join(
+            f"{name} {read[name]}{'' if read[name] == want else f' (is {want})'}"
+            for name, want in vars(identity).items()))
     return 0
 
 

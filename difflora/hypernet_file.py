@@ -143,7 +143,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _build_from_meta(path: Path, meta: dict) -> Hypernet:
+def _build_from_meta(path: Path, meta: dict, shapes: dict[str, tuple[int, ...]] | None = None) -> Hypernet:
     try:
         spec = LoraSpec.from_dict(meta["lora_spec"])
         # Parameters on meta (no random init of weights the file replaces); buffers stay real,
@@ -155,7 +155,8 @@ def _build_from_meta(path: Path, meta: dict) -> Hypernet:
                 DiTConfig.from_dict(meta["dit_config"]),
                 MIFConfig.from_dict(meta["mif_config"]),
                 EncoderSpec.from_dict(meta["encoders"]),
-                normalizer=WeightNormalizer.identity(spec.num_params),
+                normalizer=WeightNormalizer.identity(spec.num_params,
+                                                     (shapes or {}).get("norm.gauge_blocks", (0,))[0]),
             )
     except (KeyError, TypeError, ValueError) as e:
         raise HypernetFileError(f"{path.name}: its configs do not build a hypernet ({e}).") from e
@@ -222,7 +223,7 @@ def load_hypernet(
     none), on the CPU in float32."""
     path = Path(path)
     meta, shapes = read_header(path)
-    model = _build_from_meta(path, meta)
+    model = _build_from_meta(path, meta, shapes)
     _check_tensors(path, model, {k: v for k, v in shapes.items() if not k.startswith(CARRIED_PREFIX)})
     state, carried = {}, {}
     try:

@@ -45,21 +45,41 @@ def _segments(spec, P: int) -> list[tuple[int, int]]:
 class WeightNormalizer(nn.Module):
     """x_norm = (x - mean) / std with per-position float32 buffers `mean`, `std` of shape (P,)."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, gauge_reference: torch.Tensor | None = None,
+                 gauge_blocks: torch.Tensor | None = None):
         super().__init__()
         if mean.shape != std.shape or mean.dim() != 1:
             raise ValueError(f"mean and std must both be (P,), got {tuple(mean.shape)} and {tuple(std.shape)}")
         self.register_buffer("mean", mean.detach().to(torch.float32).clone())
         self.register_buffer("std", std.detach().to(torch.float32).clone())
+        # Optional (gauge.py): normalize() first rotates each layer towards this reference. Only
+        # registered when given, so files without it keep their exact tensors.
+        if (gauge_reference is None) != (gauge_blocks is None):
+            raise ValueError("gauge_reference and gauge_blocks go together")
+        self.register_buffer("gauge_reference", None if gauge_reference is None
+                             else gauge_reference.detach().to(torch.float32).clone())
+        self.register_buffer("gauge_blocks", None if gauge_blocks is None
+                             else gauge_blocks.detach().to(torch.int64).clone())
 
     @property
     def param_count(self) -> int:
         return self.mean.numel()
 
     @classmethod
-    def identity(cls, P: int) -> "WeightNormalizer":
-        """mean 0, std 1: a no-op normalizer (also the shape to `load_state_dict` into)."""
+    def identity(cls, P: int, gauge_layers: int = 0) -> "WeightNormalizer":
+        """mean 0, std 1: a no-op normalizer (also the shape to `load_state_dict` into; `gauge_layers`
+        > 0 adds the gauge buffers of that many layers)."""
+        if gauge_layers:
+            return cls(torch.zeros(P), torch.ones(P), torch.zeros(P), torch.zeros(gauge_layers, 4, dtype=torch.int64))
         return cls(torch.zeros(P), torch.ones(P))
+
+    def align(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., P) raw LoRAs in this normalizer's gauge (unchanged when it has none; dW never changes)."""
+        if self.gauge_reference is None:
+            return x
+        from .gauge import align_to_reference
+
+        return align_to_reference(x, self.gauge_reference, self.gauge_blocks)
 
     @classmethod
     @torch.no_grad()
@@ -100,15 +120,28 @@ class WeightNormalizer(nn.Module):
         std = var.clamp_min(0).sqrt().clamp_min(eps)
         return cls(mean.float(), std.float())
 
+    @classmethod
+    @torch.no_grad()
+    def fit_aligned(cls, chunks, spec, per: str = "position") -> "WeightNormalizer":
+        """`fit` after putting the training LoRAs in one gauge (gauge.py); `chunks()` yields (n, P)
+        batches each time it is called. normalize() then aligns every LoRA it is given."""
+        from .gauge import fit_reference, gauge_blocks
+
+        reference, blocks = fit_reference(chunks, spec), gauge_blocks(spec)
+        stats = cls.fit((cls(torch.zeros(1), torch.ones(1), reference, blocks).align(c) for c in chunks()),
+                        per=per, spec=spec)
+        return cls(stats.mean, stats.std, reference, blocks)
+
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[-1] != self.mean.numel():
             raise ValueError(f"vector length {x.shape[-1]} != normalizer length {self.mean.numel()}")
         return self.mean.to(x.device), self.std.to(x.device)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., P) raw -> normalized; computed in float32, returned in x's dtype."""
+        """(..., P) raw -> normalized (in this normalizer's gauge, if it has one); computed in float32,
+        returned in x's dtype."""
         mean, std = self._stats(x)
-        return ((x.float() - mean) / std).to(x.dtype)
+        return ((self.align(x).float() - mean) / std).to(x.dtype)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """(..., P) normalized -> raw; computed in float32, returned in x's dtype."""

@@ -53,13 +53,11 @@ def test_hypernet_carries_the_encoders_it_was_trained_with():
 
 @pytest.mark.comfy
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
-    "issue 7 is open: the committed world does not personalize yet. Measured on 16 held-out identities "
-    "(docs/toyworld_results): identity accuracy base 0.288, trained LoRA 0.310, predicted 0.294; the toy VAE "
-    "caps identity accuracy at ~0.50 and the LAE does not generalize (held-out dW error 1.03)."))
 def test_basic_workflow_personalizes_held_out_identities(comfy_server):
-    """Three held-out identities, one photo each, the shipped graph as the demo runs it: the mean
-    identity accuracy of the personalized images beats the base model's (same seeds)."""
+    """The first six held-out identities, one photo each, the shipped graph as the demo runs it with a
+    batch of four images: the mean identity accuracy of the personalized images beats the base model's
+    (same seeds) by a clear margin (measured over 16 identities in docs/TOYWORLD.md: +0.115 ± 0.018),
+    and the prompt is still followed about as well."""
     server = comfy_server
     # Under their own names (the session server's workflow names hold the tiny test models).
     models = harness_models.toy_models(server.base_dir / "toy_models")
@@ -71,18 +69,21 @@ def test_basic_workflow_personalizes_held_out_identities(comfy_server):
     scene = eval_scene(*harness_models.TOY_SCENE)
     workflow = json.loads((REPO / "workflows" / "difflora_basic.json").read_text())
     scores = {"personalized": [], "base": []}
-    for index in range(3):
+    for index in range(6):
         ref, identity = harness_models.toy_reference(server.input_dir, index, name=f"toy_reference_{index}.png")
         for label, strength in (("personalized", 1.0), ("base", 0.0)):
             prompt = ui_to_api(workflow, server.object_info(),
                                overrides={**harness_models.TOY_PROMPTS, **loaders, "2": {"image": ref.name}},
-                               class_overrides={**harness_models.TOY_RUN, "DiffLoRAApplyLora": {"strength": strength}})
+                               class_overrides={**harness_models.TOY_RUN, "DiffLoRAApplyLora": {"strength": strength},
+                                                "EmptyLatentImage": {**harness_models.TOY_RUN["EmptyLatentImage"],
+                                                                     "batch_size": 4}})
             prompt = {k: v for k, v in prompt.items() if v["class_type"] != "DiffLoRASaveLora"}
             images = server.output_paths(server.run(prompt, timeout=300))
-            assert len(images) == 1
-            img = np.asarray(Image.open(images[0]).convert("RGB"))
-            assert img.shape == (64, 64, 3)
-            scores[label].append((identity_accuracy(clf, img[None], identity),
-                                  prompt_accuracy(clf, img[None], scene)))
+            assert len(images) == 4
+            imgs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])
+            assert imgs.shape == (4, 64, 64, 3)
+            scores[label].append((identity_accuracy(clf, imgs, identity), prompt_accuracy(clf, imgs, scene)))
     personalized, base = np.mean(scores["personalized"], 0), np.mean(scores["base"], 0)
-    assert personalized[0] > base[0] + 0.1, scores
+    print(f"identity / prompt accuracy: personalized {personalized.round(3)}, base {base.round(3)}")
+    assert personalized[0] > base[0] + 0.05, scores
+    assert personalized[1] >= base[1] - 0.25, scores

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from difflora.toyworld.attributes import ALL_ATTRIBUTES, IDENTITY_ATTRIBUTES, SCENE_ATTRIBUTES
-from difflora.toyworld.render import (EXPRESSION_WORDS, Identity, Scene, caption, make_dataset,
+from difflora.toyworld.render import (EXPRESSION_WORDS, Identity, Scene, caption, describe, make_dataset,
                                       render, sample_identities, sample_identity, sample_scene,
                                       write_identity_folders)
 
@@ -104,6 +104,33 @@ def test_captions_name_scene_attributes_only():
     # The same scene gives the same caption whoever is in it.
     ds = make_dataset(5, 1, seed=2)
     assert [caption(sc) for sc in ds.scenes] == ds.captions
+
+
+def test_pretraining_captions_describe_only_the_person_in_the_photo():
+    """describe(): the scene caption, with a random subset of the person's own attribute values said
+    (never another value of the same attribute), seeded, and every attribute said some of the time."""
+    rng = np.random.default_rng(0)
+    said = {name: 0 for name in IDENTITY_ATTRIBUTES}
+    for _ in range(200):
+        person, scene = sample_identity(rng), sample_scene(rng)
+        text = describe(person, scene, rng)
+        assert text.startswith("a photo of a person") and text.endswith(caption(scene)[len("a photo of a person"):])
+        for name, vocab in IDENTITY_ATTRIBUTES.items():
+            value = getattr(person, name)
+            others = [v for v in vocab if v != value and v != "none"]
+            # words of another value of this attribute never appear (eye colours share no word with hair)
+            mentioned = re.search(rf"\b{value}\b", text) is not None
+            said[name] += mentioned and value != "none"
+            if name in ("eye_colour", "skin_tone", "face_shape", "glasses", "nose", "mouth"):
+                suffix = {"eye_colour": "eyes", "skin_tone": "skin", "face_shape": "face", "glasses": "glasses",
+                          "nose": "nose", "mouth": "mouth"}[name]
+                assert not any(re.search(rf"\b{o} {suffix}\b", text) for o in others), text
+    assert all(n > 20 for n in said.values()), said      # each attribute said in some captions...
+    assert all(n < 150 for n in said.values()), said     # ...and left unsaid in others
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    assert describe(BASE, Scene(), a) == describe(BASE, Scene(), b)
+    assert describe(BASE, Scene(background="pink"), np.random.default_rng(1), "a sks person").startswith(
+        "a photo of a sks person")
 
 
 def test_write_identity_folders(tmp_path):

@@ -95,7 +95,7 @@ TOY_CLIP_L_CONFIG = {"hidden_size": 32, "intermediate_size": 128, "num_hidden_la
                      "num_attention_heads": 2, "projection_dim": 32, "hidden_act": "quick_gelu"}
 TOY_CLIP_G_CONFIG = {**TOY_CLIP_L_CONFIG, "hidden_act": "gelu"}
 TOY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3,
-                    "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                    "ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [],
                     "dropout": 0.0}
 TOY_VAE_EMBED_DIM = 4
 

@@ -116,6 +116,33 @@ def caption(scene: Scene, subject: str = "a person") -> str:
            f"{EXPRESSION_WORDS[scene.expression]}"
 
 
+# How a pretraining caption words each identity attribute ("none" glasses go unsaid, as in real captions).
+DESCRIBE = {
+    "face_shape": "{} face", "skin_tone": "{} skin", "eye_colour": "{} eyes", "eye_spacing": "{}-set eyes",
+    "nose": "{} nose", "mouth": "{} mouth", "glasses": "{} glasses",
+}
+DESCRIBE_P = 0.5  # each identity attribute is named in about half of the captions
+
+
+def describe(identity: Identity, scene: Scene, rng: np.random.Generator, subject: str = "a person") -> str:
+    """A base-model pretraining caption: the scene caption, with a random subset of the person's
+    looks said after the subject ("a photo of a person with red curly hair, glasses, blue background,
+    smiling"). A real SDXL learned from captions that describe people; a base model that knows
+    "red hair" is what a DreamBooth LoRA binds a trigger word to. The random subset (and so the
+    varying token positions) also keeps the scene words readable wherever they stand."""
+    said = [n for n in DESCRIBE | {"hair_colour": 0, "hair_style": 0} if rng.random() < DESCRIBE_P]
+    words = []
+    hair = [getattr(identity, n) for n in ("hair_colour", "hair_style") if n in said]
+    if hair:
+        words.append(" ".join(hair).replace("bun", "bun-style") + " hair")
+    for name, template in DESCRIBE.items():
+        value = getattr(identity, name)
+        if name in said and not (name == "glasses" and value == "none"):
+            words.append(template.format(value))
+    who = f"{subject} with {', '.join(words)}" if words else subject
+    return caption(scene, who)
+
+
 def _shade(rgb, f: float) -> tuple[int, int, int]:
     return tuple(int(min(255, max(0, round(c * f)))) for c in rgb)
 

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from . import toy_sdxl
-from .render import Scene, caption, sample_identities
+from .render import Scene, caption, render, sample_identities
+from .train_base import reconstruct as reconstruct_photos
 
 log = logging.getLogger("difflora.toyworld")
 
@@ -122,6 +123,10 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
                  "trained": load_file(lora_path)}
         row = {"identity": name, "attributes": dataclasses.asdict(person),
                "train_seconds": train_seconds.get(name), "predict_seconds": predict_s}
+        # The ceiling: the same scenes rendered, then through the VAE (what any generation is decoded by).
+        decoded = reconstruct_photos(pipe.vae, np.stack([render(person, s) for s in scenes]), device)
+        row["vae_ceiling"] = {"identity_accuracy": identity_accuracy(clf, decoded, person),
+                              "prompt_accuracy": prompt_accuracy(clf, decoded, scenes)}
         images = {}
         for method in METHODS:
             imgs = generate(pipe, loras[method], prompts, seeds, steps, guidance)
@@ -139,7 +144,8 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
 
 
 def summarize(rows: list[dict]) -> dict:
-    out = {}
+    out = {"vae_ceiling": {k: float(np.mean([r["vae_ceiling"][k] for r in rows]))
+                           for k in ("identity_accuracy", "prompt_accuracy")}}
     for m in METHODS:
         ida = [r[m]["identity_accuracy"] for r in rows]
         pa = [r[m]["prompt_accuracy"] for r in rows]
@@ -177,6 +183,9 @@ def markdown(summary: dict, settings: dict, command: str) -> str:
         t = {"trained": secs["trained"], "predicted": secs["predicted"]}.get(m)
         lines.append(f"| {LABELS[m]} | {s['identity_accuracy']:.3f} ± {s['identity_accuracy_sem']:.3f} | "
                      f"{s['prompt_accuracy']:.3f} | {'' if t is None else f'{t:.2f}'} |")
+    ceiling = summary["vae_ceiling"]
+    lines.append(f"| (ceiling: the same scenes rendered, through the VAE) | {ceiling['identity_accuracy']:.3f} | "
+                 f"{ceiling['prompt_accuracy']:.3f} | |")
     lines += ["", "| target | value | goal |", "| --- | --- | --- |"]
     for k, v in summary["targets"].items():
         val = "n/a" if v["value"] is None else f"{v['value']:.3f}"

@@ -69,13 +69,15 @@ VAE_CONFIG = {  # diffusers AutoencoderKL(**VAE_CONFIG)
     "in_channels": 3, "out_channels": 3, "latent_channels": 4,
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [32, 32, 64, 64],
+    # Wider below the top level: at 32 -> 32 channels every level lost colours and faces (held-out
+    # identity accuracy of reconstructions 0.46); 64/128 below reached 0.52 at equal cost (crops).
+    "block_out_channels": [32, 64, 128, 128],
     "layers_per_block": 1, "norm_num_groups": 32,
     "sample_size": IMAGE_SIZE, "scaling_factor": SDXL_LATENT_SCALE,
 }
 # The same VAE as ComfyUI's ldm AutoencoderKL ddconfig (its stock detection assumes ch 128).
 COMFY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": IMAGE_SIZE, "in_channels": 3, "out_ch": 3,
-                      "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                      "ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [],
                       "dropout": 0.0}
 
 SCHEDULER_CONFIG = {  # SDXL base's scheduler config (Euler, epsilon, scaled-linear betas)

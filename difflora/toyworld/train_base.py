@@ -81,6 +81,19 @@ def fold_latent_scale(vae, pixels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def reconstruct(vae, images: np.ndarray, device: str = "cpu", batch: int = 128) -> np.ndarray:
+    """Photos (N, H, W, 3) uint8 through the VAE and back (latent means): what a generated image
+    looks like at best, so the attribute classifier learns to read the decoder's pictures too."""
+    vae.to(device).eval()
+    out = []
+    for i in range(0, len(images), batch):
+        x = vae.decode(vae.encode(to_pixels(images[i:i + batch]).to(device)).latent_dist.mean).sample
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    vae.cpu()
+    return np.concatenate(out)
+
+
+@torch.no_grad()
 def encode_latents(vae, images: np.ndarray, device: str = "cpu", batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent mean and std of every photo, unscaled (N, 4, 8, 8) each."""
     vae.to(device).eval()
@@ -95,12 +108,14 @@ def encode_latents(vae, images: np.ndarray, device: str = "cpu", batch: int = 12
 
 @torch.no_grad()
 def encode_captions(pipe, captions: list[str], device: str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each distinct caption once through the pipeline's own SDXL prompt encoding."""
+    """Each distinct caption once through the pipeline's own SDXL prompt encoding (in batches)."""
     out = {}
-    for text in sorted(set(captions)):
-        e, _, p, _ = pipe.encode_prompt(text, device=device, num_images_per_prompt=1,
+    texts = sorted(set(captions))
+    for i in range(0, len(texts), 256):
+        chunk = texts[i:i + 256]
+        e, _, p, _ = pipe.encode_prompt(chunk, device=device, num_images_per_prompt=1,
                                         do_classifier_free_guidance=False)
-        out[text] = (e[0].float().cpu(), p[0].float().cpu())
+        out.update({t: (e[k].float().cpu(), p[k].float().cpu()) for k, t in enumerate(chunk)})
     return out
 
 
@@ -111,10 +126,12 @@ def time_ids(n: int) -> torch.Tensor:
 
 def train_unet(unet, latent_mean: torch.Tensor, latent_std: torch.Tensor, captions: list[str],
                prompt_embeds: dict[str, tuple[torch.Tensor, torch.Tensor]], *, steps: int, batch_size: int = 32,
-               lr: float = 5e-4, uncond_prob: float = 0.1, ema_decay: float = 0.999, seed: int = 0,
-               device: str = "cpu", progress: Progress | None = None):
-    """Train the UNet in place; returns the EMA copy (the weights to keep)."""
+               lr: float = 5e-4, uncond_prob: float = 0.1, ema_decay: float = 0.999, snr_gamma: float = 5.0,
+               seed: int = 0, device: str = "cpu", progress: Progress | None = None):
+    """Train the UNet in place; returns the EMA copy (the weights to keep). `snr_gamma` > 0 weights
+    the loss by min-SNR (Hang et al. 2023), which converges several times faster than plain MSE."""
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
 
     noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     alphas = noise_sched.alphas_cumprod
@@ -140,7 +157,11 @@ def train_unet(unet, latent_mean: torch.Tensor, latent_std: torch.Tensor, captio
         cap = torch.where(torch.rand(batch_size, generator=gen) < uncond_prob, empty, which[idx])
         pred = unet(noisy.to(device), t.to(device), embeds[cap].to(device),
                     added_cond_kwargs={"text_embeds": pooled[cap].to(device), "time_ids": ids}).sample
-        loss = F.mse_loss(pred, noise.to(device))
+        loss = F.mse_loss(pred, noise.to(device), reduction="none").mean(dim=(1, 2, 3))
+        if snr_gamma > 0:  # epsilon target: weight min(SNR, gamma) / SNR
+            snr = compute_snr(noise_sched, t)
+            loss = loss * (snr.clamp(max=snr_gamma) / snr).to(device)
+        loss = loss.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()

@@ -109,6 +109,8 @@ class LAETrainConfig(LoopConfig):
     dw_term: float = opt(0.0, "Weight of the extra dW = B.A reconstruction term.")
     norm_per: str = opt("layer", "Normalization statistics per layer (robust with few LoRAs) or per position.",
                         choices=("layer", "position"))
+    align_gauge: bool = opt(True, "Rotate every LoRA's layers into one shared gauge before normalizing (dW unchanged; "
+                                  "difflora/gauge.py): the canonical SVD basis jitters between similar LoRAs.")
 
 
 @dataclass

@@ -36,15 +36,22 @@ class LAEStage:
         self.train_items, self.val_items = [pos[n] for n in train], [pos[n] for n in val]
         self.num_train = len(train)
         # Statistics of the training split only (streamed): held-out LoRAs must not leak into them.
-        self.normalizer = WeightNormalizer.fit(data.chunks(self.train_items), per=cfg.norm_per, spec=self.spec)
+        if cfg.align_gauge:
+            self.normalizer = WeightNormalizer.fit_aligned(lambda: data.chunks(self.train_items), self.spec,
+                                                           per=cfg.norm_per)
+        else:
+            self.normalizer = WeightNormalizer.fit(data.chunks(self.train_items), per=cfg.norm_per, spec=self.spec)
         torch.manual_seed(cfg.seed)
         self.model = LoraAutoencoder(LAE_CONFIGS[cfg.size](self.spec.num_params))
         log.info("LAE %s: %d train / %d held-out LoRAs of %s; latent %s, %.1fx compression.", cfg.size,
                  len(train), len(val), self.spec.describe(), self.model.latent_shape, self.model.compression_ratio)
 
     def _batch(self, raw: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = raw.to(device)
-        return self.normalizer.to(device).normalize(raw), raw
+        """(normalized, raw) with raw in the normalizer's gauge: the targets the reconstruction is
+        compared with entry by entry (dW is the same in every gauge)."""
+        norm = self.normalizer.to(device)
+        raw = norm.align(raw.to(device))
+        return norm.normalize(raw), raw
 
     def loss(self, model, idx, generator):
         raw = self.data.rows([self.train_items[int(i)] for i in idx])                   # (B, P)
@@ -110,7 +117,8 @@ def load_lae_final(path: str | Path):
     cfg = LAEConfig.from_dict(json.loads(meta["lae_config"]))
     model = LoraAutoencoder(cfg)
     model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("lae.")})
-    norm = WeightNormalizer(tensors["norm.mean"], tensors["norm.std"])
+    norm = WeightNormalizer(tensors["norm.mean"], tensors["norm.std"], tensors.get("norm.gauge_reference"),
+                            tensors.get("norm.gauge_blocks"))
     return model.eval(), norm, LoraSpec.from_dict(json.loads(meta["lora_spec"])), json.loads(meta["split"])
 
 
