@@ -3,9 +3,11 @@
 Stages, each writing its outputs atomically into the world folder so a stopped build resumes at
 the first unfinished stage (identity-loras and the lae/dit loops also resume inside a stage):
 
-  classifier      attribute classifier (the measuring instrument)    classifier.safetensors
+  vae             the toy SDXL's VAE, trained from scratch            base/vae
+  classifier      attribute classifier (the measuring instrument),   classifier.safetensors
+                  on renders and their VAE reconstructions
   encoders        toy-face and toy-image embeddings                  toy_face / toy_image.safetensors
-  vae, unet       the toy SDXL base, trained from scratch            base/ (diffusers), toy_sdxl.safetensors
+  unet            the toy SDXL's UNet, on described captions         base/ (diffusers), toy_sdxl.safetensors
   data            identity folders with trigger captions             data/train, data/heldout
   identity-loras  one DreamBooth LoRA per identity (project trainer) loras/train, loras/heldout
   lae, dit        LoRA autoencoder, DiT + MIF (project trainers)     lae/, dit/, hypernet.safetensors
