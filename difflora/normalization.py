@@ -125,11 +125,10 @@ class WeightNormalizer(nn.Module):
     def fit_aligned(cls, chunks, spec, per: str = "position") -> "WeightNormalizer":
         """`fit` after putting the training LoRAs in one gauge (gauge.py); `chunks()` yields (n, P)
         batches each time it is called. normalize() then aligns every LoRA it is given."""
-        from .gauge import fit_reference, gauge_blocks
+        from .gauge import align_to_reference, fit_reference, gauge_blocks
 
         reference, blocks = fit_reference(chunks, spec), gauge_blocks(spec)
-        stats = cls.fit((cls(torch.zeros(1), torch.ones(1), reference, blocks).align(c) for c in chunks()),
-                        per=per, spec=spec)
+        stats = cls.fit((align_to_reference(c, reference, blocks) for c in chunks()), per=per, spec=spec)
         return cls(stats.mean, stats.std, reference, blocks)
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
