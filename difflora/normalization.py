@@ -139,8 +139,12 @@ class WeightNormalizer(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(..., P) raw -> normalized (in this normalizer's gauge, if it has one); computed in float32,
         returned in x's dtype."""
+        return self.standardize(self.align(x))
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., P) raw LoRAs already in this normalizer's gauge -> normalized (no alignment)."""
         mean, std = self._stats(x)
-        return ((self.align(x).float() - mean) / std).to(x.dtype)
+        return ((x.float() - mean) / std).to(x.dtype)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """(..., P) normalized -> raw; computed in float32, returned in x's dtype."""

@@ -223,10 +223,17 @@ def render_pool(n_identities: int, images_per_identity: int, seed: int,
     """Render a training / evaluation pool (identities ``first_identity`` onwards)."""
     from .render import make_dataset
 
-    ds = make_dataset(n_identities, images_per_identity, seed, size=size,
-                      first_identity=first_identity)
-    return TrainPool(to_batch(ds.images, size), torch.from_numpy(ds.all_labels()),
-                     torch.from_numpy(ds.identity_ids))
+    return pool_from_dataset(make_dataset(n_identities, images_per_identity, seed, size=size,
+                                          first_identity=first_identity))
+
+
+def pool_from_dataset(ds, *image_sets: np.ndarray) -> TrainPool:
+    """A render.ToyDataset as a TrainPool; `image_sets` (default: its own images), each (N, H, W, 3)
+    and labelled as the data set (e.g. the photos and their VAE reconstructions), are stacked."""
+    sets = image_sets or (ds.images,)
+    labels, ids = torch.from_numpy(ds.all_labels()), torch.from_numpy(ds.identity_ids)
+    return TrainPool(to_batch(np.concatenate(sets), ds.images.shape[1]), labels.repeat(len(sets), 1),
+                     ids.repeat(len(sets)))
 
 
 def cosine_lr(step: int, steps: int, lr: float, warmup: int) -> float:

@@ -126,11 +126,11 @@ DESCRIBE_P = 0.5  # each identity attribute is named in about half of the captio
 
 def describe(identity: Identity, scene: Scene, rng: np.random.Generator, subject: str = "a person") -> str:
     """A base-model pretraining caption: the scene caption, with a random subset of the person's
-    looks said after the subject ("a photo of a person with red curly hair, glasses, blue background,
-    smiling"). A real SDXL learned from captions that describe people; a base model that knows
+    looks said after the subject ("a photo of a person with red curly hair, round glasses, blue
+    background, smiling"). A real SDXL learned from captions that describe people; a base model that knows
     "red hair" is what a DreamBooth LoRA binds a trigger word to. The random subset (and so the
     varying token positions) also keeps the scene words readable wherever they stand."""
-    said = [n for n in DESCRIBE | {"hair_colour": 0, "hair_style": 0} if rng.random() < DESCRIBE_P]
+    said = [n for n in (*DESCRIBE, "hair_colour", "hair_style") if rng.random() < DESCRIBE_P]
     words = []
     hair = [getattr(identity, n) for n in ("hair_colour", "hair_style") if n in said]
     if hair:

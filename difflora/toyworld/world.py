@@ -120,9 +120,7 @@ def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.P
                 processes: int = 1) -> World:
     """Run every unfinished stage; returns the world's paths. `processes` > 1 trains the identity
     LoRAs under `accelerate launch` with that many CPU processes (identities are independent)."""
-    import numpy as np
-
-    from .attributes import TrainPool, save_classifier, to_batch, train_attribute_classifier
+    from .attributes import pool_from_dataset, save_classifier, train_attribute_classifier
     from .identity_encoder import load_encoder, save_encoder, train_encoder
     from .render import make_dataset
     from .train_base import (ProgressPrinter, encode_captions, encode_latents, reconstruct, train_unet,
@@ -162,15 +160,11 @@ def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.P
 
         ds = base_photos()
         decoded = reconstruct(AutoencoderKL.from_pretrained(vae_done, local_files_only=True), ds.images, cfg.device)
-        labels, ids = torch.from_numpy(ds.all_labels()), torch.from_numpy(ds.identity_ids)
-        pool = TrainPool(to_batch(np.concatenate([ds.images, decoded])), torch.cat([labels, labels]),
-                         torch.cat([ids, ids]))
+        pool = pool_from_dataset(ds, ds.images, decoded)
         save_classifier(train_attribute_classifier(cfg.classifier_steps, cfg.seed, pool=pool), world.classifier)
     for kind, path in (("toy-face", world.face), ("toy-image", world.image)):
         if _stage(f"encoder {kind}", path.is_file(), t0):
-            ds = base_photos()
-            pool = TrainPool(to_batch(ds.images), torch.from_numpy(ds.all_labels()), torch.from_numpy(ds.identity_ids))
-            save_encoder(train_encoder(kind, cfg.encoder_steps, cfg.seed, pool=pool), path)
+            save_encoder(train_encoder(kind, cfg.encoder_steps, cfg.seed, pool=pool_from_dataset(base_photos())), path)
 
     if _stage("unet", unet_done.is_file(), t0):
         pipe = toy_sdxl.load_pipeline(base)

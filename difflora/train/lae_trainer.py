@@ -51,7 +51,7 @@ class LAEStage:
         compared with entry by entry (dW is the same in every gauge)."""
         norm = self.normalizer.to(device)
         raw = norm.align(raw.to(device))
-        return norm.normalize(raw), raw
+        return norm.standardize(raw), raw
 
     def loss(self, model, idx, generator):
         raw = self.data.rows([self.train_items[int(i)] for i in idx])                   # (B, P)
