@@ -19,17 +19,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .normalization import layer_blocks
-
-
-def gauge_blocks(spec) -> torch.Tensor:
-    """(L, 4) int64: offset, rank, in_features, out_features of each layer in the flat vector."""
-    return torch.tensor([[off, r, i, o] for _, off, r, i, o in layer_blocks(spec)], dtype=torch.int64)
-
 
 def align_to_reference(x: torch.Tensor, reference: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """(..., P) flat LoRAs -> the same LoRAs with each layer's factors rotated towards `reference`'s
-    down-projections (reference: (P,), only its down entries are read). Computed in float64."""
+    down-projections (reference: (P,), only its down entries are read). `blocks` is the layout as
+    `LoraSpec.block_table()` gives it (a normalizer stores it beside its reference). Computed in float64."""
     lead, dtype = x.shape[:-1], x.dtype
     x = x.reshape(-1, x.shape[-1]).double()
     ref = reference.to(x.device, torch.float64)
@@ -49,7 +43,7 @@ def fit_reference(chunks: Callable[[], Iterable[torch.Tensor]], spec, rounds: in
     """The shared reference (P,) of a training set, streamed: `chunks()` yields (n, P) batches each
     time it is called. Starts from the first LoRA, then `rounds` times takes the mean of the set
     aligned to the current reference."""
-    blocks = gauge_blocks(spec)
+    blocks = spec.block_table()
     reference = next(iter(chunks()))[0].double()
     for _ in range(rounds):
         total, n = None, 0

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .normalization import layer_blocks
 
 
 @dataclass
@@ -193,12 +192,11 @@ def dw_relative_error(x_hat: torch.Tensor, x: torch.Tensor, spec) -> torch.Tenso
     Never forms the (out, in) products: M = [up_hat, -up] @ [down_hat; down] has rank 2r, and
     ||M||_F^2 = sum((M_u^T M_u) * (M_d M_d^T)) over (2r, 2r) Gram matrices. spec.scale cancels.
     """
-    B, blocks = x.shape[0], layer_blocks(spec)
-    sizes = [n for _, _, r, i, o in blocks for n in (r * i, o * r)]
+    B, sizes = x.shape[0], spec.factor_sizes()
     # One split instead of 2 x 560 slices: each slice's backward would write a full (B, P) gradient.
     parts_hat, parts = x_hat.float().split(sizes, -1), x.float().split(sizes, -1)
     err, ref = x.new_zeros(B, dtype=torch.float32), x.new_zeros(B, dtype=torch.float32)
-    for k, (_, _, r, i, o) in enumerate(blocks):
+    for k, (_, _, r, i, o) in enumerate(spec.blocks):
         down_hat, down = parts_hat[2 * k].reshape(B, r, i), parts[2 * k].reshape(B, r, i)
         up_hat, up = parts_hat[2 * k + 1].reshape(B, o, r), parts[2 * k + 1].reshape(B, o, r)
         mu, md = torch.cat([up_hat, -up], -1), torch.cat([down_hat, down], -2)  # (B, o, 2r), (B, 2r, i)

@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
@@ -142,6 +142,25 @@ class LoraLayer:
         return rank * (self.in_features + self.out_features)
 
 
+class FlatBlock(NamedTuple):
+    """One layer's place in the flat vector: `down` is x[down], `up` is x[up]."""
+
+    name: str
+    offset: int
+    rank: int
+    in_features: int
+    out_features: int
+
+    @property
+    def down(self) -> slice:
+        return slice(self.offset, self.offset + self.rank * self.in_features)
+
+    @property
+    def up(self) -> slice:
+        mid = self.offset + self.rank * self.in_features
+        return slice(mid, mid + self.rank * self.out_features)
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """Which layers a LoRA has, at what rank/alpha, in canonical order.
@@ -189,22 +208,36 @@ class LoraSpec:
     def __contains__(self, name: object) -> bool:
         return name in self._index
 
+    # The flat LoRA vector's layout, written once here and read by lora_weights, the LAE's dW
+    # error, the normalizer and the gauge: layers in canonical order, each `down` (r, in)
+    # row-major, then `up` (out, r) row-major.
     @cached_property
+    def blocks(self) -> tuple[FlatBlock, ...]:
+        """Where each layer's factors sit in the flat vector."""
+        out, pos = [], 0
+        for layer in self.layers:
+            out.append(FlatBlock(layer.name, pos, self.rank, layer.in_features, layer.out_features))
+            pos += layer.num_params(self.rank)
+        return tuple(out)
+
+    @property
     def offsets(self) -> tuple[int, ...]:
         """Start of each layer in the flat vector, plus the total length at the end."""
-        out, pos = [0], 0
-        for layer in self.layers:
-            pos += layer.num_params(self.rank)
-            out.append(pos)
-        return tuple(out)
+        return tuple(b.offset for b in self.blocks) + (self.num_params,)
 
     def layer_slices(self) -> dict[str, tuple[slice, slice]]:
         """name -> (slice of `down` (r*in, row-major), slice of `up` (out*r)) in the flat vector."""
-        r, out = self.rank, {}
-        for layer, start in zip(self.layers, self.offsets):
-            mid = start + r * layer.in_features
-            out[layer.name] = (slice(start, mid), slice(mid, mid + layer.out_features * r))
-        return out
+        return {b.name: (b.down, b.up) for b in self.blocks}
+
+    def factor_sizes(self) -> list[int]:
+        """Lengths of the (down, up, down, up, ...) runs the flat vector splits into."""
+        return [n for b in self.blocks for n in (b.down.stop - b.down.start, b.up.stop - b.up.start)]
+
+    def block_table(self) -> torch.Tensor:
+        """(L, 4) int64 rows (offset, rank, in_features, out_features): the layout as a tensor, as
+        a normalizer stores it (gauge.py) so a file can be checked against its own spec."""
+        return torch.tensor([[b.offset, b.rank, b.in_features, b.out_features] for b in self.blocks],
+                            dtype=torch.int64).reshape(-1, 4)
 
     # ---- identity -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

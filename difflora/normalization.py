@@ -1,7 +1,6 @@
 """Normalization statistics of the training LoRAs (method.md section 1).
 
-The flat LoRA vector (layout in docs/ARCHITECTURE.md: per layer, `down` (r, in) row-major then
-`up` (out, r) row-major) spans orders of magnitude between layers, so the LAE sees
+The flat LoRA vector (its layout is `LoraSpec.blocks`) spans orders of magnitude between layers, so the LAE sees
 (x - mean) / std. Statistics are always stored per position (buffers of shape (P,)), whatever
 mode fitted them, so normalize / denormalize are one broadcast and the file format has one form.
 """
@@ -13,31 +12,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-
-def layer_blocks(spec) -> list[tuple[str, int, int, int, int]]:
-    """(name, offset, rank, in_features, out_features) of each layer in the flat vector.
-
-    Duck-typed on `spec.layers` (each with `name`, `in_features`, `out_features`) and `spec.rank`,
-    so it needs nothing from lora_spec.py. The layer's `down` is x[off : off + r*in] and its
-    `up` is x[off + r*in : off + r*(in + out)].
-    """
-    blocks, off, r = [], 0, int(spec.rank)
-    for layer in spec.layers:
-        i, o = int(layer.in_features), int(layer.out_features)
-        blocks.append((getattr(layer, "name", str(len(blocks))), off, r, i, o))
-        off += r * (i + o)
-    return blocks
+from .gauge import align_to_reference, fit_reference
 
 
 def _segments(spec, P: int) -> list[tuple[int, int]]:
     """(start, end) of each (layer, factor) block: down and up get their own statistics because
     their entries have different scales (in the SVD form ~sqrt(s/in) vs ~sqrt(s/out))."""
-    segs = []
-    for _, off, r, i, o in layer_blocks(spec):
-        segs += [(off, off + r * i), (off + r * i, off + r * (i + o))]
-    if not segs or segs[-1][1] != P:
-        end = segs[-1][1] if segs else 0
-        raise ValueError(f"spec describes {end} parameters but the vectors have {P}; "
+    segs = [(s.start, s.stop) for b in spec.blocks for s in (b.down, b.up)]
+    if spec.num_params != P:
+        raise ValueError(f"spec describes {spec.num_params} parameters but the vectors have {P}; "
                          "fit the normalizer with the spec the LoRAs were flattened with")
     return segs
 
@@ -77,8 +60,6 @@ class WeightNormalizer(nn.Module):
         """(..., P) raw LoRAs in this normalizer's gauge (unchanged when it has none; dW never changes)."""
         if self.gauge_reference is None:
             return x
-        from .gauge import align_to_reference
-
         return align_to_reference(x, self.gauge_reference, self.gauge_blocks)
 
     @classmethod
@@ -125,9 +106,7 @@ class WeightNormalizer(nn.Module):
     def fit_aligned(cls, chunks, spec, per: str = "position") -> "WeightNormalizer":
         """`fit` after putting the training LoRAs in one gauge (gauge.py); `chunks()` yields (n, P)
         batches each time it is called. normalize() then aligns every LoRA it is given."""
-        from .gauge import align_to_reference, fit_reference, gauge_blocks
-
-        reference, blocks = fit_reference(chunks, spec), gauge_blocks(spec)
+        reference, blocks = fit_reference(chunks, spec), spec.block_table()
         stats = cls.fit((align_to_reference(c, reference, blocks) for c in chunks()), per=per, spec=spec)
         return cls(stats.mean, stats.std, reference, blocks)
 

@@ -4,7 +4,7 @@ of the canonical form, and travel with the normalizer into the LAE and hypernet 
 import pytest
 import torch
 
-from difflora.gauge import align_to_reference, fit_reference, gauge_blocks
+from difflora.gauge import align_to_reference, fit_reference
 from difflora.lora_spec import LoraLayer, LoraSpec
 from difflora.lora_weights import canonicalize_layers, delta_weight, flatten, random_lora_layers, unflatten
 from difflora.normalization import WeightNormalizer
@@ -38,7 +38,7 @@ def dws(vec):
 def test_alignment_keeps_every_layer_delta_and_factor_norms():
     x = loras(5)
     ref = fit_reference(lambda: iter([x]), SPEC)
-    aligned = align_to_reference(x, ref, gauge_blocks(SPEC))
+    aligned = align_to_reference(x, ref, SPEC.block_table())
     assert aligned.shape == x.shape and aligned.dtype == x.dtype
     for a, b in zip(aligned, x):
         for name, dw in dws(b).items():
@@ -51,7 +51,7 @@ def test_alignment_keeps_every_layer_delta_and_factor_norms():
 def test_the_gauge_is_removed_and_alignment_is_idempotent():
     x = loras(4, seed=1)
     ref = fit_reference(lambda: iter([x[:2], x[2:]]), SPEC)
-    blocks = gauge_blocks(SPEC)
+    blocks = SPEC.block_table()
     one = x[0]
     copies = torch.stack([one] + [rotated(one, s) for s in range(3)])
     assert (copies[1] - copies[0]).abs().max() > 1e-2                      # different factor vectors...

@@ -3,34 +3,21 @@
 import json
 import resource
 import time
-from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from difflora.lae import LAE_CONFIGS, LAEConfig, LoraAutoencoder, dw_relative_error, weight_preserved_loss
-from difflora.normalization import WeightNormalizer, layer_blocks
+from difflora.lora_spec import LoraLayer, LoraSpec
+from difflora.normalization import WeightNormalizer
 
 SDXL_R4_PARAMS = 5_806_080
 
 
-# A duck-typed stand-in for LoraSpec (lae/normalization only read .rank and .layers[*].in/out_features).
-@dataclass(frozen=True)
-class _Layer:
-    name: str
-    in_features: int
-    out_features: int
-
-
-@dataclass(frozen=True)
-class _Spec:
-    rank: int
-    layers: tuple
-
-
-SPEC = _Spec(2, tuple(_Layer(f"l{i}", fi, fo) for i, (fi, fo) in enumerate([(16, 16)] * 4 + [(8, 16)] * 2)))
-P = sum(SPEC.rank * (l.in_features + l.out_features) for l in SPEC.layers)  # 352
+SPEC = LoraSpec("test", 2, 2.0, tuple(LoraLayer(f"l{i}", fi, fo)
+                                     for i, (fi, fo) in enumerate([(16, 16)] * 4 + [(8, 16)] * 2)))
+P = SPEC.num_params  # 352
 
 
 def random_factors(n, gen, scale=0.1):
@@ -100,14 +87,14 @@ def test_dw_term_matches_explicit_products_and_ignores_gauge():
     g = torch.Generator().manual_seed(1)
     x, x_hat = random_factors(3, g), random_factors(3, g)
     err = ref = 0
-    for _, off, r, i, o in layer_blocks(SPEC):
+    for _, off, r, i, o in SPEC.blocks:
         dw = lambda v: v[:, off + r * i:off + r * (i + o)].view(-1, o, r) @ v[:, off:off + r * i].view(-1, r, i)
         err = err + ((dw(x_hat) - dw(x)) ** 2).sum((1, 2))
         ref = ref + (dw(x) ** 2).sum((1, 2))
     torch.testing.assert_close(dw_relative_error(x_hat, x, SPEC), err / ref, rtol=1e-4, atol=1e-6)
     # (up M)(M^-1 down) is the same LoRA: zero dW error although the factors differ.
     y = x.clone()
-    for _, off, r, i, o in layer_blocks(SPEC):
+    for _, off, r, i, o in SPEC.blocks:
         M = torch.randn(r, r, generator=g) + 3 * torch.eye(r)
         y[:, off:off + r * i] = (torch.linalg.inv(M) @ x[:, off:off + r * i].view(-1, r, i)).flatten(1)
         y[:, off + r * i:off + r * (i + o)] = (x[:, off + r * i:off + r * (i + o)].view(-1, o, r) @ M).flatten(1)
@@ -159,7 +146,7 @@ def test_normalizer_roundtrip_identity_and_streaming():
 def test_normalizer_per_layer_fit():
     g = torch.Generator().manual_seed(4)
     raw = random_factors(30, g)
-    blocks = layer_blocks(SPEC)
+    blocks = SPEC.blocks
     for k, (_, off, r, i, o) in enumerate(blocks):  # a distinct scale per layer and factor
         raw[:, off:off + r * i] *= 1 + k
         raw[:, off + r * i:off + r * (i + o)] = raw[:, off + r * i:off + r * (i + o)] * 0.1 + k

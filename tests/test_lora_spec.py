@@ -147,6 +147,17 @@ def test_layer_slices_cover_the_flat_vector():
         assert d.stop == u.start and u.stop == d2.start
 
 
+def test_one_layout_serves_every_view():
+    spec = LoraSpec.sdxl()
+    table = spec.block_table()
+    assert table.shape == (spec.num_layers, 4) and table.dtype == torch.int64
+    assert sum(spec.factor_sizes()) == spec.num_params == spec.offsets[-1]
+    for b, row, (name, (d, u)) in zip(spec.blocks, table.tolist(), spec.layer_slices().items()):
+        assert b.name == name and (b.down, b.up) == (d, u)
+        assert row == [b.offset, spec.rank, b.in_features, b.out_features]
+        assert d.stop - d.start == spec.rank * b.in_features and u.stop - u.start == spec.rank * b.out_features
+
+
 def test_check_compatible_names_the_difference(unet):
     spec = LoraSpec.sdxl()
     spec.check_compatible(LoraSpec.from_dict(spec.to_dict()))
