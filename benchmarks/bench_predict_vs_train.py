@@ -29,9 +29,9 @@ import torch
 from common import describe, device_info, print_table, time_it, write_json
 from PIL import Image
 
-from difflora.encoders import encode_references, load_face_encoder, load_image_encoder
+from difflora.encoders import load_face_encoder, load_image_encoder
 from difflora.hypernet_file import load_hypernet
-from difflora.pipeline import predict_lora
+from difflora.pipeline import features_from_images, predict_lora
 
 
 def identity_folder(folder: Path) -> list[Path]:
@@ -119,8 +119,8 @@ def main(argv=None):
         load_s = time.perf_counter() - t0
 
         def predict():
-            refs = encode_references([str(p) for p in photos], face, image)
-            return predict_lora(hn, refs.face, refs.image, steps=a.lora_steps)
+            return predict_lora(hn, features_from_images(hn, [str(p) for p in photos], face, image),
+                                steps=a.lora_steps)
 
         pred = time_it(predict, a.repeats, 1, a.device)
         print(f"  predicted in {pred['median_s']:.3f} s (median of {a.repeats}; hypernet load {load_s:.2f} s)")

@@ -29,14 +29,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _scores(clf, image: Path, identity, scene) -> tuple[float, float]:
-    from difflora.toyworld.attributes import identity_accuracy, prompt_accuracy
+    from difflora_toyworld.attributes import identity_accuracy, prompt_accuracy
 
     img = np.asarray(Image.open(image).convert("RGB"))[None]
     return identity_accuracy(clf, img, identity), prompt_accuracy(clf, img, scene)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from difflora.toyworld.results import eval_scene
+    from difflora_toyworld.results import eval_scene
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workflow", default=str(REPO / "workflows" / "difflora_basic.json"))
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (results.get("personalized") and results.get("base") and loras):
         print("[demo] failed: the graph saved no image or no LoRA", file=sys.stderr)
         return 1
-    from difflora.toyworld.attributes import load_classifier
+    from difflora_toyworld.attributes import load_classifier
 
     clf = load_classifier(harness_models.toy_asset(harness_models.TOY_CLASSIFIER))
     ida, pa = _scores(clf, results["personalized"][0], identity, scene)

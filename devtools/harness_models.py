@@ -133,8 +133,8 @@ def install_toy(server, models: dict[str, Path]) -> None:
 def toy_reference(folder: str | Path, index: int = 0, seed: int = 0, name: str = "reference.png"):
     """reference.png: photo 0 of held-out identity `index` of the committed world (an identity no
     model was trained on), as the world's identity-loras data has it. Returns (path, identity)."""
-    from difflora.toyworld.render import iter_dataset
-    from difflora.toyworld.world import HELDOUT_FIRST
+    from difflora_toyworld.render import iter_dataset
+    from difflora_toyworld.world import HELDOUT_FIRST
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

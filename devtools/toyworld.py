@@ -4,7 +4,7 @@
     python -m devtools.toyworld results [--world .cache/toyworld]   # results.md / .json / grid.png
     python -m devtools.toyworld export  [--world .cache/toyworld]   # -> assets/toyworld + manifest
 
-`build` is `python -m difflora.toyworld build` with the test harness's ComfyUI supplying CLIP's
+`build` is `python -m difflora_toyworld build` with the test harness's ComfyUI supplying CLIP's
 tokenizer files (so prompts tokenize exactly as in ComfyUI).
 """
 
@@ -37,7 +37,7 @@ def update_manifest(files: dict[str, Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from difflora.toyworld.__main__ import main as toyworld_main
+    from difflora_toyworld.__main__ import main as toyworld_main
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("command", choices=("build", "results", "export"))
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     if a.command == "results":
         return toyworld_main(["results", "--world", a.world, *rest])
-    from difflora.toyworld.world import export_artifacts
+    from difflora_toyworld.world import export_artifacts
 
     files = export_artifacts(a.world, ASSETS)
     update_manifest(files)

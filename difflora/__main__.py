@@ -91,6 +91,8 @@ def _inspect_lora(path: Path) -> int:
     """Second chance: is it a LoRA file? Print what it holds, or why it is unreadable."""
     from safetensors import safe_open
 
+    from .pipeline import LORA_META_KEYS
+
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         return 1
     try:
@@ -107,7 +109,7 @@ def _inspect_lora(path: Path) -> int:
         return 1
     style = "kohya" if any(k.endswith("lora_down.weight") for k in downs) else "peft/diffusers"
     print(f"LoRA file {path.name}: {len(downs)} layers ({style} keys), rank {sorted(ranks)}")
-    for k in ("difflora_hypernet", "difflora_seed", "difflora_steps", "difflora_spec_hash"):
+    for k in LORA_META_KEYS:
         if k in meta:
             print(f"  {k}: {meta[k]}")
     return 0

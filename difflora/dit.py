@@ -8,7 +8,6 @@ embedding is a fixed 1D sinusoid; the output is the clean latent x0 (no learned 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -16,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_dict import ConfigDict
+
 
 @dataclass
-class DiTConfig:
+class DiTConfig(ConfigDict):
     tokens: int            # T, from the LAE latent shape
     in_channels: int       # C, from the LAE latent shape
     cond_dim: int          # D, the MIF output width
@@ -31,15 +32,6 @@ class DiTConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DiTConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown DiTConfig keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 def dit_tiny(tokens, in_channels, cond_dim):
@@ -69,6 +61,11 @@ def dit_l(tokens, in_channels, cond_dim):
 
 
 DIT_CONFIGS = {"tiny": dit_tiny, "toy": dit_toy, "DiffLoRA-paper": dit_paper, "DiffLoRA-B": dit_b, "DiffLoRA-L": dit_l}
+
+
+def default_cond_dim(size: str) -> int:
+    """Width of the mixed features when none is asked for: 64 for the tiny test size, else 768."""
+    return 64 if size == "tiny" else 768
 
 
 def modulate(x, shift, scale):

@@ -10,13 +10,13 @@ file then stores too, so the nodes need no encoder input.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .dit import DIT_CONFIGS, DiTConfig, LoraDiT
+from .config_dict import ConfigDict
+from .dit import DIT_CONFIGS, DiTConfig, LoraDiT, default_cond_dim
 from .lae import LAE_CONFIGS, LAEConfig, LoraAutoencoder
 from .lora_spec import LoraSpec
 from .mixed_features import MIFConfig, MixedImageFeatures
@@ -24,7 +24,7 @@ from .normalization import WeightNormalizer
 
 
 @dataclass(frozen=True)
-class EncoderSpec:
+class EncoderSpec(ConfigDict):
     """Which encoders produced the training embeddings, and their sizes.
 
     The kinds are informative (a user may swap in an equivalent encoder); the sizes are a
@@ -36,15 +36,6 @@ class EncoderSpec:
     image_kind: str = "clip-vit-h-14"  # CLIP vision image_embeds
     image_dim: int = 1024
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EncoderSpec:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown encoder fields {sorted(unknown)}")
-        return cls(**d)
 
 
 class Hypernet(nn.Module):
@@ -60,6 +51,7 @@ class Hypernet(nn.Module):
         normalizer: WeightNormalizer | None = None,
     ):
         super().__init__()
+        self.source_file = ""  # the file's name when loaded from one (recorded in predicted LoRAs' metadata)
         if lae_config.input_length != spec.num_params:
             raise ValueError(
                 f"LAE input length {lae_config.input_length} != LoRA spec size {spec.num_params}"
@@ -99,8 +91,7 @@ class Hypernet(nn.Module):
         encoders = encoders or EncoderSpec()
         lae_config = LAE_CONFIGS[lae](spec.num_params)
         tokens, channels = lae_config.latent_shape
-        if cond_dim is None:
-            cond_dim = 64 if dit == "tiny" else 768
+        cond_dim = cond_dim or default_cond_dim(dit)
         dit_config = DIT_CONFIGS[dit](tokens, channels, cond_dim)
         mif_config = MIFConfig(face_dim=encoders.face_dim, image_dim=encoders.image_dim, cond_dim=cond_dim)
         return cls(spec, lae_config, dit_config, mif_config, encoders)

@@ -4,8 +4,8 @@ Tensors are the hypernet's state dict (prefixes `norm.`, `lae.`, `dit.`, `mif.`)
 metadata holds the format version and every config as JSON. Loading never unpickles: a
 pickle-based file is refused before it is opened.
 
-A file may carry the face and image encoders too, when they can serialize themselves (the
-toy world's): their tensors under `encoders.face.` / `encoders.image.` and, in the metadata
+A file may carry the face and image encoders too, when they can serialize themselves
+(encoders/carried.py): their tensors under `encoders.face.` / `encoders.image.` and, in the metadata
 key `carried_encoders`, {role: the encoder file's own metadata}. Such files are format 2, so
 an older pack says "update" rather than misreading them; files without encoders stay format
 1, byte for byte what earlier versions wrote.
@@ -181,8 +181,8 @@ def _check_tensors(path: Path, model: Hypernet, shapes: dict[str, tuple[int, ...
 
 def _carried_encoders(path: Path, model: Hypernet, carried: dict, tensors: dict[str, torch.Tensor]) -> dict:
     """{role: encoder} rebuilt from the file's `encoders.<role>.` tensors and metadata."""
+    from .encoders.carried import carried_from_tensors
     from .errors import EncoderError
-    from .toyworld.identity_encoder import encoder_from_tensors
 
     in_tensors = {k[len(CARRIED_PREFIX):].split(".", 1)[0] for k in tensors}
     if set(carried) - set(ROLES) or in_tensors != set(carried):
@@ -196,7 +196,7 @@ def _carried_encoders(path: Path, model: Hypernet, carried: dict, tensors: dict[
         prefix = f"{CARRIED_PREFIX}{role}."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
-            encoder = encoder_from_tensors(own, carried[role], f"{path.name} (its {role} encoder)")
+            encoder = carried_from_tensors(own, carried[role], f"{path.name} (its {role} encoder)")
         except EncoderError as e:
             raise HypernetFileError(str(e)) from None
         _check_carried(model, role, encoder, path.name)
@@ -239,6 +239,7 @@ def load_hypernet(
     if meta[CARRIED_KEY] or carried:
         encoders = _carried_encoders(path, model, meta[CARRIED_KEY], carried)
         model.face_encoder, model.image_encoder = encoders.get("face"), encoders.get("image")
+    model.source_file = path.name
     model.eval().requires_grad_(False)
     model.to(device)
     # Files may store the networks in half precision (to ship small); they run as asked, else float32.
@@ -257,7 +258,7 @@ def save_hypernet(model: Hypernet, path: str | os.PathLike, extra_metadata: dict
 
     `face_encoder` / `image_encoder` (default: the model's own `face_encoder` /
     `image_encoder`, None when it carries none): encoders to carry in the file. Only those
-    that can serialize themselves (a `to_tensors()` method: the toy world's) are stored; others
+    that can serialize themselves (a `to_tensors()` method, encoders/carried.py) are stored; others
     are left out with a log line, and the user connects them in the graph. A carried encoder
     must be the kind and size the hypernet was trained with. `dtype` (e.g. float16, to ship a
     small file) casts the networks' and encoders' floating tensors; the normalization

@@ -9,7 +9,6 @@ is zero-padded to that and cropped back on decode.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_dict import ConfigDict
+
 
 
 @dataclass
-class LAEConfig:
+class LAEConfig(ConfigDict):
     input_length: int                   # P, length of the flat LoRA vector
     patch: int = 8                      # consecutive entries folded into channels by a 1x1 conv
     strides: tuple[int, ...] = (2, 2)   # one strided Conv1d per stage; stride == kernel, no overlap
@@ -54,15 +55,6 @@ class LAEConfig:
     def compression_ratio(self) -> float:
         return self.input_length / (self.tokens * self.latent_channels)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LAEConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown LAEConfig keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 def lae_tiny(param_count: int) -> LAEConfig:
@@ -88,7 +80,7 @@ def lae_sdxl_r4(param_count: int) -> LAEConfig:
 
 
 def lae_toy(param_count: int) -> LAEConfig:
-    # The toy world's base (difflora/toyworld, 30,720 LoRA entries at rank 4): 512 entries per
+    # The toy world's base (difflora_toyworld, 30,720 LoRA entries at rank 4): 512 entries per
     # token, C = 4 -> 60 tokens, 128x.
     return LAEConfig(param_count, patch=32, strides=(4, 4), widths=(64, 96, 128), latent_channels=4)
 

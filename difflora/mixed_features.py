@@ -12,30 +12,22 @@ the embedding's scale: an averaged, renormalized or raw embedding all give the s
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_dict import ConfigDict
+
 
 @dataclass
-class MIFConfig:
+class MIFConfig(ConfigDict):
     face_dim: int = 512          # ArcFace (insightface) embedding; 128 for dlib
     image_dim: int = 1024        # CLIP ViT-H-14 image_embeds
     cond_dim: int = 768          # D, the DiT's conditioning width
     hidden_dim: int | None = None  # hidden width of the projection MLPs; None = cond_dim
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MIFConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown MIFConfig keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -79,13 +71,14 @@ class MixedImageFeatures(nn.Module):
         return torch.sigmoid(self.gate(torch.cat([f, i], -1)))       # (B, D)
 
     def forward(self, face: torch.Tensor | None, image: torch.Tensor,
-                drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+                drop_mask: torch.Tensor | None = None, no_face: torch.Tensor | None = None) -> torch.Tensor:
         """face (B, Df) or None, image (B, Di) -> c (B, D).
 
         face=None is the explicit image-only mode (no face found): c = P_img(LN(f_img)), i.e. the
-        gate pinned to 0. A hypernet is only good at it if trained with such samples (pass
-        face=None for part of the training batches). drop_mask (B,) bool: rows replaced by `null`
-        (condition dropout for CFG training).
+        gate pinned to 0. no_face (B,) bool: the rows computed that way although a face is given;
+        the DiT trainer drops the face of a share of its samples so this mode is trained
+        (DiTTrainConfig.p_no_face). drop_mask (B,) bool: rows replaced by `null` (condition
+        dropout for CFG training).
         """
         image = image.to(self.null.dtype)
         c_img = self.proj_image(self.norm_image(image))              # (B, D)
@@ -95,6 +88,8 @@ class MixedImageFeatures(nn.Module):
             face = face.to(self.null.dtype)
             g = self.gate_values(face, image)                          # (B, D)
             c = g * self.proj_face(self.norm_face(face)) + (1 - g) * c_img  # (B, D)
+            if no_face is not None:
+                c = torch.where(no_face.to(c.device).view(-1, 1), c_img, c)
         if drop_mask is not None:
             c = torch.where(drop_mask.to(c.device).view(-1, 1), self.null.expand_as(c), c)  # (B, D)
         return c

@@ -1,11 +1,15 @@
-"""The four steps from reference embeddings to a LoRA, each callable on its own.
+"""From reference photos to a LoRA, each step callable on its own.
 
-    features = encode_features(hn, face_emb, image_emb)      # Mixed Image Features
+    features = features_from_images(hn, photos, face_encoder, image_encoder)  # the one way in
     latent   = sample_lora_latent(hn, features, seed=0)       # DiT + DDIM
     flat     = decode_lora(hn, latent)                        # LAE decoder, de-normalized
     lora     = lora_state_dict(hn, flat)                      # kohya keys, canonical form
+    meta     = lora_metadata(hn, latent)                      # what a saved LoRA file records
 
-The ComfyUI nodes wrap exactly these; `predict_lora` chains them.
+`features_from_images` picks the encoders (those the hypernet file carries win), checks their
+sizes before any image work, embeds the photos and mixes them (`encode_features`, which also
+takes embeddings computed elsewhere, e.g. a training set's). The ComfyUI nodes, `difflora.eval`
+and the toy world's measurement all come in through it; `predict_lora` chains the rest.
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ if TYPE_CHECKING:
     from .encoders.base import FaceEncoder, ImageEncoder
 
 log = logging.getLogger(__name__)
+
+# Metadata keys of a predicted LoRA file (written by Save Predicted LoRA, read by `python -m difflora inspect`).
+META_HYPERNET = "difflora_hypernet"
+META_SPEC_HASH = "difflora_spec_hash"
+META_SETTING_PREFIX = "difflora_"  # + each sampler setting: seed, steps, guidance, eta
+LORA_META_KEYS = (META_HYPERNET, f"{META_SETTING_PREFIX}seed", f"{META_SETTING_PREFIX}steps", META_SPEC_HASH)
 
 
 @dataclass
@@ -110,6 +120,24 @@ def check_encoders(hn: Hypernet, face_dim: int | None, image_dim: int, on_no_fac
 
 
 @torch.no_grad()
+def features_from_images(
+    hn: Hypernet, images, face_encoder: FaceEncoder | None = None, image_encoder: ImageEncoder | None = None, *,
+    face_choice: str = "largest", face_index: int = 0, on_no_face: str = "error",
+) -> MixedFeatures:
+    """Reference photos of one person (paths, arrays, PIL images or a ComfyUI IMAGE batch) -> the
+    hypernet's condition. The encoders the hypernet carries win over those given (resolve_encoders);
+    sizes are checked before any image is read; see encoders.encode_references for the face options."""
+    from .encoders import encode_references
+
+    face_encoder, image_encoder = resolve_encoders(hn, face_encoder, image_encoder)
+    check_encoders(hn, None if face_encoder is None else face_encoder.embedding_dim, image_encoder.embedding_dim,
+                   on_no_face)
+    refs = encode_references(images, face_encoder, image_encoder, face_choice=face_choice, face_index=face_index,
+                             on_no_face=on_no_face)
+    return encode_features(hn, refs.face, refs.image)
+
+
+@torch.no_grad()
 def encode_features(
     hn: Hypernet, face: torch.Tensor | None, image: torch.Tensor
 ) -> MixedFeatures:
@@ -185,10 +213,13 @@ def lora_state_dict(hn: Hypernet, flat: torch.Tensor, dtype: torch.dtype = torch
     return {k: v.to(dtype) for k, v in to_kohya(hn.spec, layers).items()}
 
 
-def predict_lora(
-    hn: Hypernet, face: torch.Tensor | None, image: torch.Tensor, **sample_kwargs
-) -> dict[str, torch.Tensor]:
-    """All four steps: reference embeddings -> kohya LoRA state dict."""
-    features = encode_features(hn, face, image)
+def lora_metadata(hn: Hypernet, latent: LoraLatent) -> dict[str, str]:
+    """What a predicted LoRA's file records of how it was made: hypernet file, spec, sampler settings."""
+    return {META_HYPERNET: hn.source_file, META_SPEC_HASH: hn.spec.hash,
+            **{f"{META_SETTING_PREFIX}{k}": str(v) for k, v in latent.settings.items()}}
+
+
+def predict_lora(hn: Hypernet, features: MixedFeatures, **sample_kwargs) -> dict[str, torch.Tensor]:
+    """Mixed features -> kohya LoRA state dict: sample, decode, canonical kohya keys."""
     latent = sample_lora_latent(hn, features, **sample_kwargs)
     return lora_state_dict(hn, decode_lora(hn, latent))

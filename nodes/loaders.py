@@ -55,9 +55,7 @@ class LoadDiffLoRAHypernet(io.ComfyNode):
         key = (path, stat.st_mtime_ns, stat.st_size, str(dev), dt)
         if key not in _cache:
             _cache.clear()
-            hn = load_hypernet(path, device=dev, dtype=dt)
-            hn.source_file = os.path.basename(path)
-            _cache[key] = hn
+            _cache[key] = load_hypernet(path, device=dev, dtype=dt)
         return io.NodeOutput(_cache[key])
 
     @classmethod

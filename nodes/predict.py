@@ -8,7 +8,7 @@ import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from ..difflora import pipeline
-from ..difflora.encoders import ImageEncoder, encode_references
+from ..difflora.encoders import ImageEncoder
 from .types import CATEGORY, FaceAnalysis, Hypernet, LoraLatent, LoraModel, MixedFeatures
 
 
@@ -64,13 +64,10 @@ class EncodeMixedFeatures(io.ComfyNode):
     @classmethod
     def execute(cls, hypernet, images, clip_vision=None, face_analysis=None, face_choice="largest",
                 face_index=0, on_no_face="error") -> io.NodeOutput:
-        face_encoder, image_encoder = pipeline.resolve_encoders(
-            hypernet, face_analysis, None if clip_vision is None else _ComfyClipVision(clip_vision))
-        face_dim = None if face_encoder is None else face_encoder.embedding_dim
-        pipeline.check_encoders(hypernet, face_dim, image_encoder.embedding_dim, on_no_face)
-        refs = encode_references(images, face_encoder, image_encoder, face_choice=face_choice,
-                                 face_index=face_index, on_no_face=on_no_face)
-        return io.NodeOutput(pipeline.encode_features(hypernet, refs.face, refs.image))
+        image_encoder = None if clip_vision is None else _ComfyClipVision(clip_vision)
+        return io.NodeOutput(pipeline.features_from_images(hypernet, images, face_analysis, image_encoder,
+                                                           face_choice=face_choice, face_index=face_index,
+                                                           on_no_face=on_no_face))
 
 
 class SampleLoraLatent(io.ComfyNode):
@@ -134,9 +131,5 @@ class DecodeLora(io.ComfyNode):
     def execute(cls, hypernet, lora_latent) -> io.NodeOutput:
         flat = pipeline.decode_lora(hypernet, lora_latent)
         lora = PredictedLora(pipeline.lora_state_dict(hypernet, flat))
-        lora.metadata = {
-            "difflora_hypernet": getattr(hypernet, "source_file", ""),
-            "difflora_spec_hash": hypernet.spec.hash,
-            **{f"difflora_{k}": str(v) for k, v in lora_latent.settings.items()},
-        }
+        lora.metadata = pipeline.lora_metadata(hypernet, lora_latent)
         return io.NodeOutput(lora)

@@ -13,7 +13,7 @@ import torch
 from difflora.encoders import encode_references
 from difflora.hypernet_file import save_hypernet
 from difflora.pipeline import encode_features
-from difflora.toyworld.render import make_dataset
+from difflora_toyworld.render import make_dataset
 from tests.test_toy_encoders_carried import toy, toy_hypernet
 from tests.support.tiny_models import tiny_hypernet
 

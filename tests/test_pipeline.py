@@ -127,7 +127,7 @@ def test_tiny_hypernet_memorizes_four_identities():
     assert max(errors) < 0.35, errors
     # An unseen identity: no crash, finite weights, a full kohya state dict.
     face5, image5 = _embeddings(1, 99)
-    sd = predict_lora(hn, face5, image5, steps=10, guidance=3.0, seed=5)
+    sd = predict_lora(hn, encode_features(hn, face5, image5), steps=10, guidance=3.0, seed=5)
     assert len(sd) == 3 * spec.num_layers and all(torch.isfinite(v).all() for v in sd.values())
     assert flatten(spec, from_kohya(spec, sd)).abs().sum() > 0
 

@@ -19,10 +19,10 @@ from difflora.errors import DiffLoRAError, EncoderError, HypernetFileError
 from difflora.hypernet import EncoderSpec, Hypernet
 from difflora.hypernet_file import FORMAT_VERSION, load_hypernet, read_header, save_hypernet
 from difflora.pipeline import encode_features, resolve_encoders
-from difflora.toyworld.attributes import AttributeClassifier, NetConfig, save_classifier
-from difflora.toyworld.identity_encoder import (EmbeddingNet, EncoderConfig, ToyFaceEncoder,
-                                                ToyImageEncoder, load_encoder, save_encoder)
-from difflora.toyworld.render import make_dataset
+from difflora.encoders.carried import NetConfig, ToyFaceEncoder, ToyImageEncoder
+from difflora_toyworld.attributes import AttributeClassifier, save_classifier
+from difflora_toyworld.identity_encoder import encoder_config, load_encoder, new_net, save_encoder
+from difflora_toyworld.render import make_dataset
 from difflora.train.identity_filter import DEFAULT_SIMILARITY, similarity_threshold
 from tests.support.tiny_models import tiny_hypernet, tiny_spec
 
@@ -32,10 +32,10 @@ TOY_SPEC = EncoderSpec(face_kind="toy-face", face_dim=16, image_kind="toy-image"
 
 def toy(kind: str, dim: int, seed: int) -> ToyFaceEncoder | ToyImageEncoder:
     """An untrained toy encoder with tiny random weights (and non-trivial BatchNorm statistics)."""
-    cfg = EncoderConfig.for_kind(kind)
+    cfg = encoder_config(kind)
     cfg.net, cfg.embedding_dim = TINY_NET, dim
     torch.manual_seed(seed)
-    net = EmbeddingNet(cfg)
+    net = new_net(cfg)
     with torch.no_grad():
         for name, b in net.named_buffers():
             if name.endswith("running_mean"):
@@ -225,11 +225,13 @@ def test_damaged_carried_encoders_are_refused_naming_the_file(face, image, tmp_p
     with pytest.raises(HypernetFileError, match=r"no_tensors.safetensors: its carried encoders are inconsistent"):
         load_hypernet(no_tensors)
     carried = read_header(path)[0]["carried_encoders"]
-    carried["face"]["vocabulary"] = "{}"
-    vocab = _rewrite(path, tmp_path / "vocab.safetensors", {"carried_encoders": json.dumps(carried)})
+    config = json.loads(carried["face"]["config"])
+    config["attributes"] = config["attributes"][:-1]  # a class vector the config no longer names
+    carried["face"]["config"] = json.dumps(config)
+    classes = _rewrite(path, tmp_path / "classes.safetensors", {"carried_encoders": json.dumps(carried)})
     with pytest.raises(HypernetFileError,
-                       match=r"vocab.safetensors \(its face encoder\).*another attribute vocabulary"):
-        load_hypernet(vocab)
+                       match=r"classes.safetensors \(its face encoder\).*class vectors .* do not match its config"):
+        load_hypernet(classes)
     broken = _rewrite(path, tmp_path / "broken.safetensors", {"carried_encoders": "{oops"})
     with pytest.raises(HypernetFileError, match="broken.safetensors.*carried_encoders"):
         load_hypernet(broken)

@@ -1,4 +1,4 @@
-"""The toy world's base model (difflora/toyworld/toy_sdxl.py) in a real ComfyUI: stock nodes load
+"""The toy world's base model (difflora_toyworld/toy_sdxl.py) in a real ComfyUI: stock nodes load
 its single-file checkpoint as an SDXL, and UNet, VAE and text encoders compute what diffusers
 computes from the same weights."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from devtools.tiny_sdxl import CHECKPOINT_NAME as TINY_CHECKPOINT_NAME
-from difflora.toyworld import toy_sdxl
+from difflora_toyworld import toy_sdxl
 
 pytestmark = pytest.mark.comfy
 

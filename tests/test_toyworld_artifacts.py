@@ -15,8 +15,8 @@ from PIL import Image
 from devtools import harness_models
 from devtools.workflow_api import ui_to_api
 from difflora.hypernet_file import load_hypernet
-from difflora.toyworld.attributes import identity_accuracy, load_classifier, prompt_accuracy
-from difflora.toyworld.results import eval_scene
+from difflora_toyworld.attributes import identity_accuracy, load_classifier, prompt_accuracy
+from difflora_toyworld.results import eval_scene
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = json.loads((REPO / "weights_manifest.json").read_text())

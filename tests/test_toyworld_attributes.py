@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from difflora.errors import DiffLoRAError
-from difflora.toyworld.attributes import (ALL_ATTRIBUTES, IDENTITY_ATTRIBUTES, SCENE_ATTRIBUTES,
+from difflora_toyworld.attributes import (ALL_ATTRIBUTES, IDENTITY_ATTRIBUTES, SCENE_ATTRIBUTES,
                                           AttributeClassifier, NetConfig, identity_accuracy,
                                           load_classifier, per_attribute_accuracy,
                                           prompt_accuracy, render_pool, save_classifier,
                                           train_attribute_classifier)
-from difflora.toyworld.render import make_dataset
+from difflora_toyworld.render import make_dataset
 
 SMALL = NetConfig(stem=8, widths=(16, 16, 32), hidden=64)  # a few ms a batch on one core
 
@@ -55,7 +55,7 @@ def test_load_refuses_other_files(tmp_path):
     model = AttributeClassifier(SMALL)
     path = tmp_path / "cls.safetensors"
     save_classifier(model, path)
-    from difflora.toyworld.identity_encoder import load_encoder
+    from difflora_toyworld.identity_encoder import load_encoder
     with pytest.raises(DiffLoRAError, match="attribute-classifier"):
         load_encoder(path)
     other = tmp_path / "other.safetensors"

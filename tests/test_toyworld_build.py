@@ -1,4 +1,4 @@
-"""The toy-world build (difflora/toyworld/world.py) at its "smoke" size: every stage runs with the
+"""The toy-world build (difflora_toyworld/world.py) at its "smoke" size: every stage runs with the
 project's own trainers, a second run resumes (skips every finished stage), another config is
 refused, the results command writes its three files, and the shipped files export and load."""
 
@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from difflora.errors import DiffLoRAError
-from difflora.toyworld import toy_sdxl
-from difflora.toyworld.train_base import fold_latent_scale
-from difflora.toyworld.world import WORLD_SIZES, build_world, export_artifacts
+from difflora_toyworld import toy_sdxl
+from difflora_toyworld.train_base import fold_latent_scale
+from difflora_toyworld.world import WORLD_SIZES, build_world, export_artifacts
 
 
 def test_folding_the_latent_scale_keeps_decoded_images_and_gives_sdxl_scale():
@@ -65,7 +65,7 @@ def test_another_config_in_the_same_folder_is_refused(smoke_world, comfy_path):
 
 @pytest.mark.slow
 def test_results_write_table_json_and_grid(smoke_world, tmp_path):
-    from difflora.toyworld.results import METHODS, write_results
+    from difflora_toyworld.results import METHODS, write_results
 
     root, _ = smoke_world
     out = write_results(root, tmp_path / "results", identities=1)
@@ -82,7 +82,7 @@ def test_results_write_table_json_and_grid(smoke_world, tmp_path):
 
 def test_export_writes_small_files_that_load_back(smoke_world, tmp_path):
     from difflora.hypernet_file import load_hypernet
-    from difflora.toyworld.attributes import load_classifier
+    from difflora_toyworld.attributes import load_classifier
 
     root, _ = smoke_world
     files = export_artifacts(root, tmp_path)

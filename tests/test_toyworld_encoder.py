@@ -7,17 +7,17 @@ import pytest
 import torch
 
 from difflora.encoders.base import FaceEncoder, ImageEncoder, encode_references
-from difflora.toyworld.attributes import NetConfig, render_pool
-from difflora.toyworld.identity_encoder import (EncoderConfig, EmbeddingNet, ToyFaceEncoder,
-                                                ToyImageEncoder, load_encoder, save_encoder,
+from difflora.encoders.carried import EncoderConfig, NetConfig, ToyFaceEncoder, ToyImageEncoder
+from difflora_toyworld.attributes import render_pool
+from difflora_toyworld.identity_encoder import (encoder_config, load_encoder, new_net, save_encoder,
                                                 similarity_stats, supcon_loss, train_encoder)
-from difflora.toyworld.render import make_dataset
+from difflora_toyworld.render import make_dataset
 
 SMALL = NetConfig(stem=8, widths=(16, 16, 32), hidden=64)
 
 
 def small(kind: str) -> EncoderConfig:
-    cfg = EncoderConfig.for_kind(kind)
+    cfg = encoder_config(kind)
     cfg.net = SMALL
     return cfg
 
@@ -34,8 +34,8 @@ def face(pool):
 
 
 def test_interface_conformance():
-    face = ToyFaceEncoder(EmbeddingNet(small("toy-face")))
-    image = ToyImageEncoder(EmbeddingNet(small("toy-image")))
+    face = ToyFaceEncoder(new_net(small("toy-face")))
+    image = ToyImageEncoder(new_net(small("toy-image")))
     assert isinstance(face, FaceEncoder) and isinstance(image, ImageEncoder)
     assert (face.kind, face.embedding_dim) == ("toy-face", 64)
     assert (image.kind, image.embedding_dim) == ("toy-image", 128)
@@ -72,7 +72,7 @@ def test_save_load_round_trip_is_exact(face, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     photos = make_dataset(3, 1, seed=2).images
     assert torch.equal(face.embed_batch(photos), loaded.embed_batch(photos))
-    image = ToyImageEncoder(EmbeddingNet(small("toy-image")))
+    image = ToyImageEncoder(new_net(small("toy-image")))
     save_encoder(image, tmp_path / "image.safetensors")
     assert isinstance(load_encoder(tmp_path / "image.safetensors"), ToyImageEncoder)
 
@@ -93,4 +93,4 @@ def test_supcon_loss_prefers_clustered_embeddings():
 def test_unknown_kind_is_a_plain_sentence():
     from difflora.errors import EncoderError
     with pytest.raises(EncoderError, match="toy-face, toy-image"):
-        EncoderConfig.for_kind("toy-voice")
+        encoder_config("toy-voice")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difflora.toyworld.attributes import ALL_ATTRIBUTES, IDENTITY_ATTRIBUTES, SCENE_ATTRIBUTES
-from difflora.toyworld.render import (EXPRESSION_WORDS, Identity, Scene, caption, describe, make_dataset,
+from difflora_toyworld.attributes import ALL_ATTRIBUTES, IDENTITY_ATTRIBUTES, SCENE_ATTRIBUTES
+from difflora_toyworld.render import (EXPRESSION_WORDS, Identity, Scene, caption, describe, make_dataset,
                                       render, sample_identities, sample_identity, sample_scene,
                                       write_identity_folders)
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from difflora.hypernet_file import load_hypernet
 from difflora.lora_format import from_kohya, load_lora_file
-from difflora.pipeline import predict_lora
+from difflora.pipeline import encode_features, predict_lora
 from difflora.train.__main__ import main
 from difflora.train.base_model import base_spec
 from difflora.train.data import EMB_SUFFIX
@@ -81,7 +81,7 @@ def test_hypernet_predicts_a_lora_for_the_held_out_identity(trained):
         split = json.loads(f.metadata()["train_identities"])
     assert len(split["val"]) == 1 and sorted(split["train"] + split["val"]) == sorted(PEOPLE)
     emb = load_file(str(work / "loras" / f"{split['val'][0]}{EMB_SUFFIX}"))
-    sd = predict_lora(hn, emb["face"], emb["image"], steps=4, seed=0)  # the nodes' four steps
+    sd = predict_lora(hn, encode_features(hn, emb["face"], emb["image"]), steps=4, seed=0)  # the nodes' steps
     layers = from_kohya(hn.spec, sd)
     assert len(layers) == hn.spec.num_layers and all(torch.isfinite(d).all() and torch.isfinite(u).all()
                                                      for d, u in layers.values())

@@ -11,7 +11,7 @@ Tiny VAE: nothing to register. The checkpoint stores TAESD weights (`taesd_*`, `
 0.13025, `vae_shift` 0), which ComfyUI's stock `comfy.sd.VAE` detects, and the stock SDXL
 latent format matches that scale.
 
-It also registers `ToySDXL`, the toy world's base (difflora/toyworld/toy_sdxl.py: 64x64
+It also registers `ToySDXL`, the toy world's base (difflora_toyworld/toy_sdxl.py: 64x64
 images, a 2-level UNet, the same tiny CLIPs) the same way. Its VAE is a real, narrow
 AutoencoderKL (ch 32) that ComfyUI's stock VAE detection would build at ch 128, so
 `comfy.sd.VAE.__init__` is wrapped to recognise exactly that VAE's keys and shapes and pass
@@ -81,7 +81,7 @@ def register() -> type:
     return _register_model(TinySDXL, "difflora_tiny_sdxl")
 
 
-# --- the toy world's base (difflora/toyworld/toy_sdxl.py) -------------------------------------
+# --- the toy world's base (difflora_toyworld/toy_sdxl.py) -------------------------------------
 # Literals, kept in sync with toy_sdxl.py (this file must import inside ComfyUI without the
 # pack); tests/test_toy_sdxl_comfy.py checks they agree.
 TOY_UNET_CONFIG = {

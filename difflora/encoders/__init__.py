@@ -19,10 +19,11 @@ from .base import (
     encode_references,
 )
 from .cache import FolderEmbeddings, encode_folder
+from .carried import CARRIED_MODELS, MODEL_KEY, load_carried_file
 from .images import FolderReport, iter_image_folder, load_image_file, to_rgb_uint8
 
 FACE_ENCODER_KINDS = ("dlib", "antelopev2", "buffalo_l", "toy-face")
-TOY_FACE_FILE = "toy_face.safetensors"  # what `--kind toy-face --out` is called in docs/TOYWORLD.md
+TOY_FACE_FILE = "toy_face.safetensors"  # the toy world's face model file (docs/TOYWORLD.md)
 
 
 def load_face_encoder(kind: str, root: str | Path | None = None,
@@ -55,7 +56,7 @@ def load_face_encoder(kind: str, root: str | Path | None = None,
 def _toy_face_file(root: str | Path | None) -> Path:
     if root is None or str(root) == "":
         raise EncoderError(f"The toy-face face analysis needs its model file: give the {TOY_FACE_FILE} "
-                           "written by `python -m difflora.toyworld.identity_encoder --kind toy-face "
+                           "written by `python -m difflora_toyworld.identity_encoder --kind toy-face "
                            "--out FILE` (or a folder holding it) as its root.")
     root = Path(root)
     if root.is_file():
@@ -73,10 +74,8 @@ def _toy_face_file(root: str | Path | None) -> Path:
 
 
 def _load_toy_face(root: str | Path | None) -> FaceEncoder:
-    from ..toyworld.identity_encoder import load_encoder
-
     path = _toy_face_file(root)
-    encoder = load_encoder(path)
+    encoder = load_carried_file(path)
     if encoder.kind != "toy-face":
         raise EncoderError(f"{path} holds the {encoder.kind} encoder, an image encoder, not a face "
                            "analysis: give the toy-face file (toy_face.safetensors) here and this one "
@@ -102,18 +101,16 @@ def load_image_encoder(path: str | Path, device: str = "cpu") -> ImageEncoder:
     """CLIP vision from a ComfyUI clip_vision ``.safetensors`` or a transformers folder, or the
     toy world's ``toy_image.safetensors`` (recognized by its metadata; it runs on the CPU)."""
     meta = _safetensors_metadata(path)
-    if meta.get("toyworld_model") == "toy-encoder":
-        from ..toyworld.identity_encoder import load_encoder
-
-        encoder = load_encoder(path)
+    if meta.get(MODEL_KEY) in CARRIED_MODELS:
+        encoder = load_carried_file(path)
         if encoder.kind == "toy-image":
             return encoder
         raise EncoderError(f"{path} holds the {encoder.kind} encoder, a face analysis, not an image "
                            f"encoder: use it as the face encoder ({encoder.kind}, with this file as its "
                            "root) and give toy_image.safetensors as the image encoder.")
-    if "toyworld_model" in meta:
-        raise EncoderError(f"{path} holds the toy world's {meta['toyworld_model']}, not an image encoder: "
-                           "give toy_image.safetensors (python -m difflora.toyworld.identity_encoder "
+    if MODEL_KEY in meta:
+        raise EncoderError(f"{path} holds the toy world's {meta[MODEL_KEY]}, not an image encoder: "
+                           "give toy_image.safetensors (python -m difflora_toyworld.identity_encoder "
                            "--kind toy-image --out FILE) or a CLIP vision model.")
     from .clip_image import ClipImageEncoder
 

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hypernet", required=True, help="the hypernet .safetensors")
     p.add_argument("--base", required=True, help="local SDXL: a diffusers folder or a single .safetensors")
     p.add_argument("--base-config", default="", help="for a single-file base: a diffusers SDXL folder with its configs")
-    p.add_argument("--image-encoder", required=True, help="the CLIP vision model the hypernet was trained with")
+    p.add_argument("--image-encoder", default="", help="the CLIP vision model the hypernet was trained with "
+                   "(not needed when the hypernet file carries its image encoder)")
     p.add_argument("--face", default="antelopev2", choices=FACE_KINDS + ("none",),
                    help="face analysis the hypernet was trained with (none: image-only)")
     p.add_argument("--insightface-root", help="folder holding models/<antelopev2|buffalo_l>/")

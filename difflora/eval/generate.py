@@ -14,9 +14,10 @@ import time
 
 import torch
 
-from ..encoders import encode_references, load_face_encoder, load_image_encoder
+from ..encoders import load_face_encoder, load_image_encoder
+from ..errors import DiffLoRAError
 from ..hypernet_file import load_hypernet
-from ..pipeline import predict_lora
+from ..pipeline import features_from_images, predict_lora
 from .layout import EvalLayout, fill, image_name
 
 log = logging.getLogger("difflora.eval")
@@ -32,7 +33,7 @@ def load_sdxl_pipeline(base: str, base_config: str = "", device: str = "cpu", dt
     return pipe.to(device=device, dtype=dtype)
 
 
-def generate(layout: EvalLayout, *, hypernet: str, base: str, image_encoder: str, face: str = "antelopev2",
+def generate(layout: EvalLayout, *, hypernet: str, base: str, image_encoder: str = "", face: str = "antelopev2",
              insightface_root: str | None = None, method: str = "DiffLoRA", base_config: str = "",
              identities: list[str] | None = None, num_prompts: int | None = None, images_per_prompt: int = 1,
              trigger: str = "a photo of sks person", steps: int = 30, cfg: float = 5.0, width: int = 1024,
@@ -42,9 +43,13 @@ def generate(layout: EvalLayout, *, hypernet: str, base: str, image_encoder: str
     prompts = layout.prompts()[:num_prompts]
     ids = identities or layout.identities()
     hn = load_hypernet(hypernet, device=device, dtype=dtype)
-    face_enc = None if face == "none" else load_face_encoder(face, root=insightface_root,
-                                                             provider="cuda" if device.startswith("cuda") else "cpu")
-    image_enc = load_image_encoder(image_encoder, device=device)
+    # Encoders the hypernet file carries win (features_from_images); load only what it lacks.
+    face_enc = None if face == "none" or hn.face_encoder else load_face_encoder(
+        face, root=insightface_root, provider="cuda" if device.startswith("cuda") else "cpu")
+    if hn.image_encoder is None and not image_encoder:
+        raise DiffLoRAError(f"{hn.source_file} carries no image encoder: give --image-encoder, the CLIP vision "
+                            f"model it was trained with ({hn.encoders.image_kind}).")
+    image_enc = None if hn.image_encoder else load_image_encoder(image_encoder, device=device)
     pipe = load_sdxl_pipeline(base, base_config, device, dtype)
     timing = layout.read_timing(method)
     for identity in ids:
@@ -52,9 +57,9 @@ def generate(layout: EvalLayout, *, hypernet: str, base: str, image_encoder: str
         out.mkdir(parents=True, exist_ok=True)
         _sync(device)
         t0 = time.perf_counter()
-        refs = encode_references([str(p) for p in layout.references(identity)], face_enc, image_enc,
-                                 on_no_face=on_no_face)
-        lora = predict_lora(hn, refs.face, refs.image, steps=lora_steps, guidance=lora_guidance, seed=seed)
+        features = features_from_images(hn, [str(p) for p in layout.references(identity)], face_enc, image_enc,
+                                        on_no_face=on_no_face)
+        lora = predict_lora(hn, features, steps=lora_steps, guidance=lora_guidance, seed=seed)
         pipe.load_lora_weights(lora, adapter_name=ADAPTER)
         pipe.fuse_lora(adapter_names=[ADAPTER])
         _sync(device)

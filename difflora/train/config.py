@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config_dict import ConfigDict
 from ..dit import DIT_CONFIGS
 from ..encoders import FACE_ENCODER_KINDS
 from ..errors import DiffLoRAError
@@ -29,7 +30,7 @@ def opt(default: Any, help: str, choices: list | tuple | None = None, path: bool
 
 
 @dataclass
-class IdentityLoraConfig:
+class IdentityLoraConfig(ConfigDict):
     """identity-loras: one DreamBooth LoRA per identity folder (method.md section 5)."""
 
     data: str = opt("", "Folder with one sub-folder of photos per identity (see docs/TRAINING.md).", path=True)
@@ -74,7 +75,7 @@ class IdentityLoraConfig:
 
 
 @dataclass
-class LoopConfig:
+class LoopConfig(ConfigDict):
     """Options shared by the lae and dit training loops."""
 
     loras: str = opt("", "Folder of identity LoRAs (the identity-loras output).", path=True)
@@ -119,8 +120,10 @@ class DiTTrainConfig(LoopConfig):
 
     lae: str = opt("", "The LAE stage's lae_final.safetensors.", path=True)
     size: str = opt("tiny", "DiT size from the registry.", choices=list(DIT_CONFIGS))
-    cond_dim: int = opt(0, "Width of the mixed features; 0: 64 for tiny, else 768.")
+    cond_dim: int = opt(0, "Width of the mixed features; 0: the size's default (64 for tiny, else 768).")
     p_uncond: float = opt(0.1, "Condition dropout for classifier-free guidance.")
+    p_no_face: float = opt(0.1, "Share of training samples whose face embedding is dropped, so the image-only mode "
+                                "(on_no_face = image_only, a photo without a detectable face) is trained too.")
     refs_per_sample: int = opt(1, "Random reference images of the identity averaged per training sample.")
     eval_identities: int = opt(8, "Held-out (and as many training) identities whose LoRAs are sampled at eval.")
     eval_sample_steps: int = opt(25, "DDIM steps when sampling LoRAs at eval.")
@@ -129,7 +132,7 @@ class DiTTrainConfig(LoopConfig):
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(ConfigDict):
     """export: a dit run (checkpoint or final) -> one hypernet .safetensors for the nodes."""
 
     run: str = opt("", "The dit run folder.", metavar="PATH")
@@ -139,20 +142,13 @@ class ExportConfig:
 
 
 @dataclass
-class AllConfig:
+class AllConfig(ConfigDict):
     """all: identity-loras -> lae -> dit -> hypernet, in one --work folder."""
 
     work: str = opt("", "Work folder: loras/, lae/, dit/ and hypernet.safetensors go there.", metavar="PATH")
     out: str = opt("", "Hypernet file; empty: <work>/hypernet.safetensors.", metavar="PATH")
     data: str = opt("", "Folder with one sub-folder of photos per identity.", metavar="PATH")
     resume: bool = opt(False, "Continue a stopped `all` run (finished stages are skipped).")
-
-
-STAGE_PREFIX = {"identity": IdentityLoraConfig, "lae": LAETrainConfig, "dit": DiTTrainConfig}
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 def from_dict(cls, d: dict, what: str = "config"):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..diffusion import diffusion_loss, make_train_scheduler, sample_latent
-from ..dit import DIT_CONFIGS, DiTConfig, LoraDiT
+from ..dit import DIT_CONFIGS, DiTConfig, LoraDiT, default_cond_dim
 from ..errors import DiffLoRAError
 from ..lae import dw_relative_error
 from ..mixed_features import MIFConfig, MixedImageFeatures, average_references
@@ -36,8 +36,12 @@ class DiTWithMIF(nn.Module):
         self.mif = MixedImageFeatures(mif_cfg)
         self.scheduler = make_train_scheduler()  # not a module: holds only the noise schedule
 
-    def forward(self, z, face, image, p_uncond: float, generator: torch.Generator):
-        cond = self.mif(face, image)                                                     # (B, D)
+    def forward(self, z, face, image, p_uncond: float, generator: torch.Generator, p_no_face: float = 0.0):
+        no_face = None
+        if p_no_face > 0:  # these rows train the image-only mode (on_no_face = image_only)
+            gdev = generator.device if generator is not None else z.device
+            no_face = torch.rand(z.shape[0], generator=generator, device=gdev) < p_no_face  # (B,)
+        cond = self.mif(face, image, no_face=no_face)                                    # (B, D)
         return diffusion_loss(self.dit, z, cond, self.mif.null, self.scheduler, p_uncond, generator)
 
 
@@ -65,7 +69,7 @@ class DiTStage:
             self.z = torch.cat([self.lae.encode(self.norm.normalize(c))
                                 for c in data.chunks(range(len(data.names)))]).float()          # (N, T, C)
         tokens, channels = self.lae.latent_shape
-        cond_dim = cfg.cond_dim or (64 if cfg.size == "tiny" else 768)
+        cond_dim = cfg.cond_dim or default_cond_dim(cfg.size)
         self.dit_cfg = DIT_CONFIGS[cfg.size](tokens, channels, cond_dim)
         self.mif_cfg = MIFConfig(face_dim=self.encoders.face_dim, image_dim=self.encoders.image_dim, cond_dim=cond_dim)
         torch.manual_seed(cfg.seed)
@@ -91,7 +95,7 @@ class DiTStage:
         items = [self.train_idx[int(j)] for j in idx]
         device = next(model.parameters()).device
         face, image = self._cond_inputs(items, generator, device)
-        return model(self.z[items].to(device), face, image, self.cfg.p_uncond, generator)
+        return model(self.z[items].to(device), face, image, self.cfg.p_uncond, generator, self.cfg.p_no_face)
 
     @torch.no_grad()
     def sampled_error(self, model, items: list[int]) -> float:

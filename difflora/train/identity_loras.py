@@ -23,7 +23,7 @@ from ..errors import DiffLoRAError
 from ..lora_format import from_peft
 from ..lora_spec import LoraSpec
 from .base_model import base_spec, encode_images, encode_prompts, load_sdxl
-from .config import IdentityLoraConfig, to_dict
+from .config import IdentityLoraConfig
 from .data import EMB_SUFFIX, META_HASH, identity_folders, read_metadata, write_embeddings, write_identity_lora
 from .identity_filter import UsablePhotos, usable_photos
 from .loop import StopRequest, make_accelerator, step_seed, stream_indices
@@ -192,7 +192,7 @@ def train_identity_loras(cfg: IdentityLoraConfig, face_encoder=None, image_encod
     if face_encoder is None:
         if cfg.face_encoder == "toy-face" and not cfg.insightface_root:
             raise DiffLoRAError("--face-encoder toy-face needs --insightface-root pointing at its toy_face.safetensors "
-                                "file (python -m difflora.toyworld.identity_encoder --kind toy-face --out FILE).")
+                                "file (python -m difflora_toyworld.identity_encoder --kind toy-face --out FILE).")
         provider = "cuda" if accelerator.device.type == "cuda" else "cpu"
         face_encoder = load_face_encoder(cfg.face_encoder, root=cfg.insightface_root or None, provider=provider)
     if image_encoder is None:
@@ -215,7 +215,7 @@ def train_identity_loras(cfg: IdentityLoraConfig, face_encoder=None, image_encod
             results.append(result)
     results = gather_object(results) if accelerator.num_processes > 1 else results
     if accelerator.is_main_process:
-        summary = {"spec": spec.to_dict(), "spec_hash": spec.hash, "config": to_dict(cfg),
+        summary = {"spec": spec.to_dict(), "spec_hash": spec.hash, "config": cfg.to_dict(),
                    "identities": [asdict(r) for r in sorted(results, key=lambda r: r.name)]}
         (out / "report.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
         counts = {s: sum(r.status == s for r in results) for s in ("trained", "done", "skipped", "interrupted")}

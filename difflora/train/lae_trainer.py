@@ -16,7 +16,7 @@ from ..errors import DiffLoRAError
 from ..lae import LAE_CONFIGS, LAEConfig, LoraAutoencoder, dw_relative_error, weight_preserved_loss
 from ..lora_spec import LoraSpec
 from ..normalization import WeightNormalizer
-from .config import LAETrainConfig, to_dict
+from .config import LAETrainConfig
 from ..safetensors_io import save_file_atomic
 from .data import LoraDataset, load_lora_dataset, split_identities
 from .loop import LoopResult, make_accelerator, run_loop
@@ -90,7 +90,7 @@ class LAEStage:
                        for c in self.data.chunks(self.train_items)])
         model.fit_latent_stats(z)
         return save_lae_final(path, model, self.normalizer, self.spec, self.train_names, self.val_names,
-                              to_dict(self.cfg))
+                              self.cfg.to_dict())
 
 
 def save_lae_final(path: Path, model: LoraAutoencoder, normalizer: WeightNormalizer, spec: LoraSpec,

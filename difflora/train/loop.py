@@ -30,7 +30,7 @@ from torch import nn
 from ..diffusion import make_ema
 from ..errors import DiffLoRAError
 from .checkpoint import list_checkpoints, latest_checkpoint, restore, save_checkpoint
-from .config import LoopConfig, to_dict
+from .config import LoopConfig
 from .logs import CsvLog, plot_loss_curve
 
 log = logging.getLogger("difflora.train")
@@ -131,7 +131,7 @@ def check_resume_config(saved: dict, current: dict, run: Path) -> None:
 def run_loop(stage: Stage, cfg: LoopConfig, accelerator: Accelerator,
              on_step: Callable[[int], None] | None = None) -> LoopResult:
     run = Path(cfg.run)
-    config = to_dict(cfg)
+    config = cfg.to_dict()
     found = list_checkpoints(run)
     if found and not cfg.resume:
         raise DiffLoRAError(f"{run} already holds a run (checkpoint at step {found[-1][0]}): pass --resume to "

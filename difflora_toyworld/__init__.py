@@ -7,5 +7,5 @@
   difflora.encoders' FaceEncoder / ImageEncoder interface.
 
 docs/TOYWORLD.md describes the world, the commands and the measured figures. Nothing is
-imported here, so ``python -m difflora.toyworld.<module>`` stays light.
+imported here, so ``python -m difflora_toyworld.<module>`` stays light.
 """

@@ -1,7 +1,7 @@
-"""python -m difflora.toyworld build|results: rebuild the toy world, or measure it.
+"""python -m difflora_toyworld build|results: rebuild the toy world, or measure it.
 
-    python -m difflora.toyworld build   --world WORLD --tokenizer CLIP_TOKENIZER_DIR [--size default]
-    python -m difflora.toyworld results --world WORLD [--out WORLD/results]
+    python -m difflora_toyworld build   --world WORLD --tokenizer CLIP_TOKENIZER_DIR [--size default]
+    python -m difflora_toyworld results --world WORLD [--out WORLD/results]
 
 `build` resumes a stopped build (run it again with the same options). The tokenizer is CLIP's
 (vocab.json + merges.txt), e.g. ComfyUI's comfy/sd1_tokenizer, so that prompts encode to the
@@ -16,13 +16,13 @@ import sys
 
 import torch
 
-from ..errors import DiffLoRAError
+from difflora.errors import DiffLoRAError
 
 
 def main(argv: list[str] | None = None) -> int:
     from .world import WORLD_SIZES, build_world
 
-    ap = argparse.ArgumentParser(prog="python -m difflora.toyworld", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m difflora_toyworld", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="train every model of the world (resumes)")
     b.add_argument("--world", required=True, help="world folder (created; a stopped build continues)")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DiffLoRAError
+from difflora.errors import DiffLoRAError
 
 SDXL_LATENT_SCALE = 0.13025     # ComfyUI's latent_formats.SDXL.scale_factor and diffusers' SDXL VAE config
 CONTEXT_DIM = 64                # CLIP-L hidden 32 + CLIP-G hidden 32
@@ -167,8 +167,8 @@ def export_checkpoint(folder: str | os.PathLike, path: str | os.PathLike, metada
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from ..safetensors_io import save_file_atomic
-    from ..sdxl_checkpoint import single_file_state_dict
+    from difflora.safetensors_io import save_file_atomic
+    from difflora.sdxl_checkpoint import single_file_state_dict
 
     folder = Path(folder)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)

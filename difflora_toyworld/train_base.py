@@ -12,7 +12,6 @@ import copy
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from .toy_sdxl import IMAGE_SIZE, SCHEDULER_CONFIG, SDXL_LATENT_SCALE
 
-log = logging.getLogger("difflora.toyworld")
+log = logging.getLogger("difflora_toyworld")
 Progress = Callable[[int, int, float], None]   # (step, total, loss)
 
 
@@ -30,10 +29,11 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def cosine_schedule(opt, steps: int, warmup: int):
+    """diffusers' cosine learning-rate schedule with linear warm-up, stepped once per step."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler("cosine", opt, num_warmup_steps=warmup, num_training_steps=steps)
 
 
 def train_vae(vae, images: np.ndarray, *, steps: int, batch_size: int = 16, lr: float = 1e-3, crop: int = 32,
@@ -43,11 +43,10 @@ def train_vae(vae, images: np.ndarray, *, steps: int, batch_size: int = 16, lr: 
     gen = torch.Generator().manual_seed(seed)
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = cosine_schedule(opt, steps, max(1, steps // 20))
     pixels = to_pixels(images)
     n, size = len(pixels), pixels.shape[-1]
     for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * _cosine(step, steps, max(1, steps // 20))
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         top, left = (torch.randint(0, size - crop + 1, (2,), generator=gen) // 8 * 8).tolist()
         x = pixels[idx, :, top:top + crop, left:left + crop].to(device)
@@ -57,6 +56,7 @@ def train_vae(vae, images: np.ndarray, *, steps: int, batch_size: int = 16, lr: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
         if progress:
             progress(step + 1, steps, loss.item())
@@ -131,10 +131,9 @@ def train_unet(unet, latent_mean: torch.Tensor, latent_std: torch.Tensor, captio
     """Train the UNet in place; returns the EMA copy (the weights to keep). `snr_gamma` > 0 weights
     the loss by min-SNR (Hang et al. 2023), which converges several times faster than plain MSE."""
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import compute_snr
+    from diffusers.training_utils import EMAModel, compute_snr
 
     noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
-    alphas = noise_sched.alphas_cumprod
     gen = torch.Generator().manual_seed(seed)
     texts = sorted(prompt_embeds)
     which = torch.tensor([texts.index(c) for c in captions])
@@ -142,18 +141,17 @@ def train_unet(unet, latent_mean: torch.Tensor, latent_std: torch.Tensor, captio
     pooled = torch.stack([prompt_embeds[t][1] for t in texts])
     empty = texts.index("")
     unet.to(device).train()
-    ema = copy.deepcopy(unet).requires_grad_(False)
+    # EMAModel's default warm-up, decay min(ema_decay, (1 + n) / (10 + n)): early averages are not stuck at init.
+    ema = EMAModel(unet.parameters(), decay=ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    schedule = cosine_schedule(opt, steps, max(1, steps // 20))
     ids = time_ids(batch_size).to(device)
     for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * _cosine(step, steps, max(1, steps // 20))
         idx = torch.randint(0, len(latent_mean), (batch_size,), generator=gen)
         z = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * SDXL_LATENT_SCALE
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        noisy = noise_sched.add_noise(z, noise, t)
         cap = torch.where(torch.rand(batch_size, generator=gen) < uncond_prob, empty, which[idx])
         pred = unet(noisy.to(device), t.to(device), embeds[cap].to(device),
                     added_cond_kwargs={"text_embeds": pooled[cap].to(device), "time_ids": ids}).sample
@@ -165,14 +163,14 @@ def train_unet(unet, latent_mean: torch.Tensor, latent_std: torch.Tensor, captio
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
-        decay = min(ema_decay, (1 + step) / (10 + step))  # warm-up: early averages are not stuck at init
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+        ema.step(unet.parameters())
         if progress:
             progress(step + 1, steps, loss.item())
-    return ema.cpu().eval()
+    averaged = copy.deepcopy(unet).requires_grad_(False)
+    ema.copy_to(averaged.parameters())
+    return averaged.cpu().eval()
 
 
 class ProgressPrinter:

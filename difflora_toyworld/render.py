@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .attributes import IDENTITY_ATTRIBUTES, SCENE_ATTRIBUTES
+from .vocabulary import IDENTITY_ATTRIBUTES, SCENE_ATTRIBUTES
 
 SUPERSAMPLE = 4  # drawn at 4x then box-filtered: smooth 1-px features at 64x64
 
@@ -420,7 +420,7 @@ def contact_sheet(images: np.ndarray, columns: int) -> np.ndarray:
 
 
 def main(argv=None) -> None:
-    """python -m difflora.toyworld.render --sheet sheet.png: images/s and a contact sheet."""
+    """python -m difflora_toyworld.render --sheet sheet.png: images/s and a contact sheet."""
     import argparse
     import time
 

@@ -25,7 +25,7 @@ from . import toy_sdxl
 from .render import Scene, caption, render, sample_identities
 from .train_base import reconstruct as reconstruct_photos
 
-log = logging.getLogger("difflora.toyworld")
+log = logging.getLogger("difflora_toyworld")
 
 METHODS = ("base", "trained", "reconstructed", "predicted")
 LABELS = {"base": "base model", "trained": "trained identity LoRA", "reconstructed": "LAE reconstruction",
@@ -60,9 +60,9 @@ def generate(pipe, lora: dict | None, prompts: list[str], seeds: list[int], step
 
 def reconstruct(hn, lora_path: Path) -> dict:
     """The trained LoRA through the hypernet's LAE (normalize, encode, decode, de-normalize)."""
-    from ..lora_format import load_lora_file
-    from ..lora_weights import canonicalize_layers, flatten
-    from ..pipeline import decode_lora, lora_state_dict
+    from difflora.lora_format import load_lora_file
+    from difflora.lora_weights import canonicalize_layers, flatten
+    from difflora.pipeline import decode_lora, lora_state_dict
 
     flat = flatten(hn.spec, canonicalize_layers(hn.spec, load_lora_file(hn.spec, lora_path))).float()
     param = next(hn.lae.parameters())
@@ -80,9 +80,9 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
              steps: int = 20, guidance: float = 4.0, lora_steps: int = 25, lora_guidance: float = 3.0,
              seed: int = 0) -> dict:
     """Scores of every method on the held-out identities; also keeps a few images for the grid."""
-    from ..encoders import encode_references, load_image_file
-    from ..hypernet_file import load_hypernet
-    from ..pipeline import predict_lora
+    from difflora.encoders import load_image_file
+    from difflora.hypernet_file import load_hypernet
+    from difflora.pipeline import features_from_images, predict_lora
     from .attributes import identity_accuracy, load_classifier, prompt_accuracy
     from .identity_encoder import load_encoder
     from .world import HELDOUT_FIRST, TRIGGER, World, WorldConfig
@@ -92,12 +92,13 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
 
     diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoders": by design, UNet-only LoRAs
     world = World(world_root)
-    cfg = WorldConfig(**json.loads(world.config.read_text()))
+    cfg = WorldConfig.from_dict(json.loads(world.config.read_text()))
     clf = load_classifier(world.classifier)
     pipe = toy_sdxl.load_pipeline(world.base, device)
     hn = load_hypernet(world.hypernet, device=device)
-    face = getattr(hn, "face_encoder", None) or load_encoder(world.face)
-    image = getattr(hn, "image_encoder", None) or load_encoder(world.image)
+    # The world's own encoders, for a hypernet that carries none (the one it carries wins).
+    face = None if hn.face_encoder else load_encoder(world.face)
+    image = None if hn.image_encoder else load_encoder(world.image)
     report = json.loads((world.loras / "heldout" / "report.json").read_text())
     train_seconds = {r["name"]: r["seconds"] for r in report["identities"] if r["status"] == "trained"}
     n = cfg.heldout_identities if identities is None else min(identities, cfg.heldout_identities)
@@ -115,8 +116,8 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
         reference = load_image_file(world.data / "heldout" / name / "000.png")
         _sync(device)
         t0 = time.perf_counter()
-        refs = encode_references([reference], face, image)
-        predicted = predict_lora(hn, refs.face, refs.image, steps=lora_steps, guidance=lora_guidance, seed=seed)
+        features = features_from_images(hn, [reference], face, image)
+        predicted = predict_lora(hn, features, steps=lora_steps, guidance=lora_guidance, seed=seed)
         _sync(device)
         predict_s = time.perf_counter() - t0
         loras = {"base": None, "predicted": predicted, "reconstructed": reconstruct(hn, lora_path),
@@ -229,7 +230,7 @@ def write_results(world_root, out: str | None = None, device: str = "cpu", ident
     t0 = time.perf_counter()
     res = evaluate(world_root, device=device, identities=identities)
     summary = summarize(res["rows"])
-    command = f"python -m difflora.toyworld results --world {world_root}"
+    command = f"python -m difflora_toyworld results --world {world_root}"
     payload = {"summary": summary, "settings": res["settings"], "identities": res["rows"],
                "seconds": time.perf_counter() - t0}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=1, default=str))

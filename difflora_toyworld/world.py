@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DiffLoRAError
+from difflora.config_dict import ConfigDict
+from difflora.errors import DiffLoRAError
 from . import toy_sdxl
 
-log = logging.getLogger("difflora.toyworld")
+log = logging.getLogger("difflora_toyworld")
 
 TRAIN_FIRST = 20_000     # first identity index of the LoRA (hypernet training) identities
 HELDOUT_FIRST = 50_000   # first identity index of the held-out identities
@@ -41,7 +42,7 @@ TRIGGER = "a sks person"
 
 
 @dataclass
-class WorldConfig:
+class WorldConfig(ConfigDict):
     """Sizes of one world; `WORLD_SIZES` names the two used (the committed one and the test one)."""
 
     seed: int = 0
@@ -67,9 +68,6 @@ class WorldConfig:
     lae_steps: int = 1000
     dit_steps: int = 2500
     device: str = "cpu"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 WORLD_SIZES = {
@@ -228,7 +226,7 @@ def _loras_complete(report: Path) -> bool:
 
 
 def identity_lora_config(world: World, split: str, cfg: WorldConfig):
-    from ..train.config import IdentityLoraConfig
+    from difflora.train.config import IdentityLoraConfig
 
     return IdentityLoraConfig(
         data=str(world.data / split), out=str(world.loras / split), base=str(world.base),
@@ -239,7 +237,7 @@ def identity_lora_config(world: World, split: str, cfg: WorldConfig):
 
 def run_identity_loras(world: World, split: str, cfg: WorldConfig, face, image, processes: int = 1):
     """In this process, or as the user's command under `accelerate launch` with CPU processes."""
-    from ..train.identity_loras import train_identity_loras
+    from difflora.train.identity_loras import train_identity_loras
 
     lora_cfg = identity_lora_config(world, split, cfg)
     if processes <= 1 or cfg.device != "cpu":
@@ -277,8 +275,8 @@ def cli_args(cfg) -> list[str]:
 
 
 def run_lae(world: World, cfg: WorldConfig):
-    from ..train.config import LAETrainConfig
-    from ..train.lae_trainer import train_lae
+    from difflora.train.config import LAETrainConfig
+    from difflora.train.lae_trainer import train_lae
 
     run = world.lae
     result = train_lae(LAETrainConfig(
@@ -291,8 +289,8 @@ def run_lae(world: World, cfg: WorldConfig):
 
 
 def run_dit(world: World, cfg: WorldConfig, face, image):
-    from ..train.config import DiTTrainConfig
-    from ..train.dit_trainer import train_dit
+    from difflora.train.config import DiTTrainConfig
+    from difflora.train.dit_trainer import train_dit
 
     run = world.dit
     out = run / "hypernet_plain.safetensors"
@@ -309,7 +307,7 @@ def run_dit(world: World, cfg: WorldConfig, face, image):
 
 def embed_encoders(src: Path, dst: Path, face, image) -> Path:
     """The final hypernet carries its encoders, so the nodes need no extra model."""
-    from ..hypernet_file import load_hypernet, save_hypernet
+    from difflora.hypernet_file import load_hypernet, save_hypernet
 
     return save_hypernet(load_hypernet(src), dst, face_encoder=face, image_encoder=image)
 
@@ -322,7 +320,7 @@ ARTIFACTS = {"checkpoint": "toy_sdxl.safetensors", "hypernet": "difflora_toy.saf
 def export_artifacts(world_root: str | os.PathLike, dest: str | os.PathLike) -> dict[str, Path]:
     """The built world's shipped files: the base checkpoint as is; the hypernet, which carries its
     two encoders, and the classifier in float16 (they load back as float32)."""
-    from ..hypernet_file import load_hypernet, save_hypernet
+    from difflora.hypernet_file import load_hypernet, save_hypernet
     from .attributes import load_classifier, save_classifier
 
     world, dest = World(world_root), Path(dest)

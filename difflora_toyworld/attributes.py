@@ -1,9 +1,7 @@
-"""The toy world's attribute vocabulary, and the attribute classifier that reads images.
+"""The attribute classifier that reads the toy world's images back (vocabulary.py holds the attributes).
 
-The vocabulary is plain data: identity attributes (what makes a person that person)
-and scene attributes (what a caption names). The classifier is a small CNN with one
-head per attribute, trained on rendered images; it is the instrument of issue 7's
-identity accuracy (fraction of identity attributes read back) and prompt accuracy
+The classifier is a small CNN with one head per attribute, trained on rendered images; it is the
+measuring instrument of identity accuracy (fraction of identity attributes read back) and prompt accuracy
 (background / expression read back). Files are `.safetensors` with the config and the
 vocabulary in the metadata, no pickles.
 """
@@ -12,115 +10,26 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..encoders.images import split_batch, to_rgb_uint8
-from ..errors import DiffLoRAError
+from difflora.encoders.carried import ConvBackbone, NetConfig, batched, to_batch
+from difflora.errors import DiffLoRAError
+
+from .render import make_dataset
+from .vocabulary import ALL_ATTRIBUTES, IDENTITY_ATTRIBUTES, SCENE_ATTRIBUTES, vocabulary_json
 
 log = logging.getLogger(__name__)
 
-# Order matters: it is the label order everywhere (Identity.labels(), classifier heads).
-IDENTITY_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "face_shape": ("round", "oval", "long", "square", "heart"),
-    "skin_tone": ("porcelain", "light", "tan", "brown", "dark"),
-    "hair_colour": ("black", "brown", "blonde", "red", "white"),
-    "hair_style": ("short", "long", "curly", "bun", "spiky"),
-    "eye_colour": ("brown", "blue", "green", "grey"),
-    "eye_spacing": ("narrow", "medium", "wide"),
-    "nose": ("button", "long", "wide", "pointed"),
-    "mouth": ("small", "wide", "full"),
-    "glasses": ("none", "round", "square"),
-}
-# What captions name (issue 7: "a photo of a person, blue background, smiling").
-SCENE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "background": ("blue", "green", "purple", "pink", "grey", "orange"),
-    "expression": ("neutral", "smiling", "surprised", "sad"),
-}
-ALL_ATTRIBUTES: dict[str, tuple[str, ...]] = {**IDENTITY_ATTRIBUTES, **SCENE_ATTRIBUTES}
-VOCABULARY_VERSION = 1  # bump when a vocabulary changes; stored in every model file
-
-
-def vocabulary_json(names: Sequence[str]) -> str:
-    """The vocabulary of ``names`` as canonical JSON (stored in model files, checked on load)."""
-    return json.dumps({"version": VOCABULARY_VERSION,
-                       "attributes": {n: list(ALL_ATTRIBUTES[n]) for n in names}},
-                      sort_keys=True, separators=(",", ":"))
-
-
 # --------------------------------------------------------------------------- the network
-
-@dataclass
-class NetConfig:
-    image_size: int = 64
-    stem: int = 32  # 4x4 stride-2 stem: halves the cost of the first stage, keeps 3 px irises
-    widths: tuple[int, ...] = (32, 64, 96)  # each stage: conv, conv stride 2
-    hidden: int = 256  # features after the flatten + linear; the heads read these
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> NetConfig:
-        d = dict(d)
-        d["widths"] = tuple(d["widths"])
-        return cls(**d)
-
-
-class ConvBackbone(nn.Module):
-    """uint8-range images (B, 3, S, S) -> features (B, hidden). Flattened, not pooled:
-    where things are (eye spacing, mouth shape) is part of what it must read."""
-
-    def __init__(self, cfg: NetConfig):
-        super().__init__()
-        def conv(c_in, c_out, k, stride):  # BatchNorm: 600 steps took eye colour 0.4 -> 0.99
-            return [nn.Conv2d(c_in, c_out, k, stride, padding=1, bias=False),
-                    nn.BatchNorm2d(c_out), nn.ReLU()]
-
-        layers, c = conv(3, cfg.stem, 4, 2), cfg.stem
-        for w in cfg.widths:
-            layers += conv(c, w, 3, 1) + conv(w, w, 3, 2)
-            c = w
-        side = cfg.image_size // 2 ** (len(cfg.widths) + 1)
-        self.convs = nn.Sequential(*layers)
-        self.fc = nn.Linear(c * side * side, cfg.hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
-        return F.relu(self.fc(self.convs(x).flatten(1)))  # (B, hidden)
-
-
-def to_batch(images, size: int = 64) -> torch.Tensor:
-    """Images -> uint8 tensor (N, 3, size, size). Fast path: (N, H, W, 3) uint8 arrays and
-    our own (N, 3, S, S) uint8 tensors; anything else the encoders accept (a ComfyUI IMAGE
-    batch of floats, PIL images, lists) goes through encoders.images.to_rgb_uint8."""
-    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4 \
-            and images.shape[1] == 3:
-        return images
-    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
-        arrays = images
-    else:
-        arrays = [to_rgb_uint8(a, f"image {i + 1}") for i, a in enumerate(split_batch(images))]
-    if any(a.shape[:2] != (size, size) for a in arrays):  # e.g. an upscaled generation
-        from PIL import Image
-        arrays = [np.asarray(Image.fromarray(a).resize((size, size), Image.BOX)) for a in arrays]
-    if not len(arrays):
-        raise DiffLoRAError("No image given: pass at least one image.")
-    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).permute(0, 3, 1, 2)
-
-
-@torch.no_grad()
-def batched(fn, x: torch.Tensor, batch_size: int = 256) -> list:
-    return [fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-
+# The backbone is the one the toy encoders carried in hypernet files use (difflora.encoders.carried).
 
 class AttributeClassifier(nn.Module):
     """Backbone + one linear head per attribute. ``forward`` -> {name: logits (B, K)}."""
@@ -156,7 +65,7 @@ class AttributeClassifier(nn.Module):
 def save_model(model: nn.Module, path: str | os.PathLike, model_type: str,
                config: dict, attributes: Sequence[str]) -> None:
     """One `.safetensors`: weights + metadata (type, config JSON, vocabulary JSON)."""
-    from ..safetensors_io import save_file_reproducible
+    from difflora.safetensors_io import save_file_reproducible
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file_reproducible(tensors, path, metadata={
@@ -186,10 +95,10 @@ def load_model_file(path: str | os.PathLike, model_type: str) -> tuple[dict, dic
         names = config["attributes"]
     except (KeyError, ValueError):
         raise DiffLoRAError(f"{path} has no readable config in its metadata: it was not "
-                            "written by difflora.toyworld; retrain or re-save it.") from None
+                            "written by difflora_toyworld; retrain or re-save it.") from None
     if meta.get("vocabulary") != vocabulary_json(names):
         raise DiffLoRAError(f"{path} was trained on another attribute vocabulary than this code "
-                            "has: retrain it with this version of difflora.toyworld.")
+                            "has: retrain it with this version of difflora_toyworld.")
     return tensors, config
 
 
@@ -221,8 +130,6 @@ class TrainPool:
 def render_pool(n_identities: int, images_per_identity: int, seed: int,
                 first_identity: int = 0, size: int = 64) -> TrainPool:
     """Render a training / evaluation pool (identities ``first_identity`` onwards)."""
-    from .render import make_dataset
-
     return pool_from_dataset(make_dataset(n_identities, images_per_identity, seed, size=size,
                                           first_identity=first_identity))
 
@@ -236,10 +143,26 @@ def pool_from_dataset(ds, *image_sets: np.ndarray) -> TrainPool:
                      ids.repeat(len(sets)))
 
 
-def cosine_lr(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+def train_supervised(model: nn.Module, batch_loss, steps: int, lr: float, seed: int, name: str,
+                     log_every: int = 100) -> nn.Module:
+    """The one loop of the classifier and the encoders: AdamW, diffusers' cosine schedule with a
+    short warm-up, ``batch_loss(generator)`` drawing each batch from the seeded generator."""
+    from .train_base import cosine_schedule
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = cosine_schedule(opt, steps, warmup=min(100, steps // 10 + 1))
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        loss = batch_loss(gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            log.info("%s step %d/%d loss %.4f (%.0f s)", name, step + 1, steps, loss.item(), time.perf_counter() - t0)
+    return model.eval()
 
 
 def multi_head_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor,
@@ -260,22 +183,12 @@ def train_attribute_classifier(steps: int, seed: int = 0, *, batch_size: int = 6
     torch.manual_seed(seed)
     pool = pool or render_pool(n_identities, images_per_identity, seed)
     model = AttributeClassifier(net)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
-    model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+
+    def batch_loss(gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(len(pool.images), (batch_size,), generator=gen)
-        loss = multi_head_loss(model(pool.images[idx]), pool.labels[idx], model.attributes)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            log.info("classifier step %d/%d loss %.4f (%.0f s)", step + 1, steps, loss.item(),
-                     time.perf_counter() - t0)
-    return model.eval()
+        return multi_head_loss(model(pool.images[idx]), pool.labels[idx], model.attributes)
+
+    return train_supervised(model, batch_loss, steps, lr, seed, "classifier", log_every)
 
 
 # --------------------------------------------------------------------------- the scores
@@ -314,7 +227,7 @@ def prompt_accuracy(model: AttributeClassifier, images, scene) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """python -m difflora.toyworld.attributes --steps 1500 --out classifier.safetensors"""
+    """python -m difflora_toyworld.attributes --steps 1500 --out classifier.safetensors"""
     import argparse
 
     p = argparse.ArgumentParser(description="Train the toy-world attribute classifier and "

@@ -1,0 +1,261 @@
+"""Encoders a hypernet file may carry: small networks that serialize themselves into its tensors.
+
+A real face analysis (ArcFace, dlib) or CLIP is a separate download the user connects in the
+graph. A small encoder can instead travel inside the hypernet file (and in a file of its own),
+so the file alone predicts a LoRA. What such a file holds is named by its own metadata: the key
+`MODEL_KEY` says which builder of `CARRIED_MODELS` rebuilds it from its tensors, so the loader
+never guesses and names no training code.
+
+The one carried model today is the conv embedding net the toy world (docs/TOYWORLD.md) trains as
+its "face recognition" (`toy-face`) and its CLIP stand-in (`toy-image`): a conv backbone, a linear
+projection to a unit vector, and cosine class vectors that only its training reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config_dict import ConfigDict
+from ..errors import EncoderError
+from .base import DetectedFace, FaceEncoder, ImageEncoder
+from .images import split_batch, to_rgb_uint8
+
+# Metadata key naming what a carried model is (its value keys CARRIED_MODELS). The name is the
+# toy world's, kept so the files already shipped still load.
+MODEL_KEY = "toyworld_model"
+EMBEDDING_NET = "toy-encoder"
+KINDS = ("toy-face", "toy-image")
+CLASSES_PREFIX = "classes."  # the cosine class vectors: read by training only, carried so files round-trip
+
+
+@dataclass
+class NetConfig(ConfigDict):
+    image_size: int = 64
+    stem: int = 32  # 4x4 stride-2 stem: halves the cost of the first stage, keeps 3 px irises
+    widths: tuple[int, ...] = (32, 64, 96)  # each stage: conv, conv stride 2
+    hidden: int = 256  # features after the flatten + linear; the heads read these
+
+
+class ConvBackbone(nn.Module):
+    """uint8-range images (B, 3, S, S) -> features (B, hidden). Flattened, not pooled:
+    where things are (eye spacing, mouth shape) is part of what it must read."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+
+        def conv(c_in, c_out, k, stride):  # BatchNorm: 600 steps took eye colour 0.4 -> 0.99
+            return [nn.Conv2d(c_in, c_out, k, stride, padding=1, bias=False),
+                    nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        layers, c = conv(3, cfg.stem, 4, 2), cfg.stem
+        for w in cfg.widths:
+            layers += conv(c, w, 3, 1) + conv(w, w, 3, 2)
+            c = w
+        side = cfg.image_size // 2 ** (len(cfg.widths) + 1)
+        self.convs = nn.Sequential(*layers)
+        self.fc = nn.Linear(c * side * side, cfg.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
+        return F.relu(self.fc(self.convs(x).flatten(1)))  # (B, hidden)
+
+
+def to_batch(images, size: int = 64) -> torch.Tensor:
+    """Images -> uint8 tensor (N, 3, size, size). Fast path: (N, H, W, 3) uint8 arrays and
+    our own (N, 3, S, S) uint8 tensors; anything else the encoders accept (a ComfyUI IMAGE
+    batch of floats, PIL images, lists) goes through encoders.images.to_rgb_uint8."""
+    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4 \
+            and images.shape[1] == 3:
+        return images
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
+        arrays = images
+    else:
+        arrays = [to_rgb_uint8(a, f"image {i + 1}") for i, a in enumerate(split_batch(images))]
+    if any(a.shape[:2] != (size, size) for a in arrays):  # e.g. an upscaled generation
+        from PIL import Image
+        arrays = [np.asarray(Image.fromarray(a).resize((size, size), Image.BOX)) for a in arrays]
+    if not len(arrays):
+        raise EncoderError("No image given: pass at least one image.")
+    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def batched(fn, x: torch.Tensor, batch_size: int = 256) -> list:
+    return [fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+@dataclass
+class EncoderConfig(ConfigDict):
+    kind: str = "toy-face"
+    embedding_dim: int = 64
+    net: NetConfig = field(default_factory=NetConfig)
+    attributes: tuple[str, ...] = ()  # what the class vectors stand for (the training's labels)
+    contrastive: float = 1.0  # weight of the identity contrastive term in training (0: heads only)
+    temperature: float = 0.1  # of the contrastive term
+    logit_scale: float = 16.0  # cosine heads: logits = scale * cos(z, class vector)
+
+
+class EmbeddingNet(nn.Module):
+    """uint8 images (B, 3, S, S) -> unit embeddings (B, D); ``heads(z)`` -> {name: logits}.
+
+    ``class_sizes``: {attribute: number of values} of the cosine heads; ``vocabulary``: the
+    training's label vocabulary as an opaque string, carried along so a file round-trips.
+    """
+
+    def __init__(self, cfg: EncoderConfig, class_sizes: Mapping[str, int], vocabulary: str = ""):
+        super().__init__()
+        self.cfg, self.vocabulary = cfg, vocabulary
+        self.backbone = ConvBackbone(cfg.net)
+        self.proj = nn.Linear(cfg.net.hidden, cfg.embedding_dim)
+        self.classes = nn.ParameterDict({  # one unit vector per attribute value
+            n: nn.Parameter(torch.randn(int(class_sizes[n]), cfg.embedding_dim) * 0.1) for n in cfg.attributes})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(self.backbone(x)), dim=-1)  # (B, D)
+
+    def heads(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: self.cfg.logit_scale * z @ F.normalize(w, dim=-1).T  # (B, K)
+                for n, w in self.classes.items()}
+
+    @torch.no_grad()
+    def embed_batch(self, images, batch_size: int = 256) -> torch.Tensor:
+        self.eval()
+        x = to_batch(images, self.cfg.net.image_size)
+        return torch.cat(batched(self, x, batch_size)) if len(x) else torch.zeros(0, self.cfg.embedding_dim)
+
+
+class ToyFaceEncoder(FaceEncoder):
+    """The toy "face recognition": one face covering the whole image, always found."""
+
+    kind = "toy-face"
+
+    def __init__(self, net: EmbeddingNet):
+        self.net = net.eval()
+        self.embedding_dim = net.cfg.embedding_dim
+
+    def _detect(self, image: np.ndarray) -> list[DetectedFace]:
+        h, w = image.shape[:2]
+        return [DetectedFace(box=(0.0, 0.0, float(w), float(h)), score=1.0)]
+
+    def embed(self, image: np.ndarray, face: DetectedFace) -> torch.Tensor:
+        x0, y0, x1, y1 = (int(round(v)) for v in face.box)
+        crop = image[max(0, y0):max(y0 + 1, y1), max(0, x0):max(x0 + 1, x1)]
+        return self.net.embed_batch([crop])[0]  # (D,)
+
+    def embed_batch(self, images) -> torch.Tensor:
+        """(N, D) unit embeddings of whole images (the toy face fills the frame): no
+        detection round trip, for data sets and metrics."""
+        return self.net.embed_batch(images)
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """What a hypernet file carries of this encoder."""
+        return net_to_tensors(self.net)
+
+
+class ToyImageEncoder(ImageEncoder):
+    """The toy CLIP stand-in: whole-image embedding, scene included."""
+
+    kind = "toy-image"
+
+    def __init__(self, net: EmbeddingNet):
+        self.net = net.eval()
+        self.embedding_dim = net.cfg.embedding_dim
+
+    def embed(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        return self.net.embed_batch(images)  # (N, D), unit norm
+
+    embed_batch = embed
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """What a hypernet file carries of this encoder."""
+        return net_to_tensors(self.net)
+
+
+def wrap_net(net: EmbeddingNet) -> ToyFaceEncoder | ToyImageEncoder:
+    """The encoder interface of a net, by its kind."""
+    return (ToyFaceEncoder if net.cfg.kind == "toy-face" else ToyImageEncoder)(net)
+
+
+# --------------------------------------------------------------------------- serialization
+# One form, used by the encoder's own file and by a hypernet file that carries it: the net's
+# tensors plus three strings (MODEL_KEY, config JSON, vocabulary).
+
+def net_to_tensors(net: EmbeddingNet) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata): the net's state dict (CPU, contiguous) and its metadata strings."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    return tensors, {MODEL_KEY: EMBEDDING_NET, "config": json.dumps(net.cfg.to_dict(), sort_keys=True),
+                     "vocabulary": net.vocabulary}
+
+
+def net_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                     source: str = "the file") -> ToyFaceEncoder | ToyImageEncoder:
+    """Rebuild what ``net_to_tensors`` wrote; errors name ``source`` and what to do."""
+    try:
+        cfg = EncoderConfig.from_dict(json.loads(metadata["config"]))
+    except (KeyError, TypeError, ValueError):
+        raise EncoderError(f"{source} has no readable encoder config: it was not written by DiffLoRA; "
+                           "retrain or re-save it.") from None
+    if cfg.kind not in KINDS:
+        raise EncoderError(f"{source} holds an unknown encoder kind {cfg.kind!r}: use one of {', '.join(KINDS)}.")
+    sizes = {k[len(CLASSES_PREFIX):]: v.shape[0] for k, v in tensors.items() if k.startswith(CLASSES_PREFIX)}
+    if set(sizes) != set(cfg.attributes):
+        raise EncoderError(f"{source}: its class vectors ({sorted(sizes)}) do not match its config "
+                           f"({sorted(cfg.attributes)}); retrain or re-save it.")
+    net = EmbeddingNet(cfg, sizes, str(metadata.get("vocabulary", "")))
+    try:
+        net.load_state_dict(dict(tensors))
+    except RuntimeError as e:
+        raise EncoderError(f"{source}: the {cfg.kind} tensors do not match its config ({e}); "
+                           "retrain or re-save it.") from None
+    return wrap_net(net.eval())
+
+
+# What a file's MODEL_KEY metadata names -> the builder that rebuilds it from (tensors, metadata, source).
+CARRIED_MODELS: dict[str, Callable[..., FaceEncoder | ImageEncoder]] = {EMBEDDING_NET: net_from_tensors}
+
+
+def carried_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                         source: str = "the file") -> FaceEncoder | ImageEncoder:
+    """The encoder that ``metadata`` says ``tensors`` hold."""
+    found = metadata.get(MODEL_KEY)
+    if found not in CARRIED_MODELS:
+        raise EncoderError(f"{source} holds a {found or 'non-DiffLoRA'} model, not an encoder DiffLoRA can "
+                           f"carry ({', '.join(CARRIED_MODELS)}): pick the right file.")
+    return CARRIED_MODELS[found](tensors, metadata, source)
+
+
+def read_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a ``.safetensors`` file; errors name the file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise EncoderError(f"Encoder file not found: {path}.")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise EncoderError(f"Cannot read {path} as a .safetensors file ({e}).") from None
+
+
+def load_carried_file(path: str | os.PathLike) -> FaceEncoder | ImageEncoder:
+    """The carried encoder a file of its own holds (e.g. the toy world's toy_face.safetensors)."""
+    tensors, meta = read_model_file(path)
+    return carried_from_tensors(tensors, meta, str(path))
+
+
+def save_carried_file(encoder, path: str | os.PathLike) -> None:
+    """Write an encoder that serializes itself (``to_tensors``) as a file of its own."""
+    from ..safetensors_io import save_file_reproducible
+
+    tensors, metadata = encoder.to_tensors()
+    save_file_reproducible(tensors, path, metadata)
