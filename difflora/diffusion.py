@@ -1,4 +1,4 @@
-"""Diffusion over LAE latents, method.md section 4: training loss, DDIM sampling with CFG, EMA.
+"""Diffusion over LAE latents, docs/METHOD.md section 4: training loss, DDIM sampling with CFG, EMA.
 
 The DiT predicts the clean latent x0 (prediction_type="sample"). Schedulers come from diffusers;
 nothing here re-implements their math.

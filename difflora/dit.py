@@ -1,4 +1,4 @@
-"""The denoiser: a DiT over LoRA latent tokens, method.md section 4.
+"""The denoiser: a DiT over LoRA latent tokens, docs/METHOD.md section 4.
 
 Follows facebookresearch/DiT models.py: adaLN-Zero blocks conditioned on c = t_emb + cond_emb,
 one `initialize_weights()` holding the "zero", and a registry of sizes. Differences: the input is

@@ -1,4 +1,4 @@
-"""LoRA weight autoencoder (LAE), method.md section 2.
+"""LoRA weight autoencoder (LAE), docs/METHOD.md section 2.
 
 The flat (canonical, normalized) LoRA vector is folded into `patch`-sized chunks (channels) along a
 1D sequence, then strided Conv1d stages compress it (1D convolutions are the main compression

@@ -1,4 +1,4 @@
-"""Mixed Image Features (MIF), method.md section 3.
+"""Mixed Image Features (MIF), docs/METHOD.md section 3.
 
 A face-recognition embedding (identity) and a general image embedding (appearance, context) are
 combined by a learned per-dimension gate:

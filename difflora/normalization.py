@@ -1,4 +1,4 @@
-"""Normalization statistics of the training LoRAs (method.md section 1).
+"""Normalization statistics of the training LoRAs (docs/METHOD.md section 1).
 
 The flat LoRA vector (its layout is `LoraSpec.blocks`) spans orders of magnitude between layers, so the LAE sees
 (x - mean) / std. Statistics are always stored per position (buffers of shape (P,)), whatever

@@ -20,7 +20,7 @@ IDENTITY_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "mouth": ("small", "wide", "full"),
     "glasses": ("none", "round", "square"),
 }
-# What captions name (issue 7: "a photo of a person, blue background, smiling").
+# What captions name ("a photo of a person, blue background, smiling").
 SCENE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "background": ("blue", "green", "purple", "pink", "grey", "orange"),
     "expression": ("neutral", "smiling", "surprised", "sad"),

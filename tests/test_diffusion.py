@@ -1,4 +1,4 @@
-"""Diffusion training loss, DDIM sampling with CFG, EMA (method.md section 4)."""
+"""Diffusion training loss, DDIM sampling with CFG, EMA (docs/METHOD.md section 4)."""
 
 from types import SimpleNamespace
 

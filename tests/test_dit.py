@@ -1,4 +1,4 @@
-"""The LoRA-latent DiT: adaLN-Zero, registry sizes, SDPA (method.md section 4)."""
+"""The LoRA-latent DiT: adaLN-Zero, registry sizes, SDPA (docs/METHOD.md section 4)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""LoRA autoencoder, weight-preserved loss and normalizer (method.md section 2)."""
+"""LoRA autoencoder, weight-preserved loss and normalizer (docs/METHOD.md section 2)."""
 
 import json
 import resource

@@ -1,4 +1,4 @@
-"""Mixed Image Features: gate, projections, null embedding, reference averaging (method.md section 3)."""
+"""Mixed Image Features: gate, projections, null embedding, reference averaging (docs/METHOD.md section 3)."""
 
 import json
 

@@ -3,7 +3,7 @@
 A face encoder detects every face (box + score, landmarks when it has them) and
 embeds one chosen face; an image encoder embeds whole images. ``encode_references``
 turns one or a few reference photos into the two vectors Mixed Image Features
-consumes (method.md section 3).
+consumes (docs/METHOD.md section 3).
 """
 
 from __future__ import annotations

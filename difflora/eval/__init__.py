@@ -1,4 +1,4 @@
-"""Evaluation of DiffLoRA by the paper's protocol (method.md section 6): `python -m difflora.eval`.
+"""Evaluation of DiffLoRA by the paper's protocol (docs/METHOD.md section 6): `python -m difflora.eval`.
 
 layout.py (the folder read and written), generate.py (images through the core pipeline and a
 local SDXL), metrics/ (CLIP-I/T, DINO, Face Sim, FID, ImageReward), protocol.py (scoring every

@@ -1,4 +1,4 @@
-"""`python -m difflora.eval`: the paper's evaluation protocol (method.md section 6).
+"""`python -m difflora.eval`: the paper's evaluation protocol (docs/METHOD.md section 6).
 
     python -m difflora.eval init ROOT                      # prompts.txt (30 prompts) + folders
     python -m difflora.eval generate ROOT --hypernet H --base SDXL --image-encoder CLIP_VISION

@@ -1,4 +1,4 @@
-"""The folder an evaluation reads (and `generate` writes), method.md section 6.
+"""The folder an evaluation reads (and `generate` writes), docs/METHOD.md section 6.
 
     EVAL_ROOT/
       prompts.txt                                  M prompts, one a line; "{person}" marks the subject

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .protocol import METRICS
 
-# Seconds per identity, PhotoMaker Table 1 (V100) and HyperDreamBooth (method.md section 6).
+# Seconds per identity, PhotoMaker Table 1 (V100) and HyperDreamBooth (docs/METHOD.md section 6).
 PUBLISHED_TIME_S = {"DreamBooth-LoRA": 1284, "Textual Inversion": 2400, "IP-Adapter": 12, "PhotoMaker": 10,
                     "HyperDreamBooth": 20}
 

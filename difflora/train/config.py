@@ -31,7 +31,7 @@ def opt(default: Any, help: str, choices: list | tuple | None = None, path: bool
 
 @dataclass
 class IdentityLoraConfig(ConfigDict):
-    """identity-loras: one DreamBooth LoRA per identity folder (method.md section 5)."""
+    """identity-loras: one DreamBooth LoRA per identity folder (docs/METHOD.md section 5)."""
 
     data: str = opt("", "Folder with one sub-folder of photos per identity (see docs/TRAINING.md).", path=True)
     out: str = opt("", "Folder the identity LoRAs and their embeddings are written to.", path=True)
@@ -47,7 +47,7 @@ class IdentityLoraConfig(ConfigDict):
                                     "for toy-face, its toy_face.safetensors file.", metavar="PATH")
     image_encoder: str = opt("", "CLIP vision model for the image embeddings: a transformers folder or a ComfyUI "
                                  "clip_vision .safetensors (or the toy world's toy_image.safetensors).", metavar="PATH")
-    rank: int = opt(4, "LoRA rank of the spec (method.md: 4).")
+    rank: int = opt(4, "LoRA rank of the spec (docs/METHOD.md: 4).")
     alpha: float = opt(0.0, "LoRA alpha; 0 means alpha = rank (scale 1).")
     steps: int = opt(500, "Optimizer steps per identity (DreamBooth-LoRA: 500-1000 at lr 1e-4).")
     batch_size: int = opt(1, "Images per step.")
@@ -101,7 +101,7 @@ class LoopConfig(ConfigDict):
 
 @dataclass
 class LAETrainConfig(LoopConfig):
-    """lae: the LoRA autoencoder on normalized canonical LoRAs (method.md section 2)."""
+    """lae: the LoRA autoencoder on normalized canonical LoRAs (docs/METHOD.md section 2)."""
 
     size: str = opt("tiny", "LAE size from the registry (sdxl-r4: ~300x for SDXL rank 4).", choices=list(LAE_CONFIGS))
     val_fraction: float = opt(0.1, "Share of identities held out for validation (at least one when there are 2+); "
@@ -116,7 +116,7 @@ class LAETrainConfig(LoopConfig):
 
 @dataclass
 class DiTTrainConfig(LoopConfig):
-    """dit: the DiT + Mixed Image Features on LAE latents (method.md sections 3-4)."""
+    """dit: the DiT + Mixed Image Features on LAE latents (docs/METHOD.md sections 3-4)."""
 
     lae: str = opt("", "The LAE stage's lae_final.safetensors.", path=True)
     size: str = opt("tiny", "DiT size from the registry.", choices=list(DIT_CONFIGS))

@@ -1,7 +1,7 @@
 """The dit stage: train the DiT denoiser and the Mixed Image Features gate on LAE latents.
 
 Each training sample is one identity: its LoRA's LAE latent (the x0 to denoise) conditioned
-on the mixed features of a random photo of that identity (method.md section 3: random
+on the mixed features of a random photo of that identity (docs/METHOD.md section 3: random
 sampling of reference images). The held-out identities (the LAE stage's split) measure what
 matters: the error of LoRAs sampled from features of people the hypernet never saw.
 """

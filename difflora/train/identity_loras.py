@@ -1,4 +1,4 @@
-"""identity-loras: one DreamBooth-style SDXL LoRA per identity folder (method.md section 5).
+"""identity-loras: one DreamBooth-style SDXL LoRA per identity folder (docs/METHOD.md section 5).
 
 Per identity: keep the usable photos (identity_filter.py), train a LoRA on exactly the spec's
 targets with peft (as diffusers' train_dreambooth_lora_sdxl.py does), then store it canonical

@@ -1,4 +1,4 @@
-"""The evaluation metrics, one model family a file, method.md section 6.
+"""The evaluation metrics, one model family a file, docs/METHOD.md section 6.
 
 Every scorer loads local weights only (no hub). A scorer that cannot load raises
 `MetricUnavailable` naming the file it needs; the protocol reports that metric as skipped
