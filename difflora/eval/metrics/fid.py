@@ -3,8 +3,9 @@
 The features come from torch-fidelity's `FeatureExtractorInceptionV3`, the PyTorch port of the
 TensorFlow graph the original FID was defined with (its TF1-exact bilinear resize to 299 px and
 input scaling included), fed the standard FID weights from a local file the user supplies:
-`pt_inception-2015-12-05-6726825d.pth` (weights_manifest.json, id `fid-inception`; torch-fidelity
-ships the same file as `weights-inception-2015-12-05-6726825d.pth`). Nothing is downloaded.
+`pt_inception-2015-12-05-6726825d.pth` (weights_manifest.json, id `fid-inception`; pytorch-fid's
+name; torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` carries the same hash digits
+and loads the same way). Nothing is downloaded.
 
 Only those weights make a figure comparable with published FIDs. Their file name carries the
 first 8 hex digits of the file's sha256 (torch.hub's naming), which `load` checks: any other
@@ -34,11 +35,7 @@ NEEDS = (f"the standard FID Inception weights {STANDARD_FILE} (weights_manifest.
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()  # ~95 MB, once per evaluation
 
 
 def load_extractor(path: Path) -> torch.nn.Module:
