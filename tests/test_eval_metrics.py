@@ -2,6 +2,7 @@
 saved to disk and loaded back through the real loading code (no weights exist here)."""
 
 import importlib.resources
+import sys
 
 import numpy as np
 import pytest
@@ -176,3 +177,10 @@ def test_standard_weights_are_recognized_by_their_sha256_prefix(fid_weights, mon
     monkeypatch.setattr(fid, "STANDARD_SHA256_PREFIX", fid.sha256_of(fid_weights)[:8])
     inc = InceptionFeatures.load(fid_weights, device="cpu")
     assert inc.standard and "comparable with published FIDs" in inc.weights and "not" not in inc.weights
+
+
+def test_fid_without_torch_fidelity_skips_saying_what_to_install(fid_weights, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import of it raises ImportError
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
+    with pytest.raises(MetricUnavailable, match="torch-fidelity"):
+        InceptionFeatures.load(fid_weights)
