@@ -2,6 +2,7 @@
 saved to disk and loaded back through the real loading code (no weights exist here)."""
 
 import importlib.resources
+import sys
 
 import numpy as np
 import pytest
@@ -10,8 +11,10 @@ import torch
 from difflora.eval.metrics import MetricUnavailable, cosine_matrix, mean_similarity_to_references
 from difflora.eval.metrics.clip import ClipScorer
 from difflora.eval.metrics.dino import DinoScorer
+from difflora.eval.metrics import fid
 from difflora.eval.metrics.fid import InceptionFeatures, frechet_distance, trace_sqrt_product
-from tests.support.tiny_eval_models import build_tiny_clip, build_tiny_dino, synthetic_images
+from tests.support.tiny_eval_models import (build_fid_inception_stand_in, build_tiny_clip, build_tiny_dino,
+                                           synthetic_images)
 
 PHOTOS = importlib.resources.files("insightface") / "data" / "images"
 
@@ -111,15 +114,73 @@ def test_frechet_distance_known_answers():
     assert frechet_distance(a, b) > frechet_distance(a, a)
 
 
-def test_fid_through_a_local_inception_file_set_with_itself_near_zero(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "inception_v3_random.pth"
-    from torchvision.models import inception_v3
+@pytest.fixture(scope="module")
+def fid_weights(tmp_path_factory):
+    return build_fid_inception_stand_in(tmp_path_factory.mktemp("fid") / "inception_stand_in.pth")
 
-    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), path)  # torchvision's keys
-    inc = InceptionFeatures.load(path, device="cpu")
-    set_a, set_b = synthetic_images(5, seed=3), synthetic_images(5, seed=4)
-    fa, fb = inc.features(set_a), inc.features(set_b)
-    assert fa.shape == (5, 2048)
-    same, other = frechet_distance(fa, inc.features(set_a)), frechet_distance(fa, fb)
-    assert abs(same) < 1e-6 * other and other > 0
+
+def test_missing_fid_weights_skip_naming_the_standard_file(tmp_path):
+    for path in (None, tmp_path / fid.STANDARD_FILE):
+        with pytest.raises(MetricUnavailable, match="FID skipped") as e:
+            InceptionFeatures.load(path)
+        assert fid.STANDARD_FILE in e.value.needs and "weights_manifest.json" in e.value.needs
+
+
+def test_unreadable_fid_weights_skip_with_the_reason(tmp_path):
+    wrong_keys = tmp_path / "wrong_keys.pth"
+    torch.save({"fc.weight": torch.zeros(3)}, wrong_keys)  # e.g. torchvision's ImageNet Inception layout
+    pickled_object = tmp_path / "object.pth"
+    torch.save(_NotAStateDict(), pickled_object)  # refused by weights_only=True before torch-fidelity unpickles
+    for path in (wrong_keys, pickled_object):
+        with pytest.raises(MetricUnavailable, match=f"cannot load {path.name}"):
+            InceptionFeatures.load(path)
+
+
+class _NotAStateDict:
+    pass
+
+
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated")  # inside torch-fidelity 0.3.0
+def test_frechet_distance_equals_torch_fidelity_formula():
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    g = np.random.default_rng(1)
+    a, b = g.normal(size=(60, 10)), g.normal(size=(50, 10)) * 1.3 + 0.2
+    stats = [fid_features_to_statistics(torch.from_numpy(x)) for x in (a, b)]
+    ref = fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
+    assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
+
+
+def test_fid_through_the_standard_inception_loader(fid_weights):
+    """torch-fidelity's FID Inception with a random stand-in file: a set against itself scores ~0,
+    a brightness-shifted copy more, a larger shift more still; the weights are named non-standard."""
+    inc = InceptionFeatures.load(fid_weights, device="cpu")
+    assert not inc.standard and "not comparable" in inc.weights and fid_weights.name in inc.weights
+    images = synthetic_images(3, seed=3)
+    shifted = {d: [np.clip(im.astype(int) + d, 0, 255).astype(np.uint8) for im in images] for d in (20, 60)}
+    fa = inc.features(images)
+    assert fa.shape == (3, 2048) and fa.dtype == np.float64
+    same = frechet_distance(fa, inc.features(images))
+    small, large = (frechet_distance(fa, inc.features(shifted[d])) for d in (20, 60))
+    assert abs(same) < 1e-6 * small and 0 < small < large
+
+
+def test_fid_features_keep_order_across_image_sizes(fid_weights):
+    inc = InceptionFeatures.load(fid_weights, device="cpu")
+    small, big = synthetic_images(1, seed=5, size=64)[0], synthetic_images(1, seed=6, size=80)[0]
+    mixed = inc.features([small, big, small])
+    assert np.allclose(mixed[0], mixed[2]) and not np.allclose(mixed[0], mixed[1])
+    assert np.allclose(mixed[1], inc.features([big])[0], atol=1e-5)
+
+
+def test_standard_weights_are_recognized_by_their_sha256_prefix(fid_weights, monkeypatch):
+    monkeypatch.setattr(fid, "STANDARD_SHA256_PREFIX", fid.sha256_of(fid_weights)[:8])
+    inc = InceptionFeatures.load(fid_weights, device="cpu")
+    assert inc.standard and "comparable with published FIDs" in inc.weights and "not" not in inc.weights
+
+
+def test_fid_without_torch_fidelity_skips_saying_what_to_install(fid_weights, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import of it raises ImportError
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
+    with pytest.raises(MetricUnavailable, match="torch-fidelity"):
+        InceptionFeatures.load(fid_weights)

@@ -13,7 +13,8 @@ from difflora.eval.__main__ import main
 from difflora.eval.layout import fill, image_name
 from difflora.eval.protocol import evaluate, load_models
 from difflora.eval.report import markdown_table, write_report
-from tests.support.tiny_eval_models import build_tiny_clip, build_tiny_dino, synthetic_images
+from tests.support.tiny_eval_models import (build_fid_inception_stand_in, build_tiny_clip, build_tiny_dino,
+                                           synthetic_images)
 
 PROMPTS = ["a photo of {person}", "{person} in the snow", "an oil painting of {person}"]
 
@@ -77,7 +78,7 @@ def test_perfect_method_scores_max_and_beats_shuffled(layout, models_dir, tmp_pa
     assert table.splitlines()[0].startswith("| Method | CLIP-T ↑ | CLIP-I ↑ | DINO ↑ | Face Sim ↑ | FID ↓")
     row = next(l for l in table.splitlines() if l.startswith("| perfect"))
     assert "| 100.0 |" in row and row.count("skipped") == 3 and "3.000 ± 1.414" in row
-    assert "fid skipped: needs a local Inception-v3 weights file" in table
+    assert "fid skipped: needs the standard FID Inception weights pt_inception-2015-12-05-6726825d.pth" in table
     with Image.open(paths["png"]) as png:
         assert png.size[0] >= 300 and png.getextrema() != ((255, 255),) * 3
 
@@ -86,22 +87,19 @@ def test_face_sim_and_fid_in_the_protocol(layout, tmp_path):
     pytest.importorskip("dlib")
     import importlib.resources
 
-    import torch
-    from torchvision.models import inception_v3
-
     # alice's reference and 'perfect' images become a real face photo; bob has no face at all.
     tom = importlib.resources.files("insightface") / "data" / "images" / "Tom_Hanks_54745.png"
     for d in (layout.root / "references" / "alice", layout.method_dir("perfect") / "alice"):
         for f in d.glob("*.png"):
             shutil.copy(tom, f)
-    torch.manual_seed(0)
-    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), tmp_path / "inc.pth")
-    models = load_models(face="dlib", inception=tmp_path / "inc.pth", device="cpu")
+    inception = build_fid_inception_stand_in(tmp_path / "inc.pth")
+    models = load_models(face="dlib", inception=inception, device="cpu")
     result = evaluate(layout, models, ["perfect"])
     m = result["methods"]["perfect"]["metrics"]
     assert m["face_sim"]["mean"] == pytest.approx(1.0, abs=1e-5) and m["face_sim"]["n"] == 1
     assert m["fid"]["n_generated"] == 6 and m["fid"]["reference_set"] == "references" and m["fid"]["value"] > 0
-    assert "FID of 6 images against 2" in markdown_table(result)
+    assert not m["fid"]["comparable"] and "non-standard Inception weights (inc.pth" in m["fid"]["weights"]
+    assert "FID of 6 images against 2 from references/ (non-standard Inception weights" in markdown_table(result)
 
 
 def test_cli_init_score_and_errors(tmp_path, models_dir, layout, capsys):

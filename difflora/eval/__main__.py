@@ -2,10 +2,13 @@
 
     python -m difflora.eval init ROOT                      # prompts.txt (30 prompts) + folders
     python -m difflora.eval generate ROOT --hypernet H --base SDXL --image-encoder CLIP_VISION
-    python -m difflora.eval score ROOT --clip DIR --dino DIR --face antelopev2 --inception FILE
+    python -m difflora.eval score ROOT --clip DIR --dino DIR --face antelopev2 \
+        --inception pt_inception-2015-12-05-6726825d.pth
 
 `score` writes ROOT/eval/eval.json, eval.md (the table) and eval.png. Every model is local;
-a metric whose model is not given is reported as skipped with the file it needs.
+a metric whose model is not given is reported as skipped with the file it needs. FID compares
+with published figures only when computed with the standard FID Inception weights named above;
+the report says which weights produced it.
 """
 
 from __future__ import annotations
@@ -68,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dino", help="transformers DINOv2 folder, e.g. dinov2-base")
     p.add_argument("--face", choices=FACE_KINDS, help="face analysis for Face Sim")
     p.add_argument("--insightface-root", help="folder holding models/<antelopev2|buffalo_l>/")
-    p.add_argument("--inception", help="torchvision Inception-v3 weights (.pth / .safetensors) for FID")
+    p.add_argument("--inception", help="the standard FID Inception weights pt_inception-2015-12-05-6726825d.pth "
+                                       "(e.g. ComfyUI/models/difflora/eval/); only these give FIDs comparable "
+                                       "with published ones, the report says which weights it used")
     p.add_argument("--image-reward", help="ImageReward.pt (med_config.json beside it)")
     p.add_argument("--class-phrase", default="a person", help="replaces {person} in the prompts for CLIP-T")
     p.add_argument("--out", help="report folder (default ROOT/eval)")

@@ -171,7 +171,8 @@ def evaluate(layout: EvalLayout, models: EvalModels, methods: list[str] | None =
 
             feats = models.inception.features(all_images)
             metrics["fid"] = {"value": frechet_distance(feats, fid_ref[0]), "n_generated": len(feats),
-                              "n_reference": len(fid_ref[0]), "reference_set": fid_ref[1]}
+                              "n_reference": len(fid_ref[0]), "reference_set": fid_ref[1],
+                              "weights": models.inception.weights, "comparable": models.inception.standard}
         if not data.timing:
             metrics.pop("time_s", None)
         result["methods"][method] = {"counts": protocol_counts(layout, data, prompts), "metrics": metrics,

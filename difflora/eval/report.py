@@ -55,7 +55,7 @@ def markdown_table(result: dict) -> str:
             note += f"; a face was found in {100 * m['face_detected']['mean']:.0f}% of them"
         if "fid" in m:
             note += (f"; FID of {m['fid']['n_generated']} images against {m['fid']['n_reference']} "
-                     f"from {m['fid']['reference_set']}/ (torchvision Inception, not comparable with published FIDs)")
+                     f"from {m['fid']['reference_set']}/ ({m['fid']['weights']})")
         notes.append(f"- {note}.")
     for key, needs in skipped.items():
         notes.append(f"- {key} skipped: {needs}.")

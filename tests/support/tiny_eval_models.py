@@ -44,3 +44,17 @@ def build_tiny_dino(folder, seed: int = 0):
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
                              image_size=224, patch_size=14)).save_pretrained(folder)
     return folder
+
+
+def build_fid_inception_stand_in(path, seed: int = 0):
+    """Random weights in the layout of the standard FID Inception file (torch-fidelity's key names
+    are torchvision's Inception v3 with 1008 classes and no auxiliary head), saved like that file:
+    a torch state dict. Same architecture, so the real loading code runs; not the real weights."""
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(seed)
+    model = inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=True)
+    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        torch.nn.init.kaiming_normal_(conv.weight)  # He init keeps the features O(1) through ~20 conv layers
+    torch.save(model.state_dict(), path)
+    return path

@@ -1,57 +1,77 @@
 """FID: Frechet distance between Inception-v3 pool features of two image sets.
 
-No FID library is installed here (torch-fidelity / clean-fid would be the kept choice), so the
-features come from torchvision's Inception v3 architecture fed a local weights file
-(torchvision's `inception_v3_google-0cc3c7bd.pth`, or the same state dict as .safetensors), and
-the distance is the standard formula (its Tr sqrtm term computed exactly through an SVD, see
-`trace_sqrt_product`). Torchvision's Inception is not the
-TF graph of the original FID, so values compare between methods scored here, not with published
-FIDs. With a few hundred images FID is biased upwards; the set sizes are reported with it.
+The features come from torch-fidelity's `FeatureExtractorInceptionV3`, the PyTorch port of the
+TensorFlow graph the original FID was defined with (its TF1-exact bilinear resize to 299 px and
+input scaling included), fed the standard FID weights from a local file the user supplies:
+`pt_inception-2015-12-05-6726825d.pth` (weights_manifest.json, id `fid-inception`; pytorch-fid's
+name; torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` carries the same hash digits
+and loads the same way). Nothing is downloaded.
+
+Only those weights make a figure comparable with published FIDs. Their file name carries the
+first 8 hex digits of the file's sha256 (torch.hub's naming), which `load` checks: any other
+file of the same architecture still scores, reported as non-standard weights (see `weights`).
+
+The distance is the standard formula, equal to torch-fidelity's `fid_statistics_to_metric` (a test
+checks), with its Tr sqrtm term computed exactly through an SVD (see `trace_sqrt_product`). With a
+few hundred images FID is biased upwards; the set sizes are reported with it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ...encoders.images import to_float_tensor
 from . import MetricUnavailable, embed_in_batches, pick_device
-from .dino import IMAGENET_MEAN, IMAGENET_STD
 
-NEEDS = ("a local Inception-v3 weights file in torchvision's layout (inception_v3_google-0cc3c7bd.pth "
-         "or .safetensors), given with --inception")
-
-
-def build_inception(state_dict: dict | None = None) -> torch.nn.Module:
-    """torchvision Inception v3 whose forward returns the (N, 2048) pool features."""
-    from torchvision.models import inception_v3
-
-    # transform_input=True: the Google weights expect it (torchvision sets it for them).
-    model = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=state_dict is None)
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
-    model.fc = torch.nn.Identity()
-    return model.eval()
+STANDARD_FILE = "pt_inception-2015-12-05-6726825d.pth"
+STANDARD_SHA256_PREFIX = "6726825d"
+NEEDS = (f"the standard FID Inception weights {STANDARD_FILE} (weights_manifest.json id fid-inception), "
+         "given with --inception")
 
 
-def load_weights(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()  # ~95 MB, once per evaluation
 
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+def load_extractor(path: Path) -> torch.nn.Module:
+    """torch-fidelity's FID Inception with the weights at `path`, its forward giving (N, 2048).
+
+    torch-fidelity 0.3.0 calls a bare torch.load(path), which unpickles arbitrary objects on
+    torch < 2.6 (a tampered file could run code); so the file is first loaded with
+    weights_only=True, which refuses anything but tensors and plain containers: a file that
+    passes holds nothing else for the second load to run, on any torch.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"holds a {type(state).__name__}, not a state dict")
+    del state
+    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
 
 
 class InceptionFeatures:
-    def __init__(self, model, device: str | None = None, batch_size: int = 16):
+    """`features(images)` -> (N, 2048) float64 FID features; `weights` says which weights they came from."""
+
+    def __init__(self, model, device: str | None = None, batch_size: int = 16, standard: bool = False,
+                 name: str = "inception-v3"):
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.batch_size = batch_size
-        self.name = "inception-v3"
+        self.standard, self.name = standard, name
+
+    @property
+    def weights(self) -> str:
+        """Which weights produced a figure, for the report."""
+        if self.standard:
+            return f"standard FID Inception weights ({self.name}), comparable with published FIDs"
+        return (f"non-standard Inception weights ({self.name}, not {STANDARD_FILE}), "
+                "not comparable with published FIDs")
 
     @classmethod
     def load(cls, path: str | Path | None, device: str | None = None) -> "InceptionFeatures":
@@ -61,23 +81,28 @@ class InceptionFeatures:
         if not path.is_file():
             raise MetricUnavailable("FID", f"{path} not found; needs {NEEDS}")
         try:
-            model = build_inception(load_weights(path))
-        except (RuntimeError, OSError, ValueError) as e:
+            model = load_extractor(path)
+        except ImportError:
+            raise MetricUnavailable("FID", "needs the torch-fidelity package: pip install "
+                                    "'comfyui-difflora[eval]' (or torch-fidelity==0.4.0)") from None
+        except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
             raise MetricUnavailable("FID", f"cannot load {path.name} ({str(e)[:200]}); needs {NEEDS}") from None
-        scorer = cls(model, device)
-        scorer.name = path.name
-        return scorer
+        standard = sha256_of(path).startswith(STANDARD_SHA256_PREFIX)
+        return cls(model, device, standard=standard, name=path.name)
 
     def features(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        """uint8 RGB (H, W, 3) images of any sizes -> (N, 2048) float64, in the images' order.
 
-        def preprocess(im):
-            x = F.interpolate(to_float_tensor(im), size=(299, 299), mode="bilinear", antialias=True,
-                              align_corners=False)[0]
-            return (x.clamp(0, 1) - mean) / std
-
-        feats = embed_in_batches(images, self.batch_size, preprocess, lambda px: self.model(px).double(), self.device)
-        return feats.numpy()  # (N, 2048) float64
+        The extractor resizes to 299 px itself, so each batch holds images of one size."""
+        out = np.empty((len(images), 2048))
+        by_size: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            by_size.setdefault(im.shape, []).append(i)
+        for idx in by_size.values():
+            out[idx] = embed_in_batches([images[i] for i in idx], self.batch_size,
+                                        lambda im: torch.tensor(im).permute(2, 0, 1),  # uint8 (3, H, W), a copy
+                                        lambda px: self.model(px)[0].double(), self.device).numpy()
+        return out
 
 
 def trace_sqrt_product(a: np.ndarray, b: np.ndarray) -> float:
