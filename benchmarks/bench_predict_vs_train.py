@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import describe, device_info, print_table, time_it, write_json
+from common import describe, device_info, fit_fixed_per_step, print_table, time_it, write_json
 from PIL import Image
 
 from difflora.encoders import load_face_encoder, load_image_encoder
@@ -132,9 +132,8 @@ def main(argv=None):
             train_s, fixed, per_step, mode = runs[target], None, None, "measured"
         else:
             lo, hi = a.fit_steps
-            runs = {s: train_once(a, data, out, s, face, image) for s in (lo, hi)}
-            per_step = (runs[hi] - runs[lo]) / (hi - lo)
-            fixed = runs[lo] - lo * per_step
+            fit = fit_fixed_per_step(lambda s: train_once(a, data, out, s, face, image), lo, hi)
+            runs, per_step, fixed = fit["runs_s"], fit["per_step_s"], fit["fixed_s"]
             train_s, mode = fixed + per_step * target, f"extrapolated from {lo} and {hi} steps"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

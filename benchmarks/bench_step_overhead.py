@@ -69,6 +69,21 @@ def execution_time(server: ComfyServer, prompt: dict) -> tuple[float, list[str]]
     return (msgs["execution_success"]["timestamp"] - msgs["execution_start"]["timestamp"]) / 1000.0, cached
 
 
+def per_step_summary(times: dict, steps: tuple[int, int]) -> dict:
+    """From {(arm, steps): [seconds per pair]} (arms "base" and "lora", pairs aligned): the per-step
+    slope of each arm's medians, their ratio, the per-pair ratios' spread and the per-prompt ratios."""
+    lo, hi = steps
+    med = {k: statistics.median(v) for k, v in times.items()}
+    per_step = {arm: (med[(arm, hi)] - med[(arm, lo)]) / (hi - lo) for arm in ("base", "lora")}
+    pair_ratios = [(l_hi - l_lo) / (b_hi - b_lo) for l_lo, l_hi, b_lo, b_hi in
+                   zip(times[("lora", lo)], times[("lora", hi)], times[("base", lo)], times[("base", hi)])]
+    return {"per_step_s": per_step, "per_step_ratio": per_step["lora"] / per_step["base"],
+            "per_step_ratio_pairs": {"median": statistics.median(pair_ratios), "min": min(pair_ratios),
+                                     "max": max(pair_ratios)},
+            "per_prompt_ratio": {s: med[("lora", s)] / med[("base", s)] for s in steps},
+            "medians": med, "pair_ratios": pair_ratios}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=8, help="timed pairs per step count (after one warm-up pair)")
@@ -118,21 +133,12 @@ def main(argv=None):
             wall = time.perf_counter() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    summary = per_step_summary(times, a.steps)
     lo, hi = a.steps
-    med = {k: statistics.median(v) for k, v in times.items()}
-    per_step = {arm: (med[(arm, hi)] - med[(arm, lo)]) / (hi - lo) for arm in ("base", "lora")}
-    # Per-pair slopes give a spread for the per-step ratio.
-    pair_ratios = [((times[("lora", hi)][j] - times[("lora", lo)][j]) / (times[("base", hi)][j] - times[("base", lo)][j]))
-                   for j in range(a.pairs)]
+    med, per_step, pair_ratios = summary.pop("medians"), summary["per_step_s"], summary.pop("pair_ratios")
     info = {**device_info("cuda" if a.gpu else "cpu"), "comfyui": "0.3.75 (harness)", "pairs": a.pairs,
             "steps": a.steps, "size": a.size, "model": ckpt.name, "hypernet": hn.name, "wall_s": wall}
-    summary = {
-        "per_step_s": per_step, "per_step_ratio": per_step["lora"] / per_step["base"],
-        "per_step_ratio_pairs": {"median": statistics.median(pair_ratios), "min": min(pair_ratios),
-                                 "max": max(pair_ratios)},
-        "per_prompt_ratio": {s: med[("lora", s)] / med[("base", s)] for s in a.steps},
-        "lora_chain_served_from_cache": all(cached_chain),
-    }
+    summary["lora_chain_served_from_cache"] = all(cached_chain)
     rows = [[f"{arm} @ {s} steps", f"{med[(arm, s)]:.3f}", f"{min(times[(arm, s)]):.3f}", f"{max(times[(arm, s)]):.3f}"]
             for arm in ("base", "lora") for s in a.steps]
     print(f"\ndevice: {describe(info)}; model {ckpt.name}, {a.size}x{a.size}")

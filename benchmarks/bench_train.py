@@ -74,7 +74,23 @@ def train_steps(model, loss_fn, steps: int, device: str, amp) -> list[float]:
     return times
 
 
+def step_flops(model, loss_fn, amp) -> int:
+    """FLOPs of one loss + backward (the optimizer's elementwise work is not counted)."""
+    from common import count_flops
+
+    def step():
+        with amp:
+            loss = loss_fn()
+        loss.backward()
+
+    flops = count_flops(step)
+    model.zero_grad(set_to_none=True)
+    return flops
+
+
 def bench(stage: str, size: str, a) -> dict:
+    """One configuration: a.device, a.steps, a.batch (None: the size's default); with
+    a.count_flops also the FLOPs of one step (for a floor)."""
     lae_name, dit_name, cond_dim, face_dim, image_dim, batches = SIZES[size]
     batch = batches[a.device.startswith("cuda")] if a.batch is None else a.batch
     dev = a.device
@@ -102,10 +118,13 @@ def bench(stage: str, size: str, a) -> dict:
                 return model(z, face, image, 0.1, torch.Generator().manual_seed(1))
         params = sum(p.numel() for p in model.parameters())
         times = train_steps(model, loss_fn, a.steps, dev, amp)
+        flops = step_flops(model, loss_fn, amp) if getattr(a, "count_flops", False) else None
     step = sorted(times)[len(times) // 2]
     out = {"stage": stage, "size": size, "model": lae_name if stage == "lae" else dit_name,
            "params_m": params / 1e6, "batch": batch, "steps_timed": len(times), "median_step_s": step,
            "samples_per_s": batch / step, **mem.result()}
+    if flops is not None:
+        out["flops_per_step"] = flops
     del model
     gc.collect()
     return out

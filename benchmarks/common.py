@@ -111,6 +111,43 @@ def matmul_rate(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int 
     return 2 * n ** 3 / t
 
 
+def copy_rate(device: str = "cpu", n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Measured bytes/s of a large on-device copy (read + write counted): the memory-bound floor's rate."""
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    t = min(time_it(lambda: dst.copy_(src), repeats=repeats, warmup=2, device=device)["runs_s"])
+    return 2 * n_bytes / t
+
+
+def device_rates(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """The two rates the floors divide by, measured now on this device."""
+    return {"device": device, "dtype": str(dtype).removeprefix("torch."),
+            "matmul_flops_per_s": matmul_rate(device, dtype, n=4096 if device.startswith("cuda") else 1024),
+            "copy_bytes_per_s": copy_rate(device)}
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one `fn()` call (matmuls, convolutions, attention; forward and backward), by
+    torch's FlopCounterMode. Elementwise work and linear algebra (SVD, QR) are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def floor_s(flops: float, n_bytes: float, rates: dict) -> float:
+    """Roofline lower bound: the larger of FLOPs over the matmul rate and bytes over the copy rate."""
+    return max(flops / rates["matmul_flops_per_s"], n_bytes / rates["copy_bytes_per_s"])
+
+
+def fit_fixed_per_step(run, lo: int, hi: int) -> dict:
+    """Time `run(steps)` at two step counts and fit seconds = fixed + per_step x steps."""
+    runs = {s: run(s) for s in (lo, hi)}
+    per_step = (runs[hi] - runs[lo]) / (hi - lo)
+    return {"fixed_s": runs[lo] - lo * per_step, "per_step_s": per_step, "runs_s": runs}
+
+
 def print_table(rows: list[list], headers: list[str]) -> None:
     cells = [[str(c) for c in r] for r in [headers] + rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -34,8 +34,9 @@ def _check_no_foreign_modules(comfy_path: Path) -> None:
                 "never as a top-level `nodes` module.")
 
 
-def load_comfy(comfy_path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> SimpleNamespace:
-    """Put ComfyUI on sys.path (CPU mode), register the tiny SDXL, return its modules.
+def load_comfy(comfy_path: str | os.PathLike, base_dir: str | os.PathLike | None = None,
+               cpu: bool = True) -> SimpleNamespace:
+    """Put ComfyUI on sys.path (CPU mode unless cpu=False), register the tiny SDXL, return its modules.
 
     base_dir: ComfyUI's --base-directory (models/, output/, input/, temp/, user/ go there), so
     tests never write into the ComfyUI tree. Only the first call's base_dir takes effect.
@@ -56,7 +57,7 @@ def load_comfy(comfy_path: str | os.PathLike, base_dir: str | os.PathLike | None
     import comfy.options
     comfy.options.enable_args_parsing(False)  # keep pytest's argv away from ComfyUI's parser
     from comfy.cli_args import args
-    args.cpu = True
+    args.cpu = cpu
     args.disable_api_nodes = True
     if base_dir is not None:
         base_dir = Path(base_dir).resolve()

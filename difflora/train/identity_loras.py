@@ -42,12 +42,15 @@ class IdentityResult:
 
 
 class _Trainer:
-    """Holds the base SDXL (loaded on first need) and trains one identity at a time."""
+    """Holds the base SDXL (loaded on first need) and trains one identity at a time.
 
-    def __init__(self, cfg: IdentityLoraConfig, spec: LoraSpec, accelerator):
+    `pipe`: an SDXL pipeline already in memory to train on instead of loading `cfg.base` (the
+    benchmarks pass a full-size SDXL with random weights)."""
+
+    def __init__(self, cfg: IdentityLoraConfig, spec: LoraSpec, accelerator, pipe=None):
         self.cfg, self.spec, self.acc = cfg, spec, accelerator
         self.device = accelerator.device
-        self.pipe = None
+        self.pipe, self._given_pipe = None, pipe
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
                                                                                  torch.float32)
 
@@ -57,7 +60,7 @@ class _Trainer:
         from peft import LoraConfig
 
         cfg = self.cfg
-        self.pipe = load_sdxl(cfg.base, cfg.base_config, cfg.vae)
+        self.pipe = self._given_pipe or load_sdxl(cfg.base, cfg.base_config, cfg.vae)
         loaded = LoraSpec.from_unet(self.pipe.unet, rank=self.spec.rank, alpha=self.spec.alpha)
         self.spec.check_compatible(loaded)
         self.noise = DDPMScheduler.from_config(self.pipe.scheduler.config)  # training noise, as DreamBooth
