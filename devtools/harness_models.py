@@ -74,7 +74,8 @@ def reference_photos(folder: str | Path) -> list[Path]:
 REPO = Path(__file__).resolve().parent.parent
 TOY_ASSETS = REPO / "assets" / "toyworld"
 # ComfyUI model folder -> (name in the workflows, committed file)
-TOY_MODELS = {"checkpoints": (CKPT, "toy_sdxl.safetensors"), "difflora": (HYPERNET, "difflora_toy.safetensors")}
+TOY_MODELS = {"checkpoints": (CKPT, "checkpoints/toy_sdxl.safetensors"),
+              "difflora": (HYPERNET, "difflora/difflora_toy.safetensors")}
 TOY_CLASSIFIER = "toy_classifier.safetensors"
 TOY_SCENE = ("blue", "smiling")
 

@@ -21,6 +21,11 @@ WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 CKPT = "sd_xl_base_1.0.safetensors"
 CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 HYPERNET = "difflora_sdxl.safetensors"
+# The toy world's files ship inside the pack (assets/toyworld), registered as model folders.
+TOY_BASE = "toy_sdxl.safetensors"
+TOY_HYPERNET = "difflora_toy.safetensors"
+TOY_PHOTO = "heldout_00.png"
+TOY_POSITIVE = "a photo of a sks person, blue background, smiling"
 POSITIVE = "a photo of a person, portrait, natural light, detailed face"
 NEGATIVE = "blurry, deformed, low quality"
 
@@ -36,6 +41,14 @@ class N:
     title: str | None = None
 
 
+FRONTEND_ONLY = {"Note"}
+
+
+def note(node_id: int, pos: tuple[int, int], text: str, size: tuple[int, int] = (340, 220)) -> N:
+    """A Note node: what to connect and what to expect, on the canvas beside the graph."""
+    return N(node_id, "Note", pos, {"text": text, "size": size})
+
+
 # (src id, src output slot) -> (dst id, input name)
 Link = tuple[int, int, int, str]
 
@@ -44,7 +57,7 @@ def _common_front(ref_nodes: list[N]) -> tuple[list[N], list[Link]]:
     nodes = [
         N(1, "CheckpointLoaderSimple", (0, 0), {"ckpt_name": CKPT}),
         N(3, "CLIPVisionLoader", (0, 400), {"clip_name": CLIP_VISION}),
-        N(4, "DiffLoRAFaceAnalysisLoader", (0, 520), {"model": "antelopev2", "provider": "CPU"}),
+        N(4, "DiffLoRAFaceAnalysisLoader", (0, 520), {"model": "auto", "provider": "CPU"}),
         N(5, "DiffLoRAHypernetLoader", (0, 680), {"hypernet_name": HYPERNET, "device": "auto", "dtype": "auto"}),
         N(6, "DiffLoRAEncodeMixedFeatures", (360, 420),
           {"face_choice": "largest", "face_index": 0, "on_no_face": "error"}),
@@ -79,8 +92,37 @@ def _prompts() -> tuple[list[N], list[Link]]:
     return nodes, [(1, 1, 10, "clip"), (1, 1, 11, "clip")]
 
 
+def _toy_world() -> tuple[list[N], list[Link]]:
+    """Everything from the pack: the toy base, a held-out person's photo, the toy hypernet (which
+    carries its face and image encoders, so no CLIP vision or face analysis is connected)."""
+    nodes = [
+        N(1, "DiffLoRAToyWorldBaseLoader", (0, 0), {"ckpt_name": TOY_BASE}),
+        N(2, "DiffLoRAToyWorldPhoto", (0, 180), {"photo": TOY_PHOTO}, "Reference photo"),
+        N(5, "DiffLoRAHypernetLoader", (0, 680), {"hypernet_name": TOY_HYPERNET, "device": "auto", "dtype": "auto"}),
+        N(6, "DiffLoRAEncodeMixedFeatures", (360, 420),
+          {"face_choice": "largest", "face_index": 0, "on_no_face": "error"}),
+        N(7, "DiffLoRASampleLoraLatent", (720, 420), {"seed": 0, "steps": 25, "guidance": 3.0, "eta": 0.0}),
+        N(8, "DiffLoRADecodeLora", (1080, 420)),
+        N(10, "CLIPTextEncode", (360, 0), {"text": TOY_POSITIVE}, "Positive prompt"),
+        N(11, "CLIPTextEncode", (360, 200), {"text": ""}, "Negative prompt"),
+        N(12, "EmptyLatentImage", (720, 0), {"width": 64, "height": 64, "batch_size": 4}),
+        N(17, "DiffLoRASaveLora", (1440, 420), {"filename_prefix": "difflora/toy_identity"}),
+    ]
+    links = [(5, 0, 6, "hypernet"), (2, 0, 6, "images"), (5, 0, 7, "hypernet"), (6, 0, 7, "features"),
+             (5, 0, 8, "hypernet"), (7, 0, 8, "lora_latent"), (1, 1, 10, "clip"), (1, 1, 11, "clip"),
+             (8, 0, 17, "lora")]
+    for i, (strength, prefix) in enumerate(((1.0, "difflora/toy_personalized"), (0.0, "difflora/toy_base"))):
+        base = 13 if i == 0 else 30
+        s, sl = _sampling(base, strength, base + 1, base + 2, base + 3, 1080, 0 if i == 0 else 700, prefix)
+        for n in s:
+            if n.type == "KSampler":
+                n.widgets.update(steps=20, cfg=4.0)
+        nodes, links = nodes + s, links + sl
+    return nodes, links
+
+
 def graphs() -> dict[str, tuple[list[N], list[Link]]]:
-    out = {}
+    out = {"difflora_toy_world": _toy_world()}
     ref = [N(2, "LoadImage", (0, 180), {"image": "reference.png"}, "Reference photo")]
 
     front, links = _common_front(ref)
@@ -131,6 +173,12 @@ def to_ui(nodes: list[N], links: list[Link], info: dict) -> dict:
         link_ids[(dst, name)] = i
         out_links.setdefault((src, slot), []).append(i)
     for order, n in enumerate(nodes):
+        if n.type in FRONTEND_ONLY:  # a Note: the frontend's own node, no /object_info entry, never queued
+            ui_nodes.append({"id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.widgets["size"]),
+                             "flags": {}, "order": order, "mode": 0, "inputs": [], "outputs": [],
+                             "properties": {}, "widgets_values": [n.widgets["text"]],
+                             "color": "#432", "bgcolor": "#653"})
+            continue
         spec = info[n.type]
         sockets, values = [], []
         for section in ("required", "optional"):

@@ -53,10 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     if a.command == "results":
         return toyworld_main(["results", "--world", a.world, *rest])
-    from difflora_toyworld.world import export_artifacts
+    from difflora_toyworld.world import export_artifacts, export_photos
 
     files = export_artifacts(a.world, ASSETS)
     update_manifest(files)
+    export_photos(ASSETS)
     total = sum(p.stat().st_size for p in files.values())
     for p in files.values():
         print(f"{p.relative_to(REPO)}  {p.stat().st_size / 2**20:.1f} MiB")

@@ -8,6 +8,8 @@ import copy
 
 # Widgets the frontend adds after a seed-like INT that have no input of their own.
 _CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+# Nodes the frontend draws but never sends to the server.
+_FRONTEND_ONLY = {"Note", "MarkdownNote"}
 # Inputs that are always sockets, never widgets.
 _WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -37,6 +39,8 @@ def ui_to_api(workflow: dict, object_info: dict, overrides: dict | None = None,
         if node.get("mode", 0) in (2, 4):  # muted / bypassed nodes do not run
             continue
         kind = node["type"]
+        if kind in _FRONTEND_ONLY:  # notes live on the canvas only; the frontend never queues them
+            continue
         if kind not in object_info:
             raise KeyError(f"node {node['id']}: type {kind!r} is not installed on this server")
         info = object_info[kind]

@@ -27,6 +27,7 @@ from .lora_format import to_kohya
 from .lora_weights import canonicalize_layers, unflatten
 
 if TYPE_CHECKING:
+    from .encoders import AutoFaceEncoder
     from .encoders.base import FaceEncoder, ImageEncoder
 
 log = logging.getLogger(__name__)
@@ -72,15 +73,20 @@ def _as_batch(emb: torch.Tensor, dim: int, what: str, hint: str) -> torch.Tensor
 
 
 def resolve_encoders(
-    hn: Hypernet, face_encoder: FaceEncoder | None = None, image_encoder: ImageEncoder | None = None
+    hn: Hypernet, face_encoder: FaceEncoder | AutoFaceEncoder | None = None, image_encoder: ImageEncoder | None = None
 ) -> tuple[FaceEncoder | None, ImageEncoder]:
     """(face encoder or None, image encoder) to embed references with.
 
     Encoders the hypernet carries (`hn.face_encoder` / `hn.image_encoder`, from its file) win
     over the given ones, which are then ignored (one log line says so); the others come from
-    the arguments. A missing face encoder is left to `check_encoders` (image-only mode); a
-    missing image encoder is an error.
+    the arguments. An `AutoFaceEncoder` becomes the face analysis the hypernet was trained with
+    (loaded only if it carries none). A missing face encoder is left to `check_encoders`
+    (image-only mode); a missing image encoder is an error.
     """
+    from .encoders import AutoFaceEncoder
+
+    if isinstance(face_encoder, AutoFaceEncoder):
+        face_encoder = None if hn.face_encoder is not None else face_encoder.load(hn.encoders.face_kind)
     carried = {"face": getattr(hn, "face_encoder", None), "image": getattr(hn, "image_encoder", None)}
     given = {"face": face_encoder, "image": image_encoder}
     chosen = {role: carried[role] if carried[role] is not None else given[role] for role in carried}

@@ -111,3 +111,43 @@ def single_file_state_dict(unet_sd: dict, unet_config: dict, clip_l_sd: dict, cl
                for k, v in hf_clip_to_open_clip(hf_clip_names(clip_g_sd)).items()})
     sd.update({f"first_stage_model.{k}": v for k, v in vae_sd.items()})
     return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+
+
+# --- the architecture a small SDXL-family checkpoint carries --------------------------------
+# ComfyUI's model detection knows SDXL at full size only. A narrower SDXL-architecture checkpoint
+# (the toy world's base) carries its sizes in this metadata key, as ComfyUI's own model classes
+# take them: the UNet config its detection reports, the two CLIP text encoders' transformers
+# configs, the VAE's ddconfig and embed_dim. The pack's Load Toy World Base node builds the models
+# from it, so loading it changes nothing in how ComfyUI loads any other checkpoint.
+ARCHITECTURE_KEY = "difflora_sdxl_architecture"
+ARCHITECTURE_PARTS = {"unet": dict, "clip_l": dict, "clip_g": dict, "vae_ddconfig": dict, "vae_embed_dim": int}
+
+
+def read_architecture(path) -> dict:
+    """The architecture a checkpoint carries (see ARCHITECTURE_KEY); a sentence naming the file and
+    what to do when it carries none or an unreadable one. Reads the header only."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from .errors import DiffLoRAError
+
+    name = Path(path).name
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(ARCHITECTURE_KEY)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+        raise DiffLoRAError(f"{name}: not a readable .safetensors checkpoint ({e}); download or export it again.") from None
+    if raw is None:
+        raise DiffLoRAError(f"{name} carries no toy-world architecture ('{ARCHITECTURE_KEY}' metadata): load a "
+                            "full-size SDXL checkpoint with ComfyUI's Load Checkpoint instead.")
+    try:
+        arch = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DiffLoRAError(f"{name}: its '{ARCHITECTURE_KEY}' metadata is not valid JSON ({e}); export it again.") from None
+    bad = [k for k, kind in ARCHITECTURE_PARTS.items() if not isinstance(arch.get(k) if isinstance(arch, dict)
+                                                                          else None, kind)]
+    if bad:
+        raise DiffLoRAError(f"{name}: its '{ARCHITECTURE_KEY}' metadata lacks {', '.join(bad)}; export it again.")
+    return arch

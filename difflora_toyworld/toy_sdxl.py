@@ -10,7 +10,8 @@ into its weights so that SDXL's own factor 0.13025 applies (ComfyUI's stock SDXL
 The pipeline is kept two ways: a diffusers folder (what `identity-loras` and the evaluation
 load; `StableDiffusionXLPipeline.from_pretrained`) and one single-file `.safetensors` in SDXL's
 checkpoint naming (what ComfyUI's CheckpointLoaderSimple loads, once the small shapes are
-registered; see devtools/comfy_tiny_sdxl). Text encoders are frozen at their seeded random
+registered; see devtools/comfy_tiny_sdxl, or through the pack's own Load Toy World Base node, which
+reads the sizes the file carries: COMFY_ARCHITECTURE). Text encoders are frozen at their seeded random
 initialisation (like SDXL's, they are not trained with the UNet); the tokenizer is CLIP's own,
 so the ids match ComfyUI's stock SDXL tokenizer.
 """
@@ -79,6 +80,15 @@ VAE_CONFIG = {  # diffusers AutoencoderKL(**VAE_CONFIG)
 COMFY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": IMAGE_SIZE, "in_channels": 3, "out_ch": 3,
                       "ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [],
                       "dropout": 0.0}
+
+# What a single-file checkpoint of this base carries (difflora.sdxl_checkpoint.ARCHITECTURE_KEY), so the
+# pack's Load Toy World Base node builds it without teaching ComfyUI's detection anything.
+_COMFY_CLIP = {k: _CLIP_COMMON[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "projection_dim")}
+COMFY_ARCHITECTURE = {"unet": COMFY_UNET_CONFIG,
+                      "clip_l": {**_COMFY_CLIP, "hidden_act": CLIP_L_CONFIG["hidden_act"]},
+                      "clip_g": {**_COMFY_CLIP, "hidden_act": CLIP_G_CONFIG["hidden_act"]},
+                      "vae_ddconfig": COMFY_VAE_DDCONFIG, "vae_embed_dim": VAE_CONFIG["latent_channels"]}
 
 SCHEDULER_CONFIG = {  # SDXL base's scheduler config (Euler, epsilon, scaled-linear betas)
     "_class_name": "EulerDiscreteScheduler",
@@ -168,7 +178,7 @@ def export_checkpoint(folder: str | os.PathLike, path: str | os.PathLike, metada
     from safetensors.torch import load_file
 
     from difflora.safetensors_io import save_file_atomic
-    from difflora.sdxl_checkpoint import single_file_state_dict
+    from difflora.sdxl_checkpoint import ARCHITECTURE_KEY, single_file_state_dict
 
     folder = Path(folder)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
@@ -177,5 +187,6 @@ def export_checkpoint(folder: str | os.PathLike, path: str | os.PathLike, metada
     clip_g = load_file(folder / "text_encoder_2" / "model.safetensors")
     sd = single_file_state_dict(unet.state_dict(), UNET_CONFIG, clip_l, clip_g, vae.state_dict())
     meta = {"modelspec.architecture": "stable-diffusion-xl-v1-base (difflora toy world, 64x64)",
-            "modelspec.resolution": f"{IMAGE_SIZE}x{IMAGE_SIZE}", **(metadata or {})}
+            "modelspec.resolution": f"{IMAGE_SIZE}x{IMAGE_SIZE}",
+            ARCHITECTURE_KEY: json.dumps(COMFY_ARCHITECTURE, sort_keys=True), **(metadata or {})}
     return save_file_atomic(sd, path, metadata=meta)

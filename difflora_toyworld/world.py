@@ -313,8 +313,30 @@ def embed_encoders(src: Path, dst: Path, face, image) -> Path:
 
 
 # What ships: the three files the demo and the tests need (30 MB at most in all).
-ARTIFACTS = {"checkpoint": "toy_sdxl.safetensors", "hypernet": "difflora_toy.safetensors",
+# Laid out as ComfyUI model folders, which the pack registers (nodes/folders.py): the base under
+# checkpoints/ (read by Load Toy World Base), the hypernet under difflora/ (listed by Load DiffLoRA Hypernet).
+ARTIFACTS = {"checkpoint": "checkpoints/toy_sdxl.safetensors", "hypernet": "difflora/difflora_toy.safetensors",
              "classifier": "toy_classifier.safetensors"}
+
+
+PHOTOS = 4  # held-out people whose first photo ships with the pack (assets/toyworld/photos)
+
+
+def export_photos(dest: str | os.PathLike, seed: int = 0, n: int = PHOTOS) -> list[Path]:
+    """The first photo of each of the first `n` held-out identities (no model saw them), as the
+    world's identity-loras data has them: the references of the pack's toy-world template."""
+    from PIL import Image
+
+    from .render import iter_dataset
+
+    folder = Path(dest) / "photos"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, sample in enumerate(iter_dataset(n, 1, seed, first_identity=HELDOUT_FIRST)):
+        path = folder / f"heldout_{i:02d}.png"
+        Image.fromarray(sample.image).save(path)
+        out.append(path)
+    return out
 
 
 def export_artifacts(world_root: str | os.PathLike, dest: str | os.PathLike) -> dict[str, Path]:
@@ -326,6 +348,8 @@ def export_artifacts(world_root: str | os.PathLike, dest: str | os.PathLike) -> 
     world, dest = World(world_root), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     out = {name: dest / file for name, file in ARTIFACTS.items()}
+    for path in out.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out["checkpoint"].with_name(f".{out['checkpoint'].name}.tmp")
     shutil.copyfile(world.checkpoint, tmp)
     os.replace(tmp, out["checkpoint"])

@@ -6,6 +6,7 @@ from .folders import register_model_folders
 from .loaders import LoadDiffLoRAHypernet, LoadFaceAnalysis
 from .lora_nodes import ApplyPredictedLora, SavePredictedLora
 from .predict import DecodeLora, EncodeMixedFeatures, SampleLoraLatent
+from .toy_world import LoadToyWorldBase, ToyWorldPhoto
 
 register_model_folders()
 
@@ -17,6 +18,8 @@ NODES: list[type[io.ComfyNode]] = [
     DecodeLora,
     ApplyPredictedLora,
     SavePredictedLora,
+    LoadToyWorldBase,
+    ToyWorldPhoto,
 ]
 
 

@@ -1,19 +1,38 @@
-"""Model folders, registered through folder_paths so extra_model_paths.yaml entries work."""
+"""Model folders, registered through folder_paths so extra_model_paths.yaml entries work.
+
+The toy world's models ship inside the pack (assets/toyworld, laid out as model folders), so they
+are registered as extra paths: the toy hypernet is listed by Load DiffLoRA Hypernet, the toy base
+by Load Toy World Base, with nothing to download or copy.
+"""
 
 import os
+from pathlib import Path
 
 import folder_paths
 
 HYPERNET_FOLDER = "difflora"
 INSIGHTFACE_FOLDER = "insightface"
+TOY_BASE_FOLDER = "difflora_toyworld"  # models/difflora_toyworld, and the pack's own toy base
+TOY_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "toyworld"
+TOY_PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def register_model_folders() -> None:
-    for name in (HYPERNET_FOLDER, INSIGHTFACE_FOLDER):
+    for name in (HYPERNET_FOLDER, INSIGHTFACE_FOLDER, TOY_BASE_FOLDER):
         folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
+    # After the user's own folders: a file of the same name there wins.
+    folder_paths.add_model_folder_path(HYPERNET_FOLDER, str(TOY_ASSETS / "difflora"))
+    folder_paths.add_model_folder_path(TOY_BASE_FOLDER, str(TOY_ASSETS / "checkpoints"))
     # Only .safetensors hypernets are listed: pickles are never loaded from users' folders.
-    paths, _ = folder_paths.folder_names_and_paths[HYPERNET_FOLDER]
-    folder_paths.folder_names_and_paths[HYPERNET_FOLDER] = (paths, {".safetensors"})
+    for name in (HYPERNET_FOLDER, TOY_BASE_FOLDER):
+        paths, _ = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = (paths, {".safetensors"})
+
+
+def toy_photos() -> dict[str, Path]:
+    """{file name: path} of the held-out toy-world photos the pack ships."""
+    folder = TOY_ASSETS / "photos"
+    return {p.name: p for p in sorted(folder.glob("*")) if p.suffix.lower() in TOY_PHOTO_SUFFIXES}
 
 
 def insightface_root() -> str:

@@ -9,9 +9,11 @@ import comfy.model_management as mm
 import folder_paths
 from comfy_api.v0_0_2 import io
 
-from ..difflora.encoders import load_face_encoder
+from ..difflora.encoders import AutoFaceEncoder, load_face_encoder
 from ..difflora.hypernet_file import load_hypernet
+from ..difflora.model_files import missing_files_message
 from .folders import HYPERNET_FOLDER, insightface_root
+from .preflight import missing_files
 from .types import CATEGORY, FaceAnalysis, Hypernet
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -45,7 +47,14 @@ class LoadDiffLoRAHypernet(io.ComfyNode):
                                tooltip="auto: fp16 on GPUs that support it, fp32 on CPU."),
             ],
             outputs=[Hypernet.Output(display_name="hypernet", tooltip="The loaded DiffLoRA hypernet.")],
+            hidden=[io.Hidden.prompt],
         )
+
+    @classmethod
+    def validate_inputs(cls, hypernet_name, **kwargs):
+        # The whole graph at once: every model file and photo it names that is not installed.
+        missing = missing_files(cls.hidden.prompt or {})
+        return missing_files_message(missing) if missing else True
 
     @classmethod
     def execute(cls, hypernet_name, device="auto", dtype="auto") -> io.NodeOutput:
@@ -74,9 +83,10 @@ class LoadFaceAnalysis(io.ComfyNode):
             description="Face detector + recognition model for Encode Mixed Features. insightface models "
                         "go in models/insightface/models/<name>/; dlib needs no files.",
             inputs=[
-                io.Combo.Input("model", options=["antelopev2", "buffalo_l", "dlib"], default="antelopev2",
-                               tooltip="antelopev2/buffalo_l: ArcFace 512-d (insightface). dlib: 128-d, CPU, "
-                                       "no model files. Use the one your hypernet was trained with."),
+                io.Combo.Input("model", options=["auto", "antelopev2", "buffalo_l", "dlib"], default="auto",
+                               tooltip="auto: the one the hypernet was trained with (none at all when its file "
+                                       "carries its own). antelopev2/buffalo_l: ArcFace 512-d (insightface). "
+                                       "dlib: 128-d, CPU, no model files."),
                 io.Combo.Input("provider", options=["CPU", "CUDA"], default="CPU",
                                tooltip="onnxruntime provider for insightface (ignored by dlib)."),
             ],
@@ -85,5 +95,7 @@ class LoadFaceAnalysis(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, provider="CPU") -> io.NodeOutput:
+        if model == "auto":  # resolved against the hypernet in Encode Mixed Features
+            return io.NodeOutput(AutoFaceEncoder(root=insightface_root(), provider=provider))
         root = None if model == "dlib" else insightface_root()
         return io.NodeOutput(load_face_encoder(model, root=root, provider=provider))

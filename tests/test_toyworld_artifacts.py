@@ -25,8 +25,8 @@ SHIPPED = [m for m in MANIFEST["models"] if m["variant"] == "embedded-default"]
 
 def test_shipped_files_match_the_manifest_and_fit_30_mb():
     assert {m["path"] for m in SHIPPED} == {f"assets/toyworld/{f}" for f in
-                                           ("toy_sdxl.safetensors", "difflora_toy.safetensors",
-                                            "toy_classifier.safetensors")}
+                                           ("checkpoints/toy_sdxl.safetensors",
+                                            "difflora/difflora_toy.safetensors", "toy_classifier.safetensors")}
     total = 0
     for m in SHIPPED:
         data = (REPO / m["path"]).read_bytes()
@@ -45,7 +45,7 @@ def test_checksum_mismatch_is_refused_with_a_clear_message(tmp_path, monkeypatch
 
 
 def test_hypernet_carries_the_encoders_it_was_trained_with():
-    hn = load_hypernet(harness_models.toy_asset("difflora_toy.safetensors"))
+    hn = load_hypernet(harness_models.toy_asset("difflora/difflora_toy.safetensors"))
     assert (hn.face_encoder.kind, hn.image_encoder.kind) == ("toy-face", "toy-image")
     assert (hn.encoders.face_kind, hn.encoders.image_kind) == ("toy-face", "toy-image")
     assert hn.lae_config.compression_ratio == pytest.approx(128.0)

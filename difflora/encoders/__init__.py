@@ -6,6 +6,7 @@ open_clip are imported only when an encoder that needs them is built.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EncoderError
@@ -51,6 +52,18 @@ def load_face_encoder(kind: str, root: str | Path | None = None,
         return _load_toy_face(root)
     raise EncoderError(f"Unknown face analysis {kind!r}: use one of "
                        f"{', '.join(FACE_ENCODER_KINDS)}.")
+
+
+@dataclass(frozen=True)
+class AutoFaceEncoder:
+    """"auto" face analysis: the one the hypernet was trained with (its `encoders.face_kind`), loaded
+    only when needed (pipeline.resolve_encoders): not at all when the hypernet carries its own."""
+
+    root: str | Path | None = None  # the insightface model root, for antelopev2 / buffalo_l
+    provider: str = "auto"
+
+    def load(self, kind: str) -> FaceEncoder:
+        return load_face_encoder(kind, root=None if kind == "dlib" else self.root, provider=self.provider)
 
 
 def _toy_face_file(root: str | Path | None) -> Path:
@@ -121,5 +134,5 @@ __all__ = [
     "DetectedFace", "FaceEncoder", "ImageEncoder", "ReferenceDetail", "ReferenceEmbeddings",
     "choose_face", "encode_references", "FolderEmbeddings", "encode_folder", "FolderReport",
     "iter_image_folder", "load_image_file", "to_rgb_uint8", "FACE_ENCODER_KINDS",
-    "load_face_encoder", "load_image_encoder",
+    "load_face_encoder", "load_image_encoder", "AutoFaceEncoder",
 ]

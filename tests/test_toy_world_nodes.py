@@ -1,0 +1,99 @@
+"""The toy world inside the pack: Load Toy World Base builds what ComfyUI's own (registered) loader
+builds, without registering anything; Toy World Photo gives the shipped photos; and a stock ComfyUI
+with only this pack installed runs the toy-world template to a personalized image over HTTP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from devtools import harness_models
+from devtools.comfy_server import ComfyServer
+from devtools.workflow_api import ui_to_api
+
+pytestmark = pytest.mark.comfy
+REPO = Path(__file__).resolve().parent.parent
+TOY_BASE = harness_models.toy_asset("checkpoints/toy_sdxl.safetensors")
+
+
+@pytest.fixture(scope="module")
+def pack(comfy_inprocess, tmp_path_factory):
+    c = comfy_inprocess
+    mapping = c.nodes.NODE_CLASS_MAPPINGS
+    before = set(mapping)
+    if "DiffLoRAToyWorldBaseLoader" not in mapping:
+        root = tmp_path_factory.mktemp("custom_nodes")
+        (root / "comfyui-difflora").symlink_to(REPO)
+        c.load_custom_nodes(root / "comfyui-difflora")
+    yield c, {k: v for k, v in mapping.items() if k.startswith("DiffLoRA")}
+    for key in set(mapping) - before:
+        del mapping[key]
+
+
+def test_toy_base_loads_as_the_registered_loader_would_and_registers_nothing(pack):
+    c, nodes = pack
+    import comfy.sd
+    import comfy.supported_models
+
+    models_before, vae_init = list(comfy.supported_models.models), comfy.sd.VAE.__init__
+    assert "toy_sdxl.safetensors" in nodes["DiffLoRAToyWorldBaseLoader"].define_schema().inputs[0].options
+    with torch.inference_mode():
+        model, clip, vae = nodes["DiffLoRAToyWorldBaseLoader"].execute("toy_sdxl.safetensors").args
+        c.add_model_file("checkpoints", TOY_BASE, "toy_base_stock.safetensors")
+        ref_model, ref_clip, ref_vae = c.nodes.CheckpointLoaderSimple().load_checkpoint("toy_base_stock.safetensors")[:3]
+    assert comfy.supported_models.models == models_before and comfy.sd.VAE.__init__ is vae_init
+    assert isinstance(model.model, c.model_base.SDXL)
+
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 64, generator=g)
+    y = torch.randn(1, 1568, generator=g)
+    with torch.inference_mode():
+        ours = model.model.diffusion_model(x, torch.tensor([500.0]), context=context, y=y)
+        ref = ref_model.model.diffusion_model(x, torch.tensor([500.0]), context=context, y=y)
+        torch.testing.assert_close(ours, ref)
+        torch.testing.assert_close(vae.decode(x), ref_vae.decode(x))
+        tokens = clip.tokenize("a photo of a sks person, blue background, smiling")
+        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+        ref_cond, ref_pooled = ref_clip.encode_from_tokens(ref_clip.tokenize("a photo of a sks person, blue "
+                                                                               "background, smiling"), return_pooled=True)
+        torch.testing.assert_close(cond, ref_cond)
+        torch.testing.assert_close(pooled, ref_pooled)
+
+
+def test_a_checkpoint_without_its_architecture_is_refused_with_a_sentence(pack, tiny_sdxl_checkpoint):
+    c, nodes = pack
+    c.add_model_file("difflora_toyworld", tiny_sdxl_checkpoint, "not_a_toy_base.safetensors")
+    with pytest.raises(Exception, match=r"not_a_toy_base.safetensors carries no toy-world architecture.*Load "
+                                        r"Checkpoint") as e, torch.inference_mode():
+        nodes["DiffLoRAToyWorldBaseLoader"].execute("not_a_toy_base.safetensors")
+    assert any(k.__name__ == "DiffLoRAError" for k in type(e.value).__mro__)
+
+
+def test_toy_photo_is_the_shipped_png(pack):
+    _, nodes = pack
+    options = nodes["DiffLoRAToyWorldPhoto"].define_schema().inputs[0].options
+    assert options == sorted(p.name for p in (REPO / "assets" / "toyworld" / "photos").glob("*.png")) and options
+    image = nodes["DiffLoRAToyWorldPhoto"].execute(options[0]).args[0]
+    png = np.asarray(Image.open(REPO / "assets" / "toyworld" / "photos" / options[0]).convert("RGB"))
+    assert image.shape == (1, 64, 64, 3)
+    assert np.array_equal((image[0].numpy() * 255).round().astype(np.uint8), png)
+
+
+@pytest.mark.slow
+def test_stock_comfyui_with_only_the_pack_runs_the_toy_template(comfy_path, tmp_path):
+    """No harness custom node, no model placed by hand: the template's files all come with the pack."""
+    workflow = json.loads((REPO / "workflows" / "difflora_toy_world.json").read_text())
+    with ComfyServer(comfy_path, base_dir=tmp_path / "base", custom_nodes={"comfyui-difflora": REPO}) as server:
+        assert not server.import_failures()
+        assert "DiffLoRATinySDXL" not in server.log_text()
+        outputs = server.run(ui_to_api(workflow, server.object_info()), timeout=300)
+        images = server.output_paths(outputs)
+        loras = sorted((server.models_dir("loras") / "difflora").glob("toy_identity_*.safetensors"))
+    personalized = [p for p in images if "toy_personalized" in p.name]
+    assert len(personalized) == 4 and len(loras) == 1
+    assert np.asarray(Image.open(personalized[0])).shape == (64, 64, 3)
