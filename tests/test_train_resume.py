@@ -213,3 +213,17 @@ def test_a_full_disk_in_the_cli_is_a_sentence_and_keeps_the_last_checkpoint(lora
     (step, path), = list_checkpoints(run)
     assert step == 2 and load_file(str(path))  # the last good checkpoint is whole
     assert not list(run.rglob("*.tmp"))
+
+
+def test_normalizer_fingerprint_ignores_rounding_but_not_other_data():
+    import json
+
+    from difflora.train.loop import _same, tensors_fingerprint
+
+    stats = {"mean": torch.randn(1000, dtype=torch.float64), "std": torch.rand(1000, dtype=torch.float64) + 0.5}
+    saved = json.loads(json.dumps(tensors_fingerprint(stats)))  # as a checkpoint stores it
+    rounded = {k: (v * (1 + 1e-9 * torch.randn_like(v))).float() for k, v in stats.items()}  # other thread count
+    assert _same(saved, tensors_fingerprint(rounded))
+    other = {**stats, "std": stats["std"].clone()}
+    other["std"][7] *= 1.01  # one LoRA's contents changed
+    assert not _same(saved, tensors_fingerprint(other))

@@ -19,7 +19,7 @@ from ..normalization import WeightNormalizer
 from .config import LAETrainConfig, to_dict
 from ..safetensors_io import save_file_atomic
 from .data import LoraDataset, load_lora_dataset, split_identities
-from .loop import LoopResult, make_accelerator, run_loop, tensors_sha256
+from .loop import LoopResult, make_accelerator, run_loop, tensors_fingerprint
 
 log = logging.getLogger("difflora.train")
 LAE_FINAL = "lae_final.safetensors"
@@ -85,7 +85,7 @@ class LAEStage:
     def resume_inputs(self) -> dict:
         """What this run trains on; a resume with other data is refused (loop.check_resume_inputs)."""
         return {"identities": {"train": self.train_names, "val": self.val_names},
-                "normalizer": tensors_sha256(self.normalizer.state_dict())}
+                "normalizer": tensors_fingerprint(self.normalizer.state_dict())}
 
     @torch.no_grad()
     def finalize(self, model, path: Path) -> Path:

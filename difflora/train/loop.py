@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -138,14 +139,27 @@ INPUT_NAMES = {"normalizer": "the training LoRAs' contents changed (their normal
                "encoders": "the encoders of the identity embeddings changed"}
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """Digest of named tensors' values: tells whether a refit gave the same statistics."""
-    digest = hashlib.sha256()
+def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """A few float64 moments of each tensor: equal (to rounding) for a refit on the same data,
+    different for other data. Compared with a tolerance, since thread counts change the last bits;
+    no signed sum, which can cancel to near 0 and make rounding look like a change."""
+    out = {}
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+        t = tensors[name].detach().to("cpu", torch.float64).abs()
+        out[name] = [float(t.sum()), float((t * t).sum()), float(t.max()) if t.numel() else 0.0, float(t.numel())]
+    return out
+
+
+def _same(a, b) -> bool:
+    """Equal JSON values, floats to a relative 1e-6."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    numbers = isinstance(a, (int, float)) and isinstance(b, (int, float))
+    if numbers and (isinstance(a, float) or isinstance(b, float)):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+    return a == b
 
 
 def _identities_change(saved: dict, current: dict) -> str:
@@ -164,7 +178,7 @@ def check_resume_inputs(saved: dict | None, current: dict, run: Path) -> None:
         return
     current = json.loads(json.dumps(current))  # as the checkpoint stores it (tuples become lists)
     changed = [_identities_change(saved[k], current[k]) if k == "identities" else INPUT_NAMES.get(k, f"{k} changed")
-               for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+               for k in sorted(set(saved) | set(current)) if not _same(saved.get(k), current.get(k))]
     if changed:
         raise DiffLoRAError(f"{run} cannot be resumed: since it started, {'; '.join(changed)}. Resume with the "
                             "inputs it was started on, or start a new run in another --run folder.")
