@@ -148,7 +148,8 @@ def test_resume_refuses_changed_inputs_and_names_them(tmp_path):
     checkpoints = {p: p.read_bytes() for _, p in list_checkpoints(run)}
     random_identity_loras(folder, tiny_spec(), ["new0", "new1"], seed=7)  # more LoRAs: another split
     with pytest.raises(DiffLoRAError, match=r"cannot be resumed: since it started, the identity LoRAs changed: "
-                                            r"2 identities were added \(new0, new1\).*start a new run"):
+                                            r"2 added \(new0, new1\), 1 moved between training and validation \(id0\).*"
+                                            r"Resume with the inputs it was started on, or start a new run"):
         train_lae(LAETrainConfig(**cfg, resume=True))
     for name in ("new0", "new1"):
         for p in folder.glob(f"{name}.*"):

@@ -132,7 +132,6 @@ class DiTStage:
                     "identities": {"train": [self.names[i] for i in self.train_idx],
                                    "val": [self.names[i] for i in self.val_idx]}}
 
-
     def resume_inputs(self) -> dict:
         """What this run trains on; a resume with other data is refused (loop.check_resume_inputs)."""
         return {"identities": {"train": [self.names[i] for i in self.train_idx],

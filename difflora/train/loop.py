@@ -166,7 +166,7 @@ def _identities_change(saved: dict, current: dict) -> str:
     old, new = set(saved["train"]) | set(saved["val"]), set(current["train"]) | set(current["val"])
     moved = sorted(n for n in old & new if (n in saved["val"]) != (n in current["val"]))
     parts = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-             for names, what in ((sorted(new - old), "identities were added"), (sorted(old - new), "were removed"),
+             for names, what in ((sorted(new - old), "added"), (sorted(old - new), "removed"),
                                  (moved, "moved between training and validation")) if names]
     return "the identity LoRAs changed: " + ", ".join(parts or ["their order changed"])
 
