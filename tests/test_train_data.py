@@ -191,7 +191,7 @@ def test_a_full_disk_stops_the_cache_with_a_sentence_and_leaves_no_temp(tmp_path
     if failure == "disk_usage":  # e.g. a 10 GB cache on a disk with 2 kB left
         usage = namedtuple("usage", "total used free")
         monkeypatch.setattr(flat_cache.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 2048, 2048))
-        message = r"needs 0\.00 GB in .* but that disk has 0\.00 GB free: free space there"
+        message = r"needs \d+\.\d\d MB in .* but that disk has 0\.00 MB free: free space there"
     elif failure == "fallocate":  # the disk filled between the check and the reservation
         monkeypatch.setattr(flat_cache.os, "posix_fallocate", enospc)
         message = "Cannot create the LoRA cache .*No space left on device"

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a lost network drive, permissions: the files written so far stay good
         what = "free space on that disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check that path"
         logging.getLogger("difflora.train").error(
-            "Could not read or write %s: %s. Nothing half-written was kept; %s, then run the same command "
+            "Could not read or write %s: %s. The files written before it are whole; %s, then run the same command "
             "again (with --resume to continue from the last checkpoint).", e.filename or "a file", e.strerror or e,
             what)
         return 1

@@ -94,7 +94,7 @@ def _reserved_memmap(tmp: Path, shape: tuple[int, int]) -> np.ndarray:
     free = shutil.disk_usage(tmp.parent).free
     if free < need:
         raise DiffLoRAError(
-            f"The LoRA cache needs {need / 1e9:.2f} GB in {tmp.parent} but that disk has {free / 1e9:.2f} GB free: "
+            f"The LoRA cache needs {_size(need)} in {tmp.parent} but that disk has {_size(free)} free: "
             "free space there (or move the LoRA folder to a disk with room), then run again.")
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
@@ -108,9 +108,13 @@ def _reserved_memmap(tmp: Path, shape: tuple[int, int]) -> np.ndarray:
         finally:
             os.close(fd)
     except OSError as e:
-        raise DiffLoRAError(f"Cannot create the LoRA cache in {tmp.parent} ({need / 1e9:.2f} GB): {e.strerror}. "
+        raise DiffLoRAError(f"Cannot create the LoRA cache in {tmp.parent} ({_size(need)}): {e.strerror}. "
                             "Free space there (or move the LoRA folder to a disk with room), then run again.") from None
     return array
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def take_rows(array: np.ndarray, rows: list[int]) -> torch.Tensor:
