@@ -12,11 +12,11 @@ from comfy_api.v0_0_2 import io
 from ..difflora.encoders import AutoFaceEncoder, load_face_encoder
 from ..difflora.hypernet_file import load_hypernet
 from ..difflora.model_files import missing_files_message
+from ..difflora.user_inputs import DTYPES, parse_dtype
 from .folders import HYPERNET_FOLDER, insightface_root
 from .preflight import missing_files
 from .types import CATEGORY, FaceAnalysis, Hypernet
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # One hypernet stays loaded between runs (re-reading a paper-size file takes seconds).
 _cache: dict[tuple, object] = {}
 
@@ -24,7 +24,7 @@ _cache: dict[tuple, object] = {}
 def _pick_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     dev = mm.get_torch_device() if device == "auto" else torch.device("cpu")
     if dtype != "auto":
-        return dev, _DTYPES[dtype]
+        return dev, parse_dtype(dtype)
     if dev.type == "cpu":
         return dev, torch.float32
     return dev, (torch.float16 if mm.should_use_fp16(dev) else torch.float32)
@@ -43,7 +43,7 @@ class LoadDiffLoRAHypernet(io.ComfyNode):
                                tooltip="Hypernet file in ComfyUI/models/difflora (only .safetensors are listed)."),
                 io.Combo.Input("device", options=["auto", "cpu"], default="auto",
                                tooltip="auto: ComfyUI's main device (GPU when there is one)."),
-                io.Combo.Input("dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto",
+                io.Combo.Input("dtype", options=["auto", *DTYPES], default="auto",
                                tooltip="auto: fp16 on GPUs that support it, fp32 on CPU."),
             ],
             outputs=[Hypernet.Output(display_name="hypernet", tooltip="The loaded DiffLoRA hypernet.")],

@@ -11,6 +11,7 @@ from comfy_api.v0_0_2 import io
 
 from ..difflora.errors import LoraSpecMismatch
 from ..difflora.lora_file import save_lora_numbered
+from ..difflora.user_inputs import require_finite
 from .types import CATEGORY, LoraModel
 
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
@@ -54,6 +55,7 @@ class ApplyPredictedLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora, strength=1.0) -> io.NodeOutput:
+        require_finite(strength=strength)
         missing, wrong = _lora_fit_problems(model, lora)
         if missing or wrong:
             example = (missing or wrong)[0]

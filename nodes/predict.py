@@ -9,6 +9,7 @@ from comfy_api.v0_0_2 import io
 
 from ..difflora import pipeline
 from ..difflora.encoders import ImageEncoder
+from ..difflora.user_inputs import require_finite
 from .types import CATEGORY, FaceAnalysis, Hypernet, LoraLatent, LoraModel, MixedFeatures
 
 
@@ -94,6 +95,7 @@ class SampleLoraLatent(io.ComfyNode):
 
     @classmethod
     def execute(cls, hypernet, features, seed=0, steps=25, guidance=3.0, eta=0.0) -> io.NodeOutput:
+        require_finite(guidance=guidance, eta=eta)
         bar = comfy.utils.ProgressBar(steps)
 
         def on_step(step: int, total: int) -> None:

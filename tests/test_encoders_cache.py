@@ -108,7 +108,7 @@ def test_write_is_atomic_and_a_damaged_cache_is_rebuilt(folder, monkeypatch):
 
     write(folder, "4.png", 30)
     good = path.read_bytes()
-    monkeypatch.setattr("difflora.safetensors_io.save_file", crash)
+    monkeypatch.setattr("difflora.safetensors_io.save_file_reproducible", crash)
     with pytest.raises(KeyboardInterrupt):
         encode_folder(folder, enc)
     assert path.read_bytes() == good  # the old cache is intact

@@ -238,3 +238,27 @@ def test_comfy_clip_vision_and_core_clip_encoder_agree(pack):
     core_emb = load_image_encoder(path).embed([to_rgb_uint8(image[0])])[0].float()
     cos = torch.nn.functional.cosine_similarity(comfy_emb, core_emb, dim=0).item()
     assert cos > 0.999, cos
+
+
+def test_api_values_the_ui_would_not_send_end_in_a_sentence(pack):
+    """NaN floats pass ComfyUI's min/max check and API prompts skip the combo lists."""
+    n = pack.n
+    lora = predict(pack, photo("Tom_Hanks_54745.png"))
+    with pytest.raises(Exception, match=r"strength=nan: not a finite number") as err, torch.inference_mode():
+        n["DiffLoRAApplyLora"].execute(pack.model, lora, float("nan"))
+    assert is_difflora_error(err.value)
+    with torch.inference_mode():
+        feats = n["DiffLoRAEncodeMixedFeatures"].execute(pack.hypernet, photo("Tom_Hanks_54745.png"),
+                                                         pack.clip_vision, pack.face).args[0]
+    with pytest.raises(Exception, match=r"guidance=nan: not a finite number"), torch.inference_mode():
+        n["DiffLoRASampleLoraLatent"].execute(pack.hypernet, feats, steps=2, guidance=float("nan"))
+    with pytest.raises(Exception, match=r"dtype 'int8' is not one of \['auto', 'fp32', 'fp16', 'bf16'\]") as err:
+        n["DiffLoRAHypernetLoader"].execute("tiny_difflora.safetensors", "cpu", "int8")
+    assert is_difflora_error(err.value)
+    loras = Path(pack.c.folder_paths.get_folder_paths("loras")[0])
+    before = sorted(p for p in loras.parent.rglob("*") if p.is_file())
+    for prefix in (".", "./", "sub/.", "people/"):
+        with pytest.raises(Exception, match="is not allowed") as err:
+            n["DiffLoRASaveLora"].execute(lora, prefix)
+        assert is_difflora_error(err.value)
+    assert sorted(p for p in loras.parent.rglob("*") if p.is_file()) == before

@@ -166,3 +166,38 @@ def test_checked_loras_are_cached_and_rebuilt_when_the_folder_changes(tmp_path, 
     grown = load_lora_dataset(folder)
     assert len(calls) == 5 and grown.names == GOOD + ["eve"]
     assert torch.equal(grown.rows(range(4)), first.rows(range(4)))
+
+
+@pytest.mark.parametrize("failure", ["disk_usage", "fallocate", "open_memmap"])
+def test_a_full_disk_stops_the_cache_with_a_sentence_and_leaves_no_temp(tmp_path, monkeypatch, failure):
+    import errno
+    import os
+    from collections import namedtuple
+
+    import numpy as np
+
+    from difflora.errors import DiffLoRAError
+    from difflora.train import flat_cache
+
+    folder = random_identity_loras(tmp_path, tiny_spec(), GOOD)
+    load_lora_dataset(folder)
+    cache = folder / flat_cache.CACHE_DIR
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    random_identity_loras(folder, tiny_spec(), ["eve"], seed=3)  # the folder changed: the cache is rebuilt
+
+    def enospc(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if failure == "disk_usage":  # e.g. a 10 GB cache on a disk with 2 kB left
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(flat_cache.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 2048, 2048))
+        message = r"needs \d+\.\d\d MB in .* but that disk has 0\.00 MB free: free space there"
+    elif failure == "fallocate":  # the disk filled between the check and the reservation
+        monkeypatch.setattr(flat_cache.os, "posix_fallocate", enospc)
+        message = "Cannot create the LoRA cache .*No space left on device"
+    else:
+        monkeypatch.setattr(np.lib.format, "open_memmap", enospc)
+        message = "Cannot create the LoRA cache .*No space left on device"
+    with pytest.raises(DiffLoRAError, match=message):
+        load_lora_dataset(folder)
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before  # no temp; the old cache untouched

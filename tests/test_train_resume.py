@@ -138,3 +138,93 @@ def test_ctrl_c_on_the_command_line_checkpoints_and_exits_130(loras, tmp_path):
     assert "SIGINT received" in out and "Continue with --resume" in out
     (step, path), = list_checkpoints(run)
     assert step >= 3 and path.is_file()
+
+
+def test_resume_refuses_changed_inputs_and_names_them(tmp_path):
+    folder = random_identity_loras(tmp_path / "loras", tiny_spec(), [f"id{i}" for i in range(6)])
+    run = tmp_path / "run"
+    cfg = dict(loras=str(folder), run=str(run), val_fraction=0.2, **{**LOOP, "steps": 4})
+    train_lae(LAETrainConfig(**cfg), on_step=sigterm_at(2))
+    checkpoints = {p: p.read_bytes() for _, p in list_checkpoints(run)}
+    random_identity_loras(folder, tiny_spec(), ["new0", "new1"], seed=7)  # more LoRAs: another split
+    with pytest.raises(DiffLoRAError, match=r"cannot be resumed: since it started, the identity LoRAs changed: "
+                                            r"2 added \(new0, new1\), 1 moved between training and validation \(id0\).*"
+                                            r"Resume with the inputs it was started on, or start a new run"):
+        train_lae(LAETrainConfig(**cfg, resume=True))
+    for name in ("new0", "new1"):
+        for p in folder.glob(f"{name}.*"):
+            p.unlink()
+    random_identity_loras(folder, tiny_spec(), ["id1"], seed=8)  # same names, other weights
+    with pytest.raises(DiffLoRAError, match="the training LoRAs' contents changed"):
+        train_lae(LAETrainConfig(**cfg, resume=True))
+    assert {p: p.read_bytes() for _, p in list_checkpoints(run)} == checkpoints  # nothing was touched
+
+
+def test_dit_resume_refuses_a_retrained_lae(loras, lae_final, tmp_path):
+    from difflora.safetensors_io import save_file_atomic
+    from safetensors import safe_open
+
+    lae = tmp_path / LAE_FINAL
+    lae.write_bytes(lae_final.read_bytes())
+    cfg = dict(loras=str(loras), run=str(tmp_path / "run"), lae=str(lae), eval_sample_steps=2, **{**LOOP, "steps": 4})
+    train_dit(DiTTrainConfig(**cfg), on_step=sigterm_at(2))
+    with safe_open(str(lae), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    first = next(k for k in tensors if k.startswith("lae."))
+    save_file_atomic({**tensors, first: tensors[first] + 0.01}, lae, meta)  # "retrained"
+    with pytest.raises(DiffLoRAError, match=r"the --lae file changed \(the LAE was retrained or replaced\)"):
+        train_dit(DiTTrainConfig(**cfg, resume=True))
+
+
+def test_a_killed_checkpoint_writes_temp_is_removed_on_the_next_start(loras, tmp_path):
+    run = tmp_path / "run"
+    cfg = dict(loras=str(loras), run=str(run), **{**LOOP, "steps": 4})
+    train_lae(LAETrainConfig(**cfg), on_step=sigterm_at(2))
+    stale = run / "checkpoints" / ".step_00000004.safetensors.x8k2m1.tmp"  # what SIGKILL mid-write leaves
+    stale.write_bytes(b"\0" * 4096)
+    assert train_lae(LAETrainConfig(**cfg, resume=True)).status == "finished"
+    assert not stale.exists() and not list(run.rglob("*.tmp"))
+
+
+def test_a_full_disk_in_the_cli_is_a_sentence_and_keeps_the_last_checkpoint(loras, tmp_path, monkeypatch, caplog):
+    import errno
+    import logging
+
+    from difflora import safetensors_io
+    from difflora.train.__main__ import main
+
+    real, calls = safetensors_io.save_file_reproducible, []
+
+    def disk_fills_at_the_second_write(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(tensors, path, metadata)
+
+    monkeypatch.setattr(safetensors_io, "save_file_reproducible", disk_fills_at_the_second_write)
+    run = tmp_path / "run"
+    args = ["lae", "--loras", str(loras), "--run", str(run), "--steps", "4", "--ckpt-every", "2",
+            "--eval-every", "100", "--batch-size", "2", "--no-progress"]
+    with caplog.at_level(logging.ERROR, logger="difflora.train"):
+        assert main(args) == 1
+    assert "Could not read or write" in caplog.text and "step_00000004.safetensors" in caplog.text
+    assert "No space left on device" in caplog.text and "free space on that disk" in caplog.text
+    (step, path), = list_checkpoints(run)
+    assert step == 2 and load_file(str(path))  # the last good checkpoint is whole
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_normalizer_fingerprint_ignores_rounding_but_not_other_data():
+    import json
+
+    from difflora.train.loop import _same, tensors_fingerprint
+
+    stats = {"mean": torch.randn(1000, dtype=torch.float64), "std": torch.rand(1000, dtype=torch.float64) + 0.5}
+    saved = json.loads(json.dumps(tensors_fingerprint(stats)))  # as a checkpoint stores it
+    rounded = {k: (v * (1 + 1e-9 * torch.randn_like(v))).float() for k, v in stats.items()}  # other thread count
+    assert _same(saved, tensors_fingerprint(rounded))
+    other = {**stats, "std": stats["std"].clone()}
+    other["std"][7] *= 1.01  # one LoRA's contents changed
+    assert not _same(saved, tensors_fingerprint(other))

@@ -15,6 +15,7 @@ after writing a checkpoint (continue with --resume).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -135,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         return _run(ns)
     except DiffLoRAError as e:
         logging.getLogger("difflora.train").error("%s", e)
+        return 1
+    except OSError as e:  # a full disk, a lost network drive, permissions: the files written so far stay good
+        what = "free space on that disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check that path"
+        logging.getLogger("difflora.train").error(
+            "Could not read or write %s: %s. The files written before it are whole; %s, then run the same command "
+            "again (with --resume to continue from the last checkpoint).", e.filename or "a file", e.strerror or e,
+            what)
         return 1
 
 

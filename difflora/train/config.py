@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,42 @@ from ..lae import LAE_CONFIGS
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
-def opt(default: Any, help: str, choices: list | tuple | None = None, path: bool = False, metavar: str | None = None):
-    """A config field. `path`: a location that `all` derives from its --work folder."""
+def opt(default: Any, help: str, choices: list | tuple | None = None, path: bool = False, metavar: str | None = None,
+        at_least: float | None = None, above: float | None = None, at_most: float | None = None,
+        below: float | None = None):
+    """A config field. `path`: a location that `all` derives from its --work folder. The bounds
+    (`at_least` <= value, `above` < value, ...) are checked when the config is built."""
+    bounds = {"at_least": at_least, "above": above, "at_most": at_most, "below": below}
     return field(default=default, metadata={"help": help, "choices": choices, "path": path,
-                                            "metavar": "PATH" if path else metavar})
+                                            "metavar": "PATH" if path else metavar,
+                                            "bounds": {k: v for k, v in bounds.items() if v is not None}})
+
+
+_BOUND_TESTS = {"at_least": (lambda v, b: v >= b, "at least"), "above": (lambda v, b: v > b, "above"),
+                "at_most": (lambda v, b: v <= b, "at most"), "below": (lambda v, b: v < b, "below")}
+
+
+class Checked(ConfigDict):
+    """Range checks of every field, run when a config is built (CLI, config file or Python), so a
+    bad value stops the run with a sentence before anything is trained."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if not math.isfinite(value):
+                raise DiffLoRAError(f"{f.name} ({flag}) is {value!r}: give it a finite number.")
+            rules = [f"{word} {bound:g}" for key, bound in f.metadata.get("bounds", {}).items()
+                     for test, word in [_BOUND_TESTS[key]] if not test(value, bound)]
+            if rules:
+                raise DiffLoRAError(f"{f.name} ({flag}) is {value!r} but must be {' and '.join(rules)}: "
+                                    f"give it a value in that range ({f.metadata['help'].rstrip('.')}).")
 
 
 @dataclass
-class IdentityLoraConfig(ConfigDict):
+class IdentityLoraConfig(Checked):
     """identity-loras: one DreamBooth LoRA per identity folder (docs/METHOD.md section 5)."""
 
     data: str = opt("", "Folder with one sub-folder of photos per identity (see docs/TRAINING.md).", path=True)
@@ -47,54 +76,59 @@ class IdentityLoraConfig(ConfigDict):
                                     "for toy-face, its toy_face.safetensors file.", metavar="PATH")
     image_encoder: str = opt("", "CLIP vision model for the image embeddings: a transformers folder or a ComfyUI "
                                  "clip_vision .safetensors (or the toy world's toy_image.safetensors).", metavar="PATH")
-    rank: int = opt(4, "LoRA rank of the spec (docs/METHOD.md: 4).")
-    alpha: float = opt(0.0, "LoRA alpha; 0 means alpha = rank (scale 1).")
-    steps: int = opt(500, "Optimizer steps per identity (DreamBooth-LoRA: 500-1000 at lr 1e-4).")
-    batch_size: int = opt(1, "Images per step.")
-    lr: float = opt(1e-4, "AdamW learning rate of the LoRA factors.")
+    rank: int = opt(4, "LoRA rank of the spec (docs/METHOD.md: 4).", at_least=1)
+    alpha: float = opt(0.0, "LoRA alpha; 0 means alpha = rank (scale 1).", at_least=0)
+    steps: int = opt(500, "Optimizer steps per identity (DreamBooth-LoRA: 500-1000 at lr 1e-4).", at_least=1)
+    batch_size: int = opt(1, "Images per step.", at_least=1)
+    lr: float = opt(1e-4, "AdamW learning rate of the LoRA factors.", above=0)
     lr_scheduler: str = opt("constant", "diffusers learning-rate schedule.",
                             choices=("constant", "constant_with_warmup", "cosine", "linear"))
-    warmup_steps: int = opt(0, "Warm-up steps of the schedule.")
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).")
-    resolution: int = opt(1024, "Training resolution (SDXL: 1024); images are resized and centre-cropped.")
+    warmup_steps: int = opt(0, "Warm-up steps of the schedule.", at_least=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).", at_least=0)
+    resolution: int = opt(1024, "Training resolution (SDXL: 1024); images are resized and centre-cropped.", at_least=8)
     random_flip: bool = opt(False, "Randomly mirror training images.")
     instance_prompt: str = opt("a photo of sks person", "Prompt for images without a caption file (<image>.txt). "
                                                         "Use its trigger word with the predicted LoRAs.")
-    min_images: int = opt(3, "Identities with fewer usable images are skipped and reported.")
+    min_images: int = opt(3, "Identities with fewer usable images are skipped and reported.", at_least=1)
     min_face_similarity: float = opt(-1.0, "Cosine similarity to the reference face an image needs; -1: the "
-                                           "encoder's default (dlib 0.91, ArcFace 0.35, toy-face 0.8).")
+                                           "encoder's default (dlib 0.91, ArcFace 0.35, toy-face 0.8).",
+                                     at_least=-1, at_most=1)
     class_data: str = opt("", "Prior preservation (off when empty): a folder of generic photos of the class.", metavar="PATH")
     class_prompt: str = opt("a photo of a person", "Prompt of the prior-preservation images.")
-    prior_loss_weight: float = opt(1.0, "Weight of the prior-preservation loss.")
+    prior_loss_weight: float = opt(1.0, "Weight of the prior-preservation loss.", at_least=0)
     gradient_checkpointing: bool = opt(False, "Trade compute for memory in the UNet (GPUs under 24 GB).")
     mixed_precision: str = opt("auto", "auto: bf16 on GPUs that have it, else fp16; always fp32 on CPU.",
                                choices=MIXED_PRECISION)
     seed: int = opt(0, "Seed of the random streams every identity shares: the LoRA initialization and, per step, "
-                       "batch positions, noise and timesteps (identities then differ only by their photos).")
+                       "batch positions, noise and timesteps (identities then differ only by their photos).",
+                    at_least=0)
     progress: bool = opt(True, "Show progress bars.")
 
 
 @dataclass
-class LoopConfig(ConfigDict):
+class LoopConfig(Checked):
     """Options shared by the lae and dit training loops."""
 
     loras: str = opt("", "Folder of identity LoRAs (the identity-loras output).", path=True)
     run: str = opt("", "Run folder: checkpoints, metrics.csv, loss_curve.png and the final files.", path=True)
-    steps: int = opt(20000, "Optimizer steps.")
-    batch_size: int = opt(16, "LoRAs per step on each process (the global batch is this x processes x grad_accum).")
-    grad_accum: int = opt(1, "Gradient accumulation: micro-batches per optimizer step.")
-    lr: float = opt(1e-4, "Peak AdamW learning rate.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    warmup_steps: int = opt(500, "Linear warm-up steps before the cosine decay.")
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).")
-    ema_decay: float = opt(0.9999, "EMA decay (with warm-up, so short runs still average usefully).")
-    eval_every: int = opt(1000, "Validation every N steps (and at the end).")
-    ckpt_every: int = opt(1000, "Checkpoint every N steps (and at the end, on SIGTERM and Ctrl-C).")
-    keep_checkpoints: int = opt(2, "Checkpoints kept in run/checkpoints (older ones are deleted).")
-    log_every: int = opt(10, "Average the loss over N steps per metrics.csv row and progress update.")
+    steps: int = opt(20000, "Optimizer steps.", at_least=1)
+    batch_size: int = opt(16, "LoRAs per step on each process (the global batch is this x processes x grad_accum).",
+                          at_least=1)
+    grad_accum: int = opt(1, "Gradient accumulation: micro-batches per optimizer step.", at_least=1)
+    lr: float = opt(1e-4, "Peak AdamW learning rate.", above=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", at_least=0)
+    warmup_steps: int = opt(500, "Linear warm-up steps before the cosine decay.", at_least=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).", at_least=0)
+    ema_decay: float = opt(0.9999, "EMA decay (with warm-up, so short runs still average usefully).",
+                           at_least=0, at_most=1)
+    eval_every: int = opt(1000, "Validation every N steps (and at the end).", at_least=1)
+    ckpt_every: int = opt(1000, "Checkpoint every N steps (and at the end, on SIGTERM and Ctrl-C).", at_least=1)
+    keep_checkpoints: int = opt(2, "Checkpoints kept in run/checkpoints (older ones are deleted).", at_least=1)
+    log_every: int = opt(10, "Average the loss over N steps per metrics.csv row and progress update.", at_least=1)
     mixed_precision: str = opt("auto", "auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.",
                                choices=MIXED_PRECISION)
-    seed: int = opt(0, "Seed: data order and noise of step s depend only on (seed, s), so resumes are exact.")
+    seed: int = opt(0, "Seed: data order and noise of step s depend only on (seed, s), so resumes are exact.",
+                    at_least=0)
     resume: bool = opt(False, "Continue the run in --run from its latest checkpoint.")
     progress: bool = opt(True, "Show a progress bar.")
 
@@ -105,9 +139,9 @@ class LAETrainConfig(LoopConfig):
 
     size: str = opt("tiny", "LAE size from the registry (sdxl-r4: ~300x for SDXL rank 4).", choices=list(LAE_CONFIGS))
     val_fraction: float = opt(0.1, "Share of identities held out for validation (at least one when there are 2+); "
-                                   "the dit stage keeps the same split.")
-    lam: float = opt(1.0, "Weight-preserved loss lambda (0: plain MSE, the ablation).")
-    dw_term: float = opt(0.0, "Weight of the extra dW = B.A reconstruction term.")
+                                   "the dit stage keeps the same split.", at_least=0, below=1)
+    lam: float = opt(1.0, "Weight-preserved loss lambda (0: plain MSE, the ablation).", at_least=0)
+    dw_term: float = opt(0.0, "Weight of the extra dW = B.A reconstruction term.", at_least=0)
     norm_per: str = opt("layer", "Normalization statistics per layer (robust with few LoRAs) or per position.",
                         choices=("layer", "position"))
     align_gauge: bool = opt(True, "Rotate every LoRA's layers into one shared gauge before normalizing (dW unchanged; "
@@ -120,19 +154,21 @@ class DiTTrainConfig(LoopConfig):
 
     lae: str = opt("", "The LAE stage's lae_final.safetensors.", path=True)
     size: str = opt("tiny", "DiT size from the registry.", choices=list(DIT_CONFIGS))
-    cond_dim: int = opt(0, "Width of the mixed features; 0: the size's default (64 for tiny, else 768).")
-    p_uncond: float = opt(0.1, "Condition dropout for classifier-free guidance.")
+    cond_dim: int = opt(0, "Width of the mixed features; 0: the size's default (64 for tiny, else 768).", at_least=0)
+    p_uncond: float = opt(0.1, "Condition dropout for classifier-free guidance.", at_least=0, below=1)
     p_no_face: float = opt(0.1, "Share of training samples whose face embedding is dropped, so the image-only mode "
-                                "(on_no_face = image_only, a photo without a detectable face) is trained too.")
-    refs_per_sample: int = opt(1, "Random reference images of the identity averaged per training sample.")
-    eval_identities: int = opt(8, "Held-out (and as many training) identities whose LoRAs are sampled at eval.")
-    eval_sample_steps: int = opt(25, "DDIM steps when sampling LoRAs at eval.")
-    eval_guidance: float = opt(3.0, "Classifier-free guidance scale at eval.")
+                                "(on_no_face = image_only, a photo without a detectable face) is trained too.",
+                           at_least=0, below=1)
+    refs_per_sample: int = opt(1, "Random reference images of the identity averaged per training sample.", at_least=1)
+    eval_identities: int = opt(8, "Held-out (and as many training) identities whose LoRAs are sampled at eval.",
+                               at_least=1)
+    eval_sample_steps: int = opt(25, "DDIM steps when sampling LoRAs at eval.", at_least=1)
+    eval_guidance: float = opt(3.0, "Classifier-free guidance scale at eval.", at_least=0)
     out: str = opt("", "Hypernet file written at the end; empty: <run>/hypernet.safetensors.", path=True)
 
 
 @dataclass
-class ExportConfig(ConfigDict):
+class ExportConfig(Checked):
     """export: a dit run (checkpoint or final) -> one hypernet .safetensors for the nodes."""
 
     run: str = opt("", "The dit run folder.", metavar="PATH")
@@ -142,7 +178,7 @@ class ExportConfig(ConfigDict):
 
 
 @dataclass
-class AllConfig(ConfigDict):
+class AllConfig(Checked):
     """all: identity-loras -> lae -> dit -> hypernet, in one --work folder."""
 
     work: str = opt("", "Work folder: loras/, lae/, dit/ and hypernet.safetensors go there.", metavar="PATH")
@@ -160,7 +196,10 @@ def from_dict(cls, d: dict, what: str = "config"):
     for f in dataclasses.fields(cls):
         if f.name in d:
             values[f.name] = _coerce(f, d[f.name], what)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except DiffLoRAError as e:  # say which stage's option (`all` sets several)
+        raise DiffLoRAError(f"{what} option {e}") from None
 
 
 def _coerce(f, value, what):
@@ -184,16 +223,29 @@ def read_config_file(path: str | None) -> dict:
     p = Path(path)
     if not p.is_file():
         raise DiffLoRAError(f"Config file {p} does not exist.")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix.lower() in (".yaml", ".yml"):
+    text, is_yaml = _decoded(p), p.suffix.lower() in (".yaml", ".yml")
+    if is_yaml:
         import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+    try:
+        data = (yaml.safe_load(text) or {}) if is_yaml else json.loads(text)
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError, RecursionError of deep nesting
+        raise DiffLoRAError(f"Config file {p} is not valid {'YAML' if is_yaml else 'JSON'} "
+                            f"({' '.join(str(e).split())}): fix it (quotes, commas, indentation) and run "
+                            "again.") from None
     if not isinstance(data, dict):
         raise DiffLoRAError(f"Config file {p} must hold a mapping of option names to values.")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _decoded(p: Path) -> str:
+    """The file's text: UTF-8, or UTF-16 / UTF-8 with a byte-order mark (as Windows editors save it)."""
+    raw = p.read_bytes()
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise DiffLoRAError(f"Config file {p} is not UTF-8 text (byte {e.start}): save it as UTF-8 and run "
+                            "again.") from None
 
 
 def add_options(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple = (),

@@ -8,6 +8,7 @@ matters: the error of LoRAs sampled from features of people the hypernet never s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -52,6 +53,8 @@ class DiTStage:
         self.cfg = cfg
         self.lae_path = Path(cfg.lae).resolve()
         self.lae, self.norm, self.spec, split = load_lae_final(self.lae_path)
+        with open(self.lae_path, "rb") as f:
+            self.lae_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
         data = load_lora_dataset(cfg.loras, spec=self.spec, embeddings=True)
         self.encoders = data.encoders
         held_out = set(split["val"])
@@ -132,6 +135,12 @@ class DiTStage:
                     "mif_config": self.mif_cfg.to_dict(), "encoders": self.encoders.to_dict(),
                     "identities": {"train": [self.names[i] for i in self.train_idx],
                                    "val": [self.names[i] for i in self.val_idx]}}
+
+    def resume_inputs(self) -> dict:
+        """What this run trains on; a resume with other data is refused (loop.check_resume_inputs)."""
+        return {"identities": {"train": [self.names[i] for i in self.train_idx],
+                               "val": [self.names[i] for i in self.val_idx]},
+                "lae_sha256": self.lae_sha256, "encoders": self.encoders.to_dict()}
 
 
 def train_dit(cfg: DiTTrainConfig, accelerator=None, on_step=None) -> LoopResult:

@@ -10,17 +10,20 @@ never pickled (.npy of float32 + a JSON index, both renamed into place atomicall
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from ..errors import DiffLoRAError
 from ..lora_spec import LoraSpec
+from ..safetensors_io import temp_file
 
 log = logging.getLogger("difflora.train")
 CACHE_DIR = ".difflora-cache"
@@ -49,33 +52,69 @@ def cached_flat_loras(folder: Path, files: list[Path], spec: LoraSpec,
                     return array, index["rows"], [tuple(s) for s in index["skipped"]]
         except (OSError, ValueError) as e:  # a damaged cache is rebuilt, never fatal
             log.warning("Rebuilding the LoRA cache %s (%s).", array_path, e)
+    shape = (len(files), spec.num_params)
     try:
         cache.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".flat-", suffix=".npy", dir=cache)
-        os.close(fd)
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(files), spec.num_params))
+        tmp = temp_file(cache, prefix=".flat-", suffix=".npy")
     except OSError as e:  # read-only data folder: keep the rows in memory instead
         log.warning("Cannot write the LoRA cache in %s (%s): holding the LoRAs in memory.", cache, e)
-        tmp, array = None, np.zeros((len(files), spec.num_params), np.float32)
-    rows, skipped = {}, []
-    for i, path in enumerate(files):
-        flat = read(path)
-        if isinstance(flat, str):
-            skipped.append((path.name[: -len(".safetensors")], flat))
-        else:
-            array[i] = flat.numpy()
-            rows[path.name[: -len(".safetensors")]] = i
-    if tmp is None:
-        return array, rows, skipped
-    array.flush()
-    del array
-    os.replace(tmp, array_path)
+        tmp = None
+    try:
+        array = np.zeros(shape, np.float32) if tmp is None else _reserved_memmap(tmp, shape)
+        rows, skipped = {}, []
+        for i, path in enumerate(files):
+            flat = read(path)
+            if isinstance(flat, str):
+                skipped.append((path.name[: -len(".safetensors")], flat))
+            else:
+                array[i] = flat.numpy()
+                rows[path.name[: -len(".safetensors")]] = i
+        if tmp is None:
+            return array, rows, skipped
+        array.flush()
+        del array
+        os.replace(tmp, array_path)
+    finally:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
     index = {"format": FORMAT, "spec_hash": spec.hash, "files": keys, "rows": rows, "skipped": skipped}
-    fd, tmp_index = tempfile.mkstemp(prefix=".flat-", suffix=".json", dir=cache)
-    with os.fdopen(fd, "w") as f:
-        json.dump(index, f)
-    os.replace(tmp_index, index_path)  # written last: marks the cache complete
+    tmp_index = temp_file(cache, prefix=".flat-", suffix=".json")
+    try:
+        tmp_index.write_text(json.dumps(index))
+        os.replace(tmp_index, index_path)  # written last: marks the cache complete
+    finally:
+        tmp_index.unlink(missing_ok=True)
     return np.load(array_path, mmap_mode="r"), rows, [tuple(s) for s in skipped]
+
+
+def _reserved_memmap(tmp: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A writable .npy memmap whose blocks are on disk already. A sparse memmap on a disk that
+    fills up kills the process with SIGBUS, printing nothing; this fails first, with a sentence."""
+    need = shape[0] * shape[1] * 4 + 4096  # the rows, plus the .npy header
+    free = shutil.disk_usage(tmp.parent).free
+    if free < need:
+        raise DiffLoRAError(
+            f"The LoRA cache needs {_size(need)} in {tmp.parent} but that disk has {_size(free)} free: "
+            "free space there (or move the LoRA folder to a disk with room), then run again.")
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # file systems without fallocate: the free-space check above is all there is
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise DiffLoRAError(f"Cannot create the LoRA cache in {tmp.parent} ({_size(need)}): {e.strerror}. "
+                            "Free space there (or move the LoRA folder to a disk with room), then run again.") from None
+    return array
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def take_rows(array: np.ndarray, rows: list[int]) -> torch.Tensor:

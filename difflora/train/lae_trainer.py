@@ -19,7 +19,7 @@ from ..normalization import WeightNormalizer
 from .config import LAETrainConfig
 from ..safetensors_io import save_file_atomic
 from .data import LoraDataset, load_lora_dataset, split_identities
-from .loop import LoopResult, make_accelerator, run_loop
+from .loop import LoopResult, make_accelerator, run_loop, tensors_fingerprint
 
 log = logging.getLogger("difflora.train")
 LAE_FINAL = "lae_final.safetensors"
@@ -81,6 +81,11 @@ class LAEStage:
     def checkpoint_extras(self) -> tuple[dict, dict]:
         tensors = {f"norm.{k}": v for k, v in self.normalizer.state_dict().items()}
         return tensors, {"lora_spec": self.spec.to_dict(), "split": {"train": self.train_names, "val": self.val_names}}
+
+    def resume_inputs(self) -> dict:
+        """What this run trains on; a resume with other data is refused (loop.check_resume_inputs)."""
+        return {"identities": {"train": self.train_names, "val": self.val_names},
+                "normalizer": tensors_fingerprint(self.normalizer.state_dict())}
 
     @torch.no_grad()
     def finalize(self, model, path: Path) -> Path:

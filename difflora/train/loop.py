@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -29,6 +31,7 @@ from torch import nn
 
 from ..diffusion import make_ema
 from ..errors import DiffLoRAError
+from ..safetensors_io import remove_stale_temps
 from .checkpoint import list_checkpoints, latest_checkpoint, restore, save_checkpoint
 from .config import LoopConfig
 from .logs import CsvLog, plot_loss_curve
@@ -54,6 +57,8 @@ class Stage(Protocol):
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
 
     def checkpoint_extras(self) -> tuple[dict, dict]: ...
+
+    def resume_inputs(self) -> dict: ...
 
 
 @dataclass
@@ -128,6 +133,57 @@ def check_resume_config(saved: dict, current: dict, run: Path) -> None:
                             "or start a new run in another --run folder.")
 
 
+# What each entry of a stage's resume_inputs() means, for the sentence that refuses a resume.
+INPUT_NAMES = {"normalizer": "the training LoRAs' contents changed (their normalization statistics differ)",
+               "lae_sha256": "the --lae file changed (the LAE was retrained or replaced)",
+               "encoders": "the encoders of the identity embeddings changed"}
+
+
+def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """A few float64 moments of each tensor: equal (to rounding) for a refit on the same data,
+    different for other data. Compared with a tolerance, since thread counts change the last bits;
+    no signed sum, which can cancel to near 0 and make rounding look like a change."""
+    out = {}
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu", torch.float64).abs()
+        out[name] = [float(t.sum()), float((t * t).sum()), float(t.max()) if t.numel() else 0.0, float(t.numel())]
+    return out
+
+
+def _same(a, b) -> bool:
+    """Equal JSON values, floats to a relative 1e-6."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    numbers = isinstance(a, (int, float)) and isinstance(b, (int, float))
+    if numbers and (isinstance(a, float) or isinstance(b, float)):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+    return a == b
+
+
+def _identities_change(saved: dict, current: dict) -> str:
+    old, new = set(saved["train"]) | set(saved["val"]), set(current["train"]) | set(current["val"])
+    moved = sorted(n for n in old & new if (n in saved["val"]) != (n in current["val"]))
+    parts = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+             for names, what in ((sorted(new - old), "added"), (sorted(old - new), "removed"),
+                                 (moved, "moved between training and validation")) if names]
+    return "the identity LoRAs changed: " + ", ".join(parts or ["their order changed"])
+
+
+def check_resume_inputs(saved: dict | None, current: dict, run: Path) -> None:
+    """Refuse a resume whose data differ from the run's start: it would go on, silently, on other data."""
+    if saved is None:  # a checkpoint from before inputs were recorded
+        log.warning("%s: its checkpoint does not record the data it was started on; resuming unchecked.", run)
+        return
+    current = json.loads(json.dumps(current))  # as the checkpoint stores it (tuples become lists)
+    changed = [_identities_change(saved[k], current[k]) if k == "identities" else INPUT_NAMES.get(k, f"{k} changed")
+               for k in sorted(set(saved) | set(current)) if not _same(saved.get(k), current.get(k))]
+    if changed:
+        raise DiffLoRAError(f"{run} cannot be resumed: since it started, {'; '.join(changed)}. Resume with the "
+                            "inputs it was started on, or start a new run in another --run folder.")
+
+
 def run_loop(stage: Stage, cfg: LoopConfig, accelerator: Accelerator,
              on_step: Callable[[int], None] | None = None) -> LoopResult:
     run = Path(cfg.run)
@@ -136,6 +192,9 @@ def run_loop(stage: Stage, cfg: LoopConfig, accelerator: Accelerator,
     if found and not cfg.resume:
         raise DiffLoRAError(f"{run} already holds a run (checkpoint at step {found[-1][0]}): pass --resume to "
                             "continue it, or choose another --run folder.")
+    if accelerator.is_main_process:  # a process killed mid-write (SIGKILL) left its temp file
+        for stale in remove_stale_temps(run / "checkpoints") + remove_stale_temps(run):
+            log.info("Removed %s, left by an interrupted write.", stale)
     model = stage.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -146,6 +205,7 @@ def run_loop(stage: Stage, cfg: LoopConfig, accelerator: Accelerator,
     if found:
         ckpt = latest_checkpoint(run)
         check_resume_config(ckpt.meta["config"], config, run)
+        check_resume_inputs(ckpt.meta.get("inputs"), stage.resume_inputs(), run)
         restore(ckpt, model, optimizer, scheduler, ema)
         start, last_ckpt = ckpt.step + 1, ckpt.path
         window = list(ckpt.meta.get("loss_window", []))  # a --log-every window cut by the stop goes on
@@ -248,6 +308,7 @@ def checkpoint(stage, model, optimizer, scheduler, ema, config, cfg, accelerator
     if accelerator.is_main_process:
         tensors, meta = stage.checkpoint_extras()
         path = save_checkpoint(cfg.run, step, model, optimizer, scheduler, ema, config, tensors,
-                               {"stage": stage.name, "loss_window": window, **meta}, keep=cfg.keep_checkpoints)
+                               {"stage": stage.name, "loss_window": window, "inputs": stage.resume_inputs(), **meta},
+                               keep=cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
     return path
