@@ -1,8 +1,9 @@
-"""The model files a user places, as weights_manifest.json describes them, and one message for all that are missing.
+"""The model files a user places, as weights_manifest.json describes them: what a missing one is for.
 
-A graph that names five files should not fail on them one Run at a time. The nodes find every file a
-graph names that is not installed (nodes/preflight.py) and this module says, in one message, where
-each goes, what it is for and where it comes from, from the manifest the pack ships.
+A graph should not fail on its files one Run at a time, nor with a bare "not in list". Each of the
+pack's loaders checks its file at validation (ComfyUI's own loaders check theirs in the same pass, so
+the first Run reports every missing file together), and this module says where the file goes, what
+it is for and where it comes from, from the manifest the pack ships.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from functools import lru_cache
 from pathlib import Path
 
 MANIFEST = Path(__file__).resolve().parent.parent / "weights_manifest.json"
-INPUT_FOLDER = "input"  # ComfyUI/input, where Load Image reads photos
 TOY_TEMPLATE = "difflora_toy_world"
 
 
 @dataclass(frozen=True)
 class MissingFile:
-    folder: str        # a ComfyUI model folder ("checkpoints", "difflora", ...), or "input"
+    folder: str        # a ComfyUI model folder ("checkpoints", "difflora", "insightface", ...)
     name: str          # the name the graph asks for; a folder of files ends in "/"
     node: str = ""     # which node asks, e.g. "#1 Load Checkpoint"
 
@@ -45,13 +45,10 @@ def describe(folder: str, name: str) -> tuple[str, str]:
 
 def missing_files_message(missing: list[MissingFile]) -> str:
     """One message naming every missing file: where it goes, what it is for, where to get it."""
-    lines = [f"This graph needs {len(missing)} file(s) that are not installed:"]
+    lines = [f"{len(missing)} file(s) this graph needs {'is' if len(missing) == 1 else 'are'} not installed:"]
     for f in missing:
-        where = "ComfyUI/input/" if f.folder == INPUT_FOLDER else f"ComfyUI/models/{f.folder}/"
         role, source = describe(f.folder, f.name)
-        if f.folder == INPUT_FOLDER:
-            role = role or "a reference photo (or pick another photo in that Load Image node)"
-        line = f"- {where}{f.name}" + (f" (asked for by {f.node})" if f.node else "")
+        line = f"- ComfyUI/models/{f.folder}/{f.name}" + (f" (asked for by {f.node})" if f.node else "")
         line += f": {role}" if role else ""
         line += f". Get it: {source}" if source else ""
         lines.append(line)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import folder_paths
 
+from ..difflora.model_files import MissingFile, missing_files_message
+
 HYPERNET_FOLDER = "difflora"
 INSIGHTFACE_FOLDER = "insightface"
 TOY_BASE_FOLDER = "difflora_toyworld"  # models/difflora_toyworld, and the pack's own toy base
@@ -33,6 +35,25 @@ def toy_photos() -> dict[str, Path]:
     """{file name: path} of the held-out toy-world photos the pack ships."""
     folder = TOY_ASSETS / "photos"
     return {p.name: p for p in sorted(folder.glob("*")) if p.suffix.lower() in TOY_PHOTO_SUFFIXES}
+
+
+def model_file_installed(folder: str, name: str) -> bool:
+    try:
+        return folder_paths.get_full_path(folder, name) is not None
+    except KeyError:  # a folder this ComfyUI does not know
+        return False
+
+
+def missing_model_message(folder: str, name: str, node: str) -> str | bool:
+    """True when the file is installed, else the sentence saying where it goes and what it is."""
+    if model_file_installed(folder, name):
+        return True
+    return missing_files_message([MissingFile(folder, name, node)])
+
+
+def insightface_pack_installed(name: str) -> bool:
+    folder = os.path.join(insightface_root(), "models", name)
+    return os.path.isdir(folder) and any(f.endswith(".onnx") for f in os.listdir(folder))
 
 
 def insightface_root() -> str:

@@ -11,10 +11,10 @@ from comfy_api.v0_0_2 import io
 
 from ..difflora.encoders import AutoFaceEncoder, load_face_encoder
 from ..difflora.hypernet_file import load_hypernet
-from ..difflora.model_files import missing_files_message
+from ..difflora.model_files import MissingFile, missing_files_message
 from ..difflora.user_inputs import DTYPES, parse_dtype
-from .folders import HYPERNET_FOLDER, insightface_root
-from .preflight import missing_files
+from .folders import (HYPERNET_FOLDER, INSIGHTFACE_FOLDER, insightface_pack_installed, insightface_root,
+                      missing_model_message)
 from .types import CATEGORY, FaceAnalysis, Hypernet
 
 # One hypernet stays loaded between runs (re-reading a paper-size file takes seconds).
@@ -47,14 +47,12 @@ class LoadDiffLoRAHypernet(io.ComfyNode):
                                tooltip="auto: fp16 on GPUs that support it, fp32 on CPU."),
             ],
             outputs=[Hypernet.Output(display_name="hypernet", tooltip="The loaded DiffLoRA hypernet.")],
-            hidden=[io.Hidden.prompt],
         )
 
     @classmethod
-    def validate_inputs(cls, hypernet_name, **kwargs):
-        # The whole graph at once: every model file and photo it names that is not installed.
-        missing = missing_files(cls.hidden.prompt or {})
-        return missing_files_message(missing) if missing else True
+    def validate_inputs(cls, hypernet_name):
+        # At validation, with ComfyUI's own loaders: the first Run names every missing file at once.
+        return missing_model_message(HYPERNET_FOLDER, hypernet_name, "Load DiffLoRA Hypernet")
 
     @classmethod
     def execute(cls, hypernet_name, device="auto", dtype="auto") -> io.NodeOutput:
@@ -92,6 +90,14 @@ class LoadFaceAnalysis(io.ComfyNode):
             ],
             outputs=[FaceAnalysis.Output(display_name="face_analysis")],
         )
+
+    @classmethod
+    def validate_inputs(cls, model):
+        if model in ("antelopev2", "buffalo_l") and not insightface_pack_installed(model):
+            return missing_files_message([MissingFile(INSIGHTFACE_FOLDER, f"models/{model}/", "Load Face Analysis")]) \
+                + " Or set model to auto: the face analysis the hypernet was trained with (none at all when its file " \
+                  "carries its own)."
+        return True
 
     @classmethod
     def execute(cls, model, provider="CPU") -> io.NodeOutput:

@@ -25,7 +25,7 @@ from comfy_api.v0_0_2 import io
 
 from ..difflora.errors import DiffLoRAError
 from ..difflora.sdxl_checkpoint import read_architecture
-from .folders import TOY_BASE_FOLDER, toy_photos
+from .folders import TOY_BASE_FOLDER, missing_model_message, toy_photos
 from .types import CATEGORY
 
 _UNET_PREFIX = "model.diffusion_model."
@@ -98,6 +98,10 @@ class LoadToyWorldBase(io.ComfyNode):
                      io.Clip.Output(display_name="CLIP", tooltip="Its CLIP-L + CLIP-G text encoders."),
                      io.Vae.Output(display_name="VAE", tooltip="Its VAE (64x64 images, 8x8 latents).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, ckpt_name):
+        return missing_model_message(TOY_BASE_FOLDER, ckpt_name, "Load Toy World Base")
 
     @classmethod
     def execute(cls, ckpt_name) -> io.NodeOutput:

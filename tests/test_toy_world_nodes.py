@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from devtools import harness_models
-from devtools.comfy_server import ComfyServer
+from devtools.comfy_server import ComfyServer, ComfyServerError
 from devtools.workflow_api import ui_to_api
 
 pytestmark = pytest.mark.comfy
@@ -84,16 +84,38 @@ def test_toy_photo_is_the_shipped_png(pack):
     assert np.array_equal((image[0].numpy() * 255).round().astype(np.uint8), png)
 
 
-@pytest.mark.slow
-def test_stock_comfyui_with_only_the_pack_runs_the_toy_template(comfy_path, tmp_path):
-    """No harness custom node, no model placed by hand: the template's files all come with the pack."""
-    workflow = json.loads((REPO / "workflows" / "difflora_toy_world.json").read_text())
-    with ComfyServer(comfy_path, base_dir=tmp_path / "base", custom_nodes={"comfyui-difflora": REPO}) as server:
+@pytest.fixture(scope="module")
+def stock_server(comfy_path, tmp_path_factory):
+    """A stock ComfyUI with only this pack in custom_nodes/ (no harness node) and no model placed."""
+    with ComfyServer(comfy_path, base_dir=tmp_path_factory.mktemp("stock"),
+                     custom_nodes={"comfyui-difflora": REPO}) as server:
         assert not server.import_failures()
-        assert "DiffLoRATinySDXL" not in server.log_text()
-        outputs = server.run(ui_to_api(workflow, server.object_info()), timeout=300)
-        images = server.output_paths(outputs)
-        loras = sorted((server.models_dir("loras") / "difflora").glob("toy_identity_*.safetensors"))
+        yield server
+
+
+@pytest.mark.slow
+def test_stock_comfyui_with_only_the_pack_runs_the_toy_template(stock_server):
+    """No model placed by hand: every file the template uses comes with the pack."""
+    server = stock_server
+    workflow = json.loads((REPO / "workflows" / "difflora_toy_world.json").read_text())
+    outputs = server.run(ui_to_api(workflow, server.object_info()), timeout=300)
+    images = server.output_paths(outputs)
+    loras = sorted((server.models_dir("loras") / "difflora").glob("toy_identity_*.safetensors"))
     personalized = [p for p in images if "toy_personalized" in p.name]
     assert len(personalized) == 4 and len(loras) == 1
     assert np.asarray(Image.open(personalized[0])).shape == (64, 64, 3)
+
+
+def test_every_missing_file_is_reported_by_the_first_run(stock_server):
+    """The SDXL graph on an install without its models: one validation response names the checkpoint, the
+    CLIP vision model, the photo and the hypernet, the pack's with its folder, what it is for and its source."""
+    server = stock_server
+    workflow = json.loads((REPO / "workflows" / "difflora_basic.json").read_text())
+    with pytest.raises(ComfyServerError) as e:
+        server.queue(ui_to_api(workflow, server.object_info()))
+    errors = json.loads(str(e.value).split(":", 1)[1])["node_errors"]
+    assert set(errors) == {"1", "2", "3", "5"}  # checkpoint, photo, CLIP vision, hypernet: all at once
+    (ours,) = errors["5"]["errors"]
+    text = ours["details"]
+    assert "ComfyUI/models/difflora/difflora_sdxl.safetensors (asked for by Load DiffLoRA Hypernet)" in text, text
+    assert "DiffLoRA hypernet for SDXL" in text and "python -m difflora.train" in text and "difflora_toy_world" in text

@@ -54,7 +54,8 @@ def test_workflow_runs_end_to_end(server, name):
     outputs = server.run(prompt, timeout=600)
     images = server.output_paths(outputs)
     samplers = sum(1 for n in prompt.values() if n["class_type"] == "KSampler")
-    assert len(images) == samplers
+    batch = next((n["inputs"]["batch_size"] for n in prompt.values() if n["class_type"] == "EmptyLatentImage"), 1)
+    assert len(images) == samplers * batch
     for path in images:
         assert Image.open(path).size == (64, 64)
     saved = [text for out in outputs.values() for text in out.get("text", [])]

@@ -1,0 +1,39 @@
+"""What a missing model file is for, from the manifest; and face analysis "auto", resolved by the hypernet."""
+
+from __future__ import annotations
+
+from difflora.encoders import AutoFaceEncoder
+from difflora.model_files import MissingFile, describe, missing_files_message
+from difflora.pipeline import resolve_encoders
+from tests.support.tiny_models import tiny_hypernet
+
+
+def test_missing_files_are_described_from_the_manifest():
+    role, source = describe("checkpoints", "sd_xl_base_1.0.safetensors")
+    assert "SDXL base checkpoint" in role and source.startswith("https://")
+    assert describe("insightface", "models/antelopev2/")[0].startswith("Face analysis")
+    assert describe("checkpoints", "someone_elses.safetensors") == ("", "")
+    text = missing_files_message([MissingFile("difflora", "difflora_sdxl.safetensors", "#5 Load DiffLoRA Hypernet"),
+                                  MissingFile("loras", "mine.safetensors")])
+    lines = text.splitlines()
+    assert lines[0] == "2 file(s) this graph needs are not installed:"
+    assert lines[1].startswith("- ComfyUI/models/difflora/difflora_sdxl.safetensors (asked for by #5 Load DiffLoRA "
+                               "Hypernet): DiffLoRA hypernet for SDXL") and "python -m difflora.train" in lines[1]
+    assert lines[2] == "- ComfyUI/models/loras/mine.safetensors"
+    assert "difflora_toy_world" in lines[3]
+
+
+class _Face:
+    kind, embedding_dim = "dlib", 128
+
+
+def test_auto_face_analysis_is_the_hypernets_own_or_none_when_it_carries_one(monkeypatch):
+    hn = tiny_hypernet()  # trained (in kind) on dlib embeddings, carries no encoder
+    loaded = []
+    monkeypatch.setattr(AutoFaceEncoder, "load", lambda self, kind: loaded.append(kind) or _Face())
+    image = object()
+    face, chosen_image = resolve_encoders(hn, AutoFaceEncoder(root="/models/insightface"), image)
+    assert loaded == [hn.encoders.face_kind] and isinstance(face, _Face) and chosen_image is image
+    hn.face_encoder = _Face()  # a file that carries its face encoder: "auto" loads nothing
+    face, _ = resolve_encoders(hn, AutoFaceEncoder(root="/models/insightface"), image)
+    assert face is hn.face_encoder and loaded == [hn.encoders.face_kind]
