@@ -170,3 +170,17 @@ def test_inspect_runs_the_loaders_checks(good, tmp_path, capsys):
         assert main(["inspect", str(bad)]) == 1
         out = capsys.readouterr().out
         assert "not a valid DiffLoRA hypernet" in out and bad.name in out and says in out
+
+
+def test_nan_embeddings_from_a_carried_face_encoder_are_blamed_on_the_file(tmp_path):
+    from difflora.pipeline import features_from_images
+    from difflora_toyworld.render import make_dataset
+
+    t, meta = _read(TOY_HYPERNET)
+    key = next(k for k in t if k.startswith("encoders.face.") and k.endswith("running_var"))
+    t[key] = -torch.ones_like(t[key])  # finite weights, NaN activations (sqrt of a negative variance)
+    save_file(t, str(tmp_path / "badvar.safetensors"), meta)
+    hn = load_hypernet(tmp_path / "badvar.safetensors")
+    with pytest.raises(HypernetFileError, match="face encoder carried by badvar.safetensors gives NaN") as e:
+        features_from_images(hn, make_dataset(1, 2, seed=0).images)
+    assert "reference images" not in str(e.value)
