@@ -51,11 +51,11 @@ class _ShapeOnly:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .hypernet_file import CARRIED_KEY, CARRIED_PREFIX, carried_summary, read_header
+    from .hypernet_file import CARRIED_KEY, CARRIED_PREFIX, carried_summary, check_hypernet
 
     path = Path(args.file)
-    try:
-        meta, shapes = read_header(path)
+    try:  # the loader's own checks, short of reading the weights
+        meta, shapes = check_hypernet(path)
     except DiffLoRAError as e:
         print(f"not a valid DiffLoRA hypernet: {e}")
         return _inspect_lora(path)

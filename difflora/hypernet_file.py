@@ -23,9 +23,10 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 
+from .config_bounds import check_lora_spec_sizes, check_sizes
 from .dit import DiTConfig
 from .safetensors_io import save_file_atomic
-from .errors import HypernetFileError
+from .errors import HypernetFileError, LoraSpecMismatch
 from .hypernet import EncoderSpec, Hypernet
 from .lae import LAEConfig
 from .lora_spec import LoraSpec
@@ -42,6 +43,9 @@ _CONFIG_KEYS = ("lae_config", "dit_config", "mif_config", "lora_spec", "encoders
 _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 # A safetensors header is JSON right after its 8-byte length; anything bigger is not one.
 _MAX_HEADER_BYTES = 100_000_000
+# Derived (unsaved) buffers may always reach this many values, whatever the file holds (the toy
+# world's DiT position table is 7,680; SDXL's about 700,000, from a file of 100 million).
+_MIN_DERIVED_VALUES = 1 << 22
 log = logging.getLogger(__name__)
 
 
@@ -106,19 +110,20 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[int, ...
     for key in _CONFIG_KEYS:
         if key not in raw:
             raise HypernetFileError(f"{path.name}: metadata '{key}' is missing; the file is incomplete. Export it again.")
-        try:
-            meta[key] = json.loads(raw[key])
-        except json.JSONDecodeError as e:
-            raise HypernetFileError(f"{path.name}: metadata '{key}' is not valid JSON ({e}).") from e
-    if CARRIED_KEY in raw:
-        try:
-            meta[CARRIED_KEY] = json.loads(raw[CARRIED_KEY])
-        except json.JSONDecodeError as e:
-            raise HypernetFileError(f"{path.name}: metadata '{CARRIED_KEY}' is not valid JSON ({e}).") from e
-    else:
-        meta[CARRIED_KEY] = {}
+        meta[key] = _parse_json(path, key, raw[key])
+    meta[CARRIED_KEY] = _parse_json(path, CARRIED_KEY, raw[CARRIED_KEY]) if CARRIED_KEY in raw else {}
     meta[FORMAT_KEY] = version
     return meta, shapes
+
+
+def _parse_json(path: Path, key: str, text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HypernetFileError(f"{path.name}: metadata '{key}' is not valid JSON ({e}); export the file again.") from e
+    except RecursionError:  # JSON nested thousands deep: no config is
+        raise HypernetFileError(f"{path.name}: metadata '{key}' is nested too deeply to be a config; the file "
+                                "is damaged or not DiffLoRA's: export it again.") from None
 
 
 def carried_summary(meta: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, dict]:
@@ -128,7 +133,7 @@ def carried_summary(meta: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str,
         try:
             config = json.loads(enc_meta["config"])
             kind, dim = config["kind"], config["embedding_dim"]
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, RecursionError):
             kind, dim = "unreadable", None
         prefix = f"{CARRIED_PREFIX}{role}."
         values = sum(_numel(s) for k, s in shapes.items() if k.startswith(prefix))
@@ -143,23 +148,38 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _build_from_meta(path: Path, meta: dict, shapes: dict[str, tuple[int, ...]] | None = None) -> Hypernet:
+def _check_config_sizes(path: Path, meta: dict) -> None:
+    """Every size the configs declare is a sane positive number (config_bounds), before any is used."""
+    try:
+        check_lora_spec_sizes(meta["lora_spec"])
+        for key in ("lae_config", "dit_config", "mif_config", "encoders"):
+            check_sizes(meta[key], key)
+    except ValueError as e:
+        raise HypernetFileError(f"{path.name}: its configs declare impossible sizes ({e}); the file is damaged "
+                                "or was edited: download or export it again.") from None
+
+
+def _build_from_meta(path: Path, meta: dict, shapes: dict[str, tuple[int, ...]], device: str | None = None
+                     ) -> Hypernet:
+    """The hypernet the configs describe. device "meta": a skeleton holding no memory, to compare
+    with the file's shapes; None: parameters on meta (the file replaces them), buffers real, so the
+    derived ones that are not saved (positional tables) are computed as usual."""
     try:
         spec = LoraSpec.from_dict(meta["lora_spec"])
-        # Parameters on meta (no random init of weights the file replaces); buffers stay real,
-        # so derived ones that are not saved (positional tables) are computed as usual.
-        with init_empty_weights(include_buffers=False):
+        # The gauge table is (layers, 4) by the spec, whatever the file's header declares.
+        gauge_layers = spec.num_layers if "norm.gauge_blocks" in shapes else 0
+        context = torch.device("meta") if device == "meta" else init_empty_weights(include_buffers=False)
+        with context:
             return Hypernet(
                 spec,
                 LAEConfig.from_dict(meta["lae_config"]),
                 DiTConfig.from_dict(meta["dit_config"]),
                 MIFConfig.from_dict(meta["mif_config"]),
                 EncoderSpec.from_dict(meta["encoders"]),
-                normalizer=WeightNormalizer.identity(spec.num_params,
-                                                     (shapes or {}).get("norm.gauge_blocks", (0,))[0]),
+                normalizer=WeightNormalizer.identity(spec.num_params, gauge_layers),
             )
-    except (KeyError, TypeError, ValueError) as e:
-        raise HypernetFileError(f"{path.name}: its configs do not build a hypernet ({e}).") from e
+    except (KeyError, TypeError, ValueError, ArithmeticError, LoraSpecMismatch) as e:
+        raise HypernetFileError(f"{path.name}: its configs do not build a hypernet ({e}); export it again.") from e
 
 
 def _check_tensors(path: Path, model: Hypernet, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -177,40 +197,81 @@ def _check_tensors(path: Path, model: Hypernet, shapes: dict[str, tuple[int, ...
         problems.append(f"{len(wrong)} mis-shaped tensor(s), e.g. '{k}' is {shapes[k]}, expected {expected[k]}")
     if problems:
         raise HypernetFileError(f"{path.name}: tensors do not match its configs: {'; '.join(problems)}. Export it again.")
+    # What the configs add beyond the file's tensors (derived buffers such as the DiT's position
+    # table) must stay of the file's own order: a file cannot make the loader allocate gigabytes.
+    derived = sum(b.numel() for name, b in model.named_buffers() if name not in expected)
+    allowed = max(sum(_numel(s) for s in shapes.values()), _MIN_DERIVED_VALUES)
+    if derived > allowed:
+        raise HypernetFileError(
+            f"{path.name}: its configs would build {derived:,} derived values from {allowed:,} stored ones "
+            "(e.g. a DiT position table for far more tokens than it holds weights for); the file is damaged "
+            "or was edited: export it again.")
 
 
-def _carried_encoders(path: Path, model: Hypernet, carried: dict, tensors: dict[str, torch.Tensor]) -> dict:
-    """{role: encoder} rebuilt from the file's `encoders.<role>.` tensors and metadata."""
-    from .encoders.carried import carried_from_tensors
+def check_hypernet(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """Every check `load_hypernet` makes, reading no tensor data and allocating nothing of the
+    model: the header (read_header), the sizes the configs declare (config_bounds), the tensors'
+    names and shapes against a skeleton built on the meta device, the carried encoders' likewise.
+    Returns read_header's (meta, shapes); raises HypernetFileError naming the file and the fault."""
+    from .encoders.carried import check_carried_shapes
     from .errors import EncoderError
 
-    in_tensors = {k[len(CARRIED_PREFIX):].split(".", 1)[0] for k in tensors}
+    path = Path(path)
+    meta, shapes = read_header(path)
+    _check_config_sizes(path, meta)
+    own = {k: v for k, v in shapes.items() if not k.startswith(CARRIED_PREFIX)}
+    skeleton = _build_from_meta(path, meta, own, device="meta")
+    _check_tensors(path, skeleton, own)
+    carried = meta[CARRIED_KEY]
+    if not isinstance(carried, dict):
+        raise HypernetFileError(f"{path.name}: metadata '{CARRIED_KEY}' is not a JSON object; export it again.")
+    in_tensors = {k[len(CARRIED_PREFIX):].split(".", 1)[0] for k in shapes if k.startswith(CARRIED_PREFIX)}
     if set(carried) - set(ROLES) or in_tensors != set(carried):
         raise HypernetFileError(
             f"{path.name}: its carried encoders are inconsistent (metadata names {sorted(carried)}, tensors "
             f"{sorted(in_tensors)}; roles are {', '.join(ROLES)}). Export it again.")
+    for role in carried:
+        prefix = f"{CARRIED_PREFIX}{role}."
+        try:
+            kind, dim = check_carried_shapes({k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)},
+                                             carried[role], f"{path.name} (its {role} encoder)")
+        except EncoderError as e:
+            raise HypernetFileError(str(e)) from None
+        _check_carried(skeleton, role, kind, dim, path.name)
+    return meta, shapes
+
+
+def _carried_encoders(path: Path, carried: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """{role: encoder} rebuilt from the file's `encoders.<role>.` tensors and metadata (already
+    checked by check_hypernet)."""
+    from .encoders.carried import carried_from_tensors
+    from .errors import EncoderError
+
     out = {}
     for role in ROLES:
         if role not in carried:
             continue
         prefix = f"{CARRIED_PREFIX}{role}."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        bad = sorted(k for k, v in own.items() if v.is_floating_point() and not torch.isfinite(v).all())
+        if bad:  # it would turn every photo into NaN, which reads as if the photos were at fault
+            raise HypernetFileError(
+                f"{path.name}: the {role} encoder it carries has NaN or inf weights ({len(bad)} tensor(s), e.g. "
+                f"'{prefix}{bad[0]}'); the file is damaged: download or export it again.")
         try:
-            encoder = carried_from_tensors(own, carried[role], f"{path.name} (its {role} encoder)")
+            out[role] = carried_from_tensors(own, carried[role], f"{path.name} (its {role} encoder)")
         except EncoderError as e:
             raise HypernetFileError(str(e)) from None
-        _check_carried(model, role, encoder, path.name)
-        out[role] = encoder
     return out
 
 
-def _check_carried(model: Hypernet, role: str, encoder, where: str) -> None:
+def _check_carried(model: Hypernet, role: str, kind: str, dim: int, where: str) -> None:
     spec = model.encoders
-    kind, dim = (spec.face_kind, spec.face_dim) if role == "face" else (spec.image_kind, spec.image_dim)
-    if (encoder.kind, encoder.embedding_dim) != (kind, dim):
+    want_kind, want_dim = (spec.face_kind, spec.face_dim) if role == "face" else (spec.image_kind, spec.image_dim)
+    if (kind, dim) != (want_kind, want_dim):
         raise HypernetFileError(
-            f"{where}: the {role} encoder is {encoder.kind} ({encoder.embedding_dim}-d) but the hypernet was "
-            f"trained on {kind} ({dim}-d) {role} embeddings: carry the {role} encoder it was trained with.")
+            f"{where}: the {role} encoder is {kind} ({dim}-d) but the hypernet was "
+            f"trained on {want_kind} ({want_dim}-d) {role} embeddings: carry the {role} encoder it was trained with.")
 
 
 def load_hypernet(
@@ -222,9 +283,8 @@ def load_hypernet(
     the file carries come back as `face_encoder` / `image_encoder` (None when it carries
     none), on the CPU in float32."""
     path = Path(path)
-    meta, shapes = read_header(path)
+    meta, shapes = check_hypernet(path)
     model = _build_from_meta(path, meta, shapes)
-    _check_tensors(path, model, {k: v for k, v in shapes.items() if not k.startswith(CARRIED_PREFIX)})
     state, carried = {}, {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -237,7 +297,7 @@ def load_hypernet(
     if leftover:  # a parameter the state dict did not cover: a bug in a module, not the file
         raise RuntimeError(f"hypernet tensors not restored from the file: {leftover[:3]}")
     if meta[CARRIED_KEY] or carried:
-        encoders = _carried_encoders(path, model, meta[CARRIED_KEY], carried)
+        encoders = _carried_encoders(path, meta[CARRIED_KEY], carried)
         model.face_encoder, model.image_encoder = encoders.get("face"), encoders.get("image")
     model.source_file = path.name
     model.eval().requires_grad_(False)
@@ -279,7 +339,7 @@ def save_hypernet(model: Hypernet, path: str | os.PathLike, extra_metadata: dict
             log.info("%s: the %s encoder (%s) cannot be stored in a hypernet file; connect it in the graph.",
                      path.name, role, getattr(encoder, "kind", type(encoder).__name__))
             continue
-        _check_carried(model, role, encoder, path.name)
+        _check_carried(model, role, encoder.kind, encoder.embedding_dim, path.name)
         enc_tensors, carried[role] = encoder.to_tensors()
         tensors.update({f"{CARRIED_PREFIX}{role}.{k}": v for k, v in enc_tensors.items()})
     if dtype is not None:

@@ -14,14 +14,17 @@ and the toy world's measurement all come in through it; `predict_lora` chains th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .diffusion import sample_latent
-from .errors import DiffLoRAError
+from .errors import DiffLoRAError, HypernetFileError
 from .hypernet import Hypernet
 from .lora_format import to_kohya
 from .lora_weights import canonicalize_layers, unflatten
@@ -46,6 +49,19 @@ class MixedFeatures:
     cond: torch.Tensor  # (1, D) on the hypernet's device, in its dtype
     num_references: int
     used_face: bool
+    hypernet: str = ""  # hypernet_identity() of the hypernet that mixed them ("": unknown, not checked)
+    hypernet_name: str = ""  # its file's name, for messages
+
+
+def hypernet_identity(hn: Hypernet) -> str:
+    """Which hypernet this is, for features to remember: its configs (every size) and the file it
+    came from. Features from one hypernet fed to another would sample noise, or crash on sizes."""
+    text = json.dumps({"configs": hn.configs(), "file": hn.source_file}, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _describe(name: str, identity: str) -> str:
+    return f"'{name}'" if name else f"an unsaved hypernet ({identity})"
 
 
 @dataclass
@@ -140,6 +156,12 @@ def features_from_images(
                    on_no_face)
     refs = encode_references(images, face_encoder, image_encoder, face_choice=face_choice, face_index=face_index,
                              on_no_face=on_no_face)
+    for role, emb, encoder in (("face", refs.face, face_encoder), ("image", refs.image, image_encoder)):
+        if emb is not None and encoder is getattr(hn, f"{role}_encoder", None) and not torch.isfinite(emb).all():
+            # Finite photos (encode_references checks them) through the file's own encoder: the file is at fault.
+            raise HypernetFileError(
+                f"the {role} encoder carried by {hn.source_file or 'the hypernet'} gives NaN or inf embeddings for "
+                "these photos; the file is damaged: download or export it again.")
     return encode_features(hn, refs.face, refs.image)
 
 
@@ -166,7 +188,8 @@ def encode_features(
         None if face_avg is None else face_avg.to(param.device, param.dtype),
         image_avg.to(param.device, param.dtype),
     )
-    return MixedFeatures(cond=cond, num_references=int(image.shape[0]), used_face=face is not None)
+    return MixedFeatures(cond=cond, num_references=int(image.shape[0]), used_face=face is not None,
+                         hypernet=hypernet_identity(hn), hypernet_name=hn.source_file)
 
 
 @torch.no_grad()
@@ -185,6 +208,19 @@ def sample_lora_latent(
     this for ComfyUI's progress bar and interrupt)."""
     if steps < 1:
         raise DiffLoRAError(f"steps must be at least 1, got {steps}.")
+    for name, value in (("guidance", guidance), ("eta", eta)):
+        if not math.isfinite(value):  # NaN would otherwise surface as "the hypernet file may be damaged"
+            raise DiffLoRAError(f"{name} is {value}; give a finite number (guidance ~3, eta 0..1).")
+    own = hypernet_identity(hn)
+    if features.hypernet and features.hypernet != own:
+        raise DiffLoRAError(
+            f"these features were made by hypernet {_describe(features.hypernet_name, features.hypernet)}, not by "
+            f"{_describe(hn.source_file, own)}: connect the same hypernet to Encode Mixed Features and Sample LoRA "
+            "Latent.")
+    if tuple(features.cond.shape[1:]) != (hn.dit_config.cond_dim,):
+        raise DiffLoRAError(
+            f"these features are {tuple(features.cond.shape)}, but this hypernet takes (1, {hn.dit_config.cond_dim}): "
+            "encode them with the same hypernet that samples.")
     latent = sample_latent(
         hn.dit, features.cond, hn.mif.null, steps=steps, guidance=guidance, eta=eta, seed=seed,
         latent_shape=hn.latent_shape, callback=callback,

@@ -96,6 +96,10 @@ class Scene(_Named):
 assert tuple(f.name for f in fields(Identity)) == tuple(IDENTITY_ATTRIBUTES)
 
 
+# Every combination of identity attribute values is one person: how many distinct identities exist.
+NUM_IDENTITIES = math.prod(len(v) for v in IDENTITY_ATTRIBUTES.values())
+
+
 def sample_identity(rng: np.random.Generator) -> Identity:
     return Identity(*(v[rng.integers(len(v))] for v in IDENTITY_ATTRIBUTES.values()))
 
@@ -333,7 +337,14 @@ def sample_identities(n: int, seed: int, first: int = 0) -> list[Identity]:
     """Identities ``first`` .. ``first + n - 1`` of the seed's sequence, all distinct.
 
     A prefix never depends on ``n``: identity i of a seed is always the same person, so
-    held-out sets are simply later indices (``first`` = the training count)."""
+    held-out sets are simply later indices (``first`` = the training count). Asking past the
+    ``NUM_IDENTITIES`` distinct identities the vocabulary allows raises (the draw would never end)."""
+    if n < 0 or first < 0:
+        raise ValueError(f"sample_identities needs n >= 0 and first >= 0, got n={n}, first={first}.")
+    if first + n > NUM_IDENTITIES:
+        raise ValueError(
+            f"identities {first} .. {first + n - 1} asked for, but the toy world has only {NUM_IDENTITIES:,} distinct "
+            f"identities (0 .. {NUM_IDENTITIES - 1}): lower first ({first}) or n ({n}).")
     rng, seen, out = np.random.default_rng([seed, 0]), set(), []
     while len(out) < first + n:
         ident = sample_identity(rng)

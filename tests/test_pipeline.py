@@ -80,6 +80,34 @@ def test_latent_from_another_spec_is_refused():
         decode_lora(hn, latent)
 
 
+def test_features_remember_their_hypernet(tmp_path):
+    from difflora.hypernet import Hypernet
+
+    a = tiny_hypernet().eval()
+    a.source_file = "A.safetensors"
+    b = Hypernet.build(tiny_spec(), lae="tiny", dit="tiny", encoders=TINY_ENCODERS, cond_dim=32).eval()
+    b.source_file = "B.safetensors"
+    feats = encode_features(a, *_embeddings(2, 0))
+    # Used to be "RuntimeError: Sizes of tensors must match" deep in the DiT.
+    with pytest.raises(DiffLoRAError, match="features were made by hypernet 'A.safetensors', not by 'B.safetensors': "
+                                            "connect the same hypernet"):
+        sample_lora_latent(b, feats, steps=2)
+    # Same sizes, another file: refused too (it would sample another hypernet's noise).
+    twin = tiny_hypernet(seed=1).eval()
+    twin.source_file = "A-retrained.safetensors"
+    with pytest.raises(DiffLoRAError, match="not by 'A-retrained.safetensors'"):
+        sample_lora_latent(twin, feats, steps=2)
+    assert sample_lora_latent(a, feats, steps=2).latent.shape == (1, *a.latent_shape)
+
+
+@pytest.mark.parametrize("name", ["guidance", "eta"])
+def test_nan_guidance_or_eta_is_blamed_on_that_input(name):
+    hn = tiny_hypernet().eval()
+    feats = encode_features(hn, *_embeddings(1, 0))
+    with pytest.raises(DiffLoRAError, match=f"^{name} is nan; give a finite number"):
+        sample_lora_latent(hn, feats, steps=2, **{name: float("nan")})
+
+
 def _train_tiny(hn, targets, faces, images, lae_steps=400, dit_steps=600):
     """LAE then DiT+MIF, as the training command does, in a few hundred CPU steps."""
     torch.manual_seed(0)

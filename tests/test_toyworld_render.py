@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from difflora_toyworld.attributes import ALL_ATTRIBUTES, IDENTITY_ATTRIBUTES, SCENE_ATTRIBUTES
-from difflora_toyworld.render import (EXPRESSION_WORDS, Identity, Scene, caption, describe, make_dataset,
+from difflora_toyworld.render import (EXPRESSION_WORDS, NUM_IDENTITIES, Identity, Scene, caption, describe, make_dataset,
                                       render, sample_identities, sample_identity, sample_scene,
                                       write_identity_folders)
 
@@ -68,6 +68,16 @@ def test_identity_sequence_prefix_and_distinct():
     tail = make_dataset(2, 2, seed=3, first_identity=2)
     assert tail.images.tobytes() == full.images[4:].tobytes()
     assert list(tail.identity_ids) == [2, 2, 3, 3]
+
+
+def test_identities_past_the_vocabulary_are_refused_not_looped_on():
+    # Every attribute combination is one identity; asking past them used to draw forever.
+    assert NUM_IDENTITIES == np.prod([len(v) for v in IDENTITY_ATTRIBUTES.values()])
+    for n, first in ((1, 900_000), (2, NUM_IDENTITIES - 1), (NUM_IDENTITIES + 1, 0)):
+        with pytest.raises(ValueError, match=f"only {NUM_IDENTITIES:,} distinct identities"):
+            sample_identities(n, seed=0, first=first)
+    with pytest.raises(ValueError, match="first >= 0"):
+        sample_identities(1, seed=0, first=-1)
 
 
 def test_labels_round_trip_and_validation():

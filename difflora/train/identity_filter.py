@@ -79,6 +79,10 @@ def usable_photos(folder: Path, face_encoder: FaceEncoder, image_encoder: ImageE
     elif valid:
         stack = torch.stack(list(valid.values()))                    # (n, Df)
         reference = stack[(stack @ stack.T).mean(1).argmax()]        # the medoid
+    elif not faces.files:  # "no photo with one face among 0" would hide that the folder is empty
+        unread = f" ({len(unreadable)} unreadable: {', '.join(unreadable[:3])})" if unreadable else ""
+        return (f"no {'readable ' if unreadable else ''}photos in {folder}{unread}: put .jpg/.png photos of this "
+                "person there, or remove the folder")
     else:
         return f"no photo with exactly one face among {len(faces.files)} ({folder})"
     threshold = similarity_threshold(face_encoder.kind, min_similarity)
