@@ -59,10 +59,10 @@ def _common_front(ref_nodes: list[N]) -> tuple[list[N], list[Link]]:
         N(3, "CLIPVisionLoader", (0, 400), {"clip_name": CLIP_VISION}),
         N(4, "DiffLoRAFaceAnalysisLoader", (0, 520), {"model": "auto", "provider": "CPU"}),
         N(5, "DiffLoRAHypernetLoader", (0, 680), {"hypernet_name": HYPERNET, "device": "auto", "dtype": "auto"}),
-        N(6, "DiffLoRAEncodeMixedFeatures", (360, 420),
+        N(6, "DiffLoRAEncodeMixedFeatures", (340, 420),
           {"face_choice": "largest", "face_index": 0, "on_no_face": "error"}),
-        N(7, "DiffLoRASampleLoraLatent", (720, 420), {"seed": 0, "steps": 25, "guidance": 3.0, "eta": 0.0}),
-        N(8, "DiffLoRADecodeLora", (1080, 420)),
+        N(7, "DiffLoRASampleLoraLatent", (680, 420), {"seed": 0, "steps": 25, "guidance": 3.0, "eta": 0.0}),
+        N(8, "DiffLoRADecodeLora", (1020, 420)),
         *ref_nodes,
     ]
     links = [(5, 0, 6, "hypernet"), (3, 0, 6, "clip_vision"), (4, 0, 6, "face_analysis"),
@@ -74,10 +74,10 @@ def _sampling(apply_id: int, strength: float, ksampler_id: int, decode_id: int, 
               prefix: str) -> tuple[list[N], list[Link]]:
     nodes = [
         N(apply_id, "DiffLoRAApplyLora", (x, y), {"strength": strength}),
-        N(ksampler_id, "KSampler", (x + 360, y), {"seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "dpmpp_2m",
+        N(ksampler_id, "KSampler", (x + 340, y), {"seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "dpmpp_2m",
                                                   "scheduler": "karras", "denoise": 1.0}),
-        N(decode_id, "VAEDecode", (x + 720, y)),
-        N(save_id, "SaveImage", (x + 1080, y), {"filename_prefix": prefix}),
+        N(decode_id, "VAEDecode", (x + 680, y)),
+        N(save_id, "SaveImage", (x + 1020, y), {"filename_prefix": prefix}),
     ]
     links = [(1, 0, apply_id, "model"), (8, 0, apply_id, "lora"), (apply_id, 0, ksampler_id, "model"),
              (10, 0, ksampler_id, "positive"), (11, 0, ksampler_id, "negative"), (12, 0, ksampler_id, "latent_image"),
@@ -86,9 +86,9 @@ def _sampling(apply_id: int, strength: float, ksampler_id: int, decode_id: int, 
 
 
 def _prompts() -> tuple[list[N], list[Link]]:
-    nodes = [N(10, "CLIPTextEncode", (360, 0), {"text": POSITIVE}, "Positive prompt"),
-             N(11, "CLIPTextEncode", (360, 200), {"text": NEGATIVE}, "Negative prompt"),
-             N(12, "EmptyLatentImage", (720, 0), {"width": 1024, "height": 1024, "batch_size": 1})]
+    nodes = [N(10, "CLIPTextEncode", (340, 0), {"text": POSITIVE}, "Positive prompt"),
+             N(11, "CLIPTextEncode", (340, 200), {"text": NEGATIVE}, "Negative prompt"),
+             N(12, "EmptyLatentImage", (680, 0), {"width": 1024, "height": 1024, "batch_size": 1})]
     return nodes, [(1, 1, 10, "clip"), (1, 1, 11, "clip")]
 
 
@@ -99,21 +99,21 @@ def _toy_world() -> tuple[list[N], list[Link]]:
         N(1, "DiffLoRAToyWorldBaseLoader", (0, 0), {"ckpt_name": TOY_BASE}),
         N(2, "DiffLoRAToyWorldPhoto", (0, 180), {"photo": TOY_PHOTO}, "Reference photo"),
         N(5, "DiffLoRAHypernetLoader", (0, 680), {"hypernet_name": TOY_HYPERNET, "device": "auto", "dtype": "auto"}),
-        N(6, "DiffLoRAEncodeMixedFeatures", (360, 420),
+        N(6, "DiffLoRAEncodeMixedFeatures", (340, 420),
           {"face_choice": "largest", "face_index": 0, "on_no_face": "error"}),
-        N(7, "DiffLoRASampleLoraLatent", (720, 420), {"seed": 0, "steps": 25, "guidance": 3.0, "eta": 0.0}),
-        N(8, "DiffLoRADecodeLora", (1080, 420)),
-        N(10, "CLIPTextEncode", (360, 0), {"text": TOY_POSITIVE}, "Positive prompt"),
-        N(11, "CLIPTextEncode", (360, 200), {"text": ""}, "Negative prompt"),
-        N(12, "EmptyLatentImage", (720, 0), {"width": 64, "height": 64, "batch_size": 4}),
-        N(17, "DiffLoRASaveLora", (1440, 420), {"filename_prefix": "difflora/toy_identity"}),
+        N(7, "DiffLoRASampleLoraLatent", (680, 420), {"seed": 0, "steps": 25, "guidance": 3.0, "eta": 0.0}),
+        N(8, "DiffLoRADecodeLora", (1020, 420)),
+        N(10, "CLIPTextEncode", (340, 0), {"text": TOY_POSITIVE}, "Positive prompt"),
+        N(11, "CLIPTextEncode", (340, 200), {"text": ""}, "Negative prompt"),
+        N(12, "EmptyLatentImage", (680, 0), {"width": 64, "height": 64, "batch_size": 4}),
+        N(17, "DiffLoRASaveLora", (1360, 420), {"filename_prefix": "difflora/toy_identity"}),
     ]
     links = [(5, 0, 6, "hypernet"), (2, 0, 6, "images"), (5, 0, 7, "hypernet"), (6, 0, 7, "features"),
              (5, 0, 8, "hypernet"), (7, 0, 8, "lora_latent"), (1, 1, 10, "clip"), (1, 1, 11, "clip"),
              (8, 0, 17, "lora")]
     for i, (strength, prefix) in enumerate(((1.0, "difflora/toy_personalized"), (0.0, "difflora/toy_base"))):
         base = 13 if i == 0 else 30
-        s, sl = _sampling(base, strength, base + 1, base + 2, base + 3, 1080, 0 if i == 0 else 700, prefix)
+        s, sl = _sampling(base, strength, base + 1, base + 2, base + 3, 1020, 0 if i == 0 else 700, prefix)
         for n in s:
             if n.type == "KSampler":
                 n.widgets.update(steps=20, cfg=4.0)
@@ -121,36 +121,61 @@ def _toy_world() -> tuple[list[N], list[Link]]:
     return nodes, links
 
 
+NOTES = {
+    "difflora_toy_world": "Try DiffLoRA with nothing to download: every file here ships with the pack (the toy world, "
+                          "64x64 rendered faces). Queue it: in seconds on a CPU, the top row draws the person in "
+                          "'Reference photo' with the LoRA predicted from that one photo; the bottom row is the base "
+                          "model at LoRA strength 0, same seed. The LoRA is saved to models/loras/difflora/. Pick "
+                          "another person in 'Reference photo'.",
+    "difflora_basic": "Connect an SDXL checkpoint, the CLIP vision model your hypernet was trained with, a hypernet "
+                      "from models/difflora and a photo in ComfyUI/input (face model auto picks the one the hypernet "
+                      "needs). Expect: images of that person, and the predicted LoRA saved to models/loras/difflora/.",
+    "difflora_multi_reference": "Three photos of one person, batched: their embeddings are averaged into one "
+                                "identity. Put them in ComfyUI/input; the rest is as in difflora_basic.",
+    "difflora_export_lora": "Only predicts and saves the LoRA (no SDXL model needed): load it later with any SDXL "
+                            "tool's LoRA loader (kohya keys, in models/loras/difflora/).",
+    "difflora_strength_sweep": "The same seed at LoRA strength 0.0, 0.5 and 1.0: how much of the person the "
+                               "predicted LoRA adds. The rest is as in difflora_basic.",
+}
+NOTE_ID = 90  # never used by a real node
+
+
 def graphs() -> dict[str, tuple[list[N], list[Link]]]:
+    out = {name: (nodes + [note(NOTE_ID, (0, 1000) if name == "difflora_toy_world" else (340, 760), NOTES[name])], links)
+           for name, (nodes, links) in _graphs().items()}
+    return out
+
+
+def _graphs() -> dict[str, tuple[list[N], list[Link]]]:
     out = {"difflora_toy_world": _toy_world()}
     ref = [N(2, "LoadImage", (0, 180), {"image": "reference.png"}, "Reference photo")]
 
     front, links = _common_front(ref)
     p, pl = _prompts()
-    s, sl = _sampling(13, 1.0, 14, 15, 16, 1080, 0, "difflora/basic")
-    save = [N(17, "DiffLoRASaveLora", (1440, 420), {"filename_prefix": "difflora/identity"})]
+    s, sl = _sampling(13, 1.0, 14, 15, 16, 1020, 0, "difflora/basic")
+    save = [N(17, "DiffLoRASaveLora", (1360, 420), {"filename_prefix": "difflora/identity"})]
     out["difflora_basic"] = (front + p + s + save, links + [(2, 0, 6, "images")] + pl + sl + [(8, 0, 17, "lora")])
 
     refs = [N(2, "LoadImage", (0, 180), {"image": "reference_1.png"}, "Reference photo 1"),
-            N(18, "LoadImage", (-360, 180), {"image": "reference_2.png"}, "Reference photo 2"),
-            N(19, "LoadImage", (-360, 520), {"image": "reference_3.png"}, "Reference photo 3"),
-            N(20, "ImageBatch", (-360, 880)), N(21, "ImageBatch", (0, 880))]
+            N(18, "LoadImage", (-340, 180), {"image": "reference_2.png"}, "Reference photo 2"),
+            N(19, "LoadImage", (-340, 520), {"image": "reference_3.png"}, "Reference photo 3"),
+            N(20, "ImageBatch", (-340, 880)), N(21, "ImageBatch", (0, 880))]
     front, links = _common_front(refs)
-    s, sl = _sampling(13, 1.0, 14, 15, 16, 1080, 0, "difflora/multi_reference")
+    s, sl = _sampling(13, 1.0, 14, 15, 16, 1020, 0, "difflora/multi_reference")
     batch = [(2, 0, 20, "image1"), (18, 0, 20, "image2"), (20, 0, 21, "image1"), (19, 0, 21, "image2"),
              (21, 0, 6, "images")]
     out["difflora_multi_reference"] = (front + p + s, links + batch + pl + sl)
 
     front, links = _common_front(ref)
     front = [n for n in front if n.id != 1]  # no image model needed to export a LoRA
-    save = [N(17, "DiffLoRASaveLora", (1080, 600), {"filename_prefix": "difflora/identity"})]
+    save = [N(17, "DiffLoRASaveLora", (1020, 600), {"filename_prefix": "difflora/identity"})]
     out["difflora_export_lora"] = (front + save, links + [(2, 0, 6, "images"), (8, 0, 17, "lora")])
 
     front, links = _common_front(ref)
     nodes, all_links = front + p, links + [(2, 0, 6, "images")] + pl
     for i, strength in enumerate((0.0, 0.5, 1.0)):
         base = 30 + 4 * i
-        s, sl = _sampling(base, strength, base + 1, base + 2, base + 3, 1080, 0 if i == 0 else 300 + 400 * i,
+        s, sl = _sampling(base, strength, base + 1, base + 2, base + 3, 1020, 0 if i == 0 else 300 + 400 * i,
                           f"difflora/strength_{strength:.1f}")
         nodes, all_links = nodes + s, all_links + sl
     out["difflora_strength_sweep"] = (nodes, all_links)
@@ -207,8 +232,41 @@ def to_ui(nodes: list[N], links: list[Link], info: dict) -> dict:
         if n.title:
             node["title"] = n.title
         ui_nodes.append(node)
+    _stack_columns(ui_nodes)
     return {"last_node_id": max(by_id), "last_link_id": len(ui_links), "nodes": ui_nodes, "links": ui_links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [400, 100]}}, "version": 0.4}
+            "groups": [], "config": {}, "extra": {"ds": fit_view(ui_nodes)}, "version": 0.4}
+
+
+# The frontend draws a node's title bar above its position, and Load Image's photo preview inside it.
+TITLE_H, GAP = 30, 30
+PREVIEW_H = {"LoadImage": 380}  # room for the photo: the preview never grows the node over the next one
+# Where the graph must fit at the saved view, in a 1920 x 1080 window: right of the side bar, below the
+# tab bar and the workflow name, left of the minimap in the bottom-right corner.
+WINDOW = (1920, 1080)
+VIEW = (80, 140, 1640, 1050)
+
+
+def _stack_columns(ui_nodes: list[dict]) -> None:
+    """Nodes sharing an x form a column: each starts below the one above it (size + title + gap)."""
+    columns: dict[int, list[dict]] = {}
+    for n in ui_nodes:
+        n["size"][1] = max(n["size"][1], PREVIEW_H.get(n["type"], 0))
+        columns.setdefault(n["pos"][0], []).append(n)
+    for column in columns.values():
+        column.sort(key=lambda n: n["pos"][1])
+        for above, n in zip(column, column[1:]):
+            n["pos"][1] = max(n["pos"][1], above["pos"][1] + above["size"][1] + TITLE_H + GAP)
+
+
+def fit_view(ui_nodes: list[dict]) -> dict:
+    """The saved view (scale, offset) that shows the whole graph inside VIEW."""
+    x0 = min(n["pos"][0] for n in ui_nodes)
+    y0 = min(n["pos"][1] for n in ui_nodes) - TITLE_H
+    x1 = max(n["pos"][0] + n["size"][0] for n in ui_nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in ui_nodes)
+    left, top, right, bottom = VIEW
+    scale = round(min(1.0, (right - left) / (x1 - x0), (bottom - top) / (y1 - y0)), 3)
+    return {"scale": scale, "offset": [round(left / scale - x0), round(top / scale - y0)]}
 
 
 def render_preview(workflow: dict, path: Path, names: dict[str, str]) -> None:

@@ -1,0 +1,173 @@
+"""The real ComfyUI web frontend in headless Chromium: load the pack's templates as a user does and
+look at what the user sees (for tests/test_browser.py and `python -m devtools.browser`).
+
+    python -m devtools.browser    # rewrites workflows/*.jpg (template thumbnails) and docs/screenshots/
+
+The frontend is the `comfyui-frontend-package` ComfyUI 0.3.75 pins (1.32.9), served by the harness
+server; the browser is the system's Chromium (Debian's `chromium`), driven by Playwright, whose own
+browser download cannot work on these machines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PACK = "comfyui-difflora"
+TOY_OUTPUTS = [16, 33]  # the toy-world template's Save Image nodes: personalized, base model
+
+# Every node's box as the frontend lays it out (title bar included), and the saved view.
+_GEOMETRY_JS = """() => { const c = window.app.canvas, ds = c.ds;
+  return {scale: ds.scale, offset: Array.from(ds.offset),
+          nodes: window.app.graph._nodes.map(n => ({id: n.id, type: n.type, title: n.title,
+                                                   box: Array.from(n.getBounding())}))}; }"""
+
+
+def chromium_path() -> str | None:
+    for name in (os.environ.get("DIFFLORA_CHROMIUM", ""), "chromium", "chromium-browser", "google-chrome"):
+        found = name and shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def frontend_root() -> Path:
+    import comfyui_frontend_package
+
+    return Path(comfyui_frontend_package.__file__).resolve().parent / "static"
+
+
+@contextmanager
+def browser_page(url: str):
+    """A fresh page of headless Chromium at `url`, once the ComfyUI app has started."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            from .make_workflows import WINDOW  # the window the templates' saved views are fitted to
+
+            page = browser.new_page(viewport={"width": WINDOW[0], "height": WINDOW[1]})
+            page.goto(url)
+            page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def open_template(page, name: str) -> None:
+    """Open the Templates browser (the side bar's button; it opens by itself on a first visit) and
+    click the template's card, as a user does."""
+    card = page.get_by_text(name, exact=True).first
+    try:
+        card.wait_for(state="visible", timeout=10_000)
+    except Exception:  # noqa: BLE001 - playwright's TimeoutError: the browser is not open yet
+        page.locator(".side-bar-button", has_text="Templates").first.click()
+        card.wait_for(state="visible", timeout=30_000)
+    card.click()
+    page.wait_for_function(f"() => window.app.graph._nodes.length > 0 && "
+                           f"(window.app.extensionManager.workflow.activeWorkflow?.filename === {json.dumps(name)})",
+                           timeout=60_000)
+    # Load Image nodes fetch their photo after the graph loads; their preview is part of their box.
+    page.wait_for_function("() => window.app.graph._nodes.filter(n => n.type === 'LoadImage')"
+                           ".every(n => n.imgs && n.imgs.length && n.imgs[0].complete)", timeout=60_000)
+    time.sleep(0.5)  # one more frame: sizes settle after the images draw
+
+
+def geometry(page) -> dict:
+    return page.evaluate(_GEOMETRY_JS)
+
+
+def open_dialogs(page) -> list[str]:
+    """Texts of the dialogs open now (a missing-nodes or missing-models dialog would be one)."""
+    return [t for t in page.locator(".p-dialog").all_inner_texts() if t.strip()]
+
+
+def overlaps(nodes: list[dict]) -> list[tuple[str, str]]:
+    """Pairs of nodes whose boxes intersect."""
+    out = []
+    for i, a in enumerate(nodes):
+        ax, ay, aw, ah = a["box"]
+        for b in nodes[i + 1:]:
+            bx, by, bw, bh = b["box"]
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                out.append((f"#{a['id']} {a['title']}", f"#{b['id']} {b['title']}"))
+    return out
+
+
+def off_view(geo: dict, view: tuple[int, int, int, int]) -> list[str]:
+    """Nodes not wholly inside `view` (left, top, right, bottom, in window pixels) at the saved view."""
+    s, (ox, oy) = geo["scale"], geo["offset"]
+    left, top, right, bottom = view
+    out = []
+    for n in geo["nodes"]:
+        x, y, w, h = n["box"]
+        sx0, sy0, sx1, sy1 = (x + ox) * s, (y + oy) * s, (x + w + ox) * s, (y + h + oy) * s
+        if sx0 < left - 1 or sy0 < top - 1 or sx1 > right + 1 or sy1 > bottom + 1:
+            out.append(f"#{n['id']} {n['title']} at ({sx0:.0f}, {sy0:.0f})-({sx1:.0f}, {sy1:.0f})")
+    return out
+
+
+def run_from_ui(page, output_nodes: list[int], timeout: float = 240.0) -> None:
+    """Press Run and wait until every one of `output_nodes` (Save Image nodes) shows its images."""
+    page.get_by_role("button", name="Run").first.click()
+    page.wait_for_function(f"() => {json.dumps(output_nodes)}.every(id => "
+                           "(window.app.graph.getNodeById(id)?.imgs || []).length > 0)", timeout=timeout * 1000)
+    time.sleep(0.5)
+
+
+def harness_server(base_dir: Path):
+    """The harness ComfyUI with the real frontend, the pack, and the tiny models and photos under the
+    shipped graphs' file names, so every template finds what it names."""
+    from . import harness_models
+    from .comfy_server import ComfyServer
+    from .get_comfyui import get_comfyui
+
+    server = ComfyServer(get_comfyui(), base_dir=base_dir, front_end_root=frontend_root())
+    server.start()
+    harness_models.install(server, harness_models.build_models(base_dir / "harness_models"))
+    harness_models.reference_photos(server.input_dir)
+    return server
+
+
+def main() -> None:
+    """Template thumbnails (workflows/<name>.jpg, what the template browser shows) and screenshots."""
+    import tempfile
+
+    from PIL import Image
+
+    from .make_workflows import graphs, VIEW
+
+    shots = REPO / "docs" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = harness_server(Path(tmp))
+        try:
+            with browser_page(server.url) as page:
+                for name in sorted(graphs()):
+                    open_template(page, name)
+                    png = shots / f"template_{name}.png"
+                    page.screenshot(path=str(png))
+                    left, top, right, bottom = VIEW
+                    thumb = Image.open(png).convert("RGB").crop((left, top, right, bottom))
+                    thumb.thumbnail((640, 400))
+                    thumb.save(REPO / "workflows" / f"{name}.jpg", quality=85)
+                    print(f"wrote {png.relative_to(REPO)} and workflows/{name}.jpg")
+                open_template(page, "difflora_toy_world")
+                run_from_ui(page, TOY_OUTPUTS)
+                page.screenshot(path=str(shots / "toy_world_run.png"))
+                print("wrote docs/screenshots/toy_world_run.png")
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
