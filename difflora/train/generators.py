@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -95,14 +96,16 @@ class ComfyUIGenerator:
         self.client = ComfyClient(url, timeout=timeout)
         self.client.check()
         self._uploaded: dict[Path, str] = {}
+        self._upload_lock = threading.Lock()  # prompts run in threads; upload each reference once
 
     def _upload(self, reference: Path) -> str:
-        if reference not in self._uploaded:
-            data = reference.read_bytes()
-            # A content-derived name: two identities' "reference.png" never overwrite each other.
-            name = f"{hashlib.sha256(data).hexdigest()[:16]}{reference.suffix.lower()}"
-            self._uploaded[reference] = self.client.upload_image(data, name)
-        return self._uploaded[reference]
+        with self._upload_lock:
+            if reference not in self._uploaded:
+                data = reference.read_bytes()
+                # A content-derived name: two identities' "reference.png" never overwrite each other.
+                name = f"{hashlib.sha256(data).hexdigest()[:16]}{reference.suffix.lower()}"
+                self._uploaded[reference] = self.client.upload_image(data, name)
+            return self._uploaded[reference]
 
     def generate(self, reference: Path, prompt: str, seed: int) -> list[np.ndarray]:
         graph = json.loads(json.dumps(self.graph))  # a fresh copy per prompt (threads share self.graph)
