@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="", help="keep the data sets and LoRAs here (default: a temp folder)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoders": UNet-only LoRAs, by design
     world = WORLD_SIZES["default"]
     root = Path(a.out or tempfile.mkdtemp(prefix="bench-augment-"))
     comfy = get_comfyui()
