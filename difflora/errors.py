@@ -19,3 +19,8 @@ class HypernetFileError(DiffLoRAError):
 
 class EncoderError(DiffLoRAError):
     """A face or image encoder could not be loaded or could not embed an image."""
+
+
+class GeneratorError(DiffLoRAError):
+    """The photo generator of `augment` (a ComfyUI server and workflow, or a pipeline) is unreachable,
+    misconfigured or failed."""

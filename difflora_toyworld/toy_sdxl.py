@@ -190,3 +190,42 @@ def export_checkpoint(folder: str | os.PathLike, path: str | os.PathLike, metada
             "modelspec.resolution": f"{IMAGE_SIZE}x{IMAGE_SIZE}",
             ARCHITECTURE_KEY: json.dumps(COMFY_ARCHITECTURE, sort_keys=True), **(metadata or {})}
     return save_file_atomic(sd, path, metadata=meta)
+
+
+def pipeline_folder_from_checkpoint(checkpoint: str | os.PathLike, folder: str | os.PathLike,
+                                    tokenizer: str | os.PathLike, seed: int = 0) -> Path:
+    """The shipped single-file checkpoint back as a diffusers folder (what identity-loras and the
+    measurement load; diffusers' from_single_file does not know these shapes). The UNet is SGM-named
+    (a pure rename, inverted here) and the VAE diffusers-named; the text encoders are the seeded
+    initialisation of `init_pipeline_folder` (never trained), checked against the file."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from difflora.sdxl_checkpoint import diffusers_to_sgm, hf_clip_names, hf_clip_to_open_clip
+
+    sd = {k: v.float() for k, v in load_file(str(checkpoint)).items()}
+    target = Path(folder)
+    folder = init_pipeline_folder(target.with_name(target.name + ".from-checkpoint"), tokenizer, seed)
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
+    names = {sgm: name for sgm, name in diffusers_to_sgm({k: k for k in unet.state_dict()}, UNET_CONFIG).items()}
+    unet.load_state_dict({names[k]: v for k, v in part("model.diffusion_model.").items()}, strict=True)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+    vae.load_state_dict(part("first_stage_model."), strict=True)
+    clip_l = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+    clip_g = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", local_files_only=True)
+    for stored, seeded in ((part("conditioner.embedders.0.transformer."), hf_clip_names(clip_l.state_dict())),
+                           (part("conditioner.embedders.1.model."),
+                            hf_clip_to_open_clip(hf_clip_names(clip_g.state_dict())))):
+        if any(not torch.allclose(stored[k], seeded[k].half().float()) for k in stored):
+            raise DiffLoRAError(f"{checkpoint}: its text encoders are not the seeded ones of seed {seed}; rebuild "
+                                "the diffusers folder from the world's build instead.")
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(folder, target)  # complete or absent
+    return target

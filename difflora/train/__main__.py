@@ -1,5 +1,6 @@
 """`python -m difflora.train COMMAND ...`: the training stages from the command line.
 
+    augment         identities with few photos -> generated photos of each person (the user's ComfyUI)
     identity-loras  identity photo folders -> one SDXL LoRA (+ embeddings) per identity
     lae             identity LoRAs -> LoRA autoencoder (<run>/lae_final.safetensors)
     dit             identity LoRAs + LAE -> DiT + MIF -> hypernet .safetensors
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 from ..errors import DiffLoRAError
-from .config import (AllConfig, DiTTrainConfig, ExportConfig, IdentityLoraConfig, LAETrainConfig, LoopConfig,
+from .config import (AllConfig, AugmentConfig, DiTTrainConfig, ExportConfig, IdentityLoraConfig, LAETrainConfig, LoopConfig,
                      add_options, build, given, read_config_file)
 
 # `all` takes these identity-loras options without a prefix (they are unique to that stage) ...
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "-); options given on the command line win.")
         return sp
 
+    add_options(command("augment", "Generate more photos of identities that have few.", AugmentConfig), AugmentConfig)
     add_options(command("identity-loras", "Train one SDXL LoRA per identity folder.", IdentityLoraConfig),
                 IdentityLoraConfig)
     add_options(command("lae", "Train the LoRA autoencoder.", LAETrainConfig), LAETrainConfig)
@@ -158,9 +160,14 @@ def _run(ns) -> int:
         print(data.report.summary(len(data.names)))
         print(f"spec: {data.spec.describe()}; encoders: {data.encoders}")
         return 0
-    cls = {"identity-loras": IdentityLoraConfig, "lae": LAETrainConfig, "dit": DiTTrainConfig,
+    cls = {"augment": AugmentConfig, "identity-loras": IdentityLoraConfig, "lae": LAETrainConfig, "dit": DiTTrainConfig,
            "export": ExportConfig}[ns.command]
     cfg = build(cls, file_values, given(ns), ns.command)
+    if ns.command == "augment":
+        from .augment import augment_identities
+
+        reports = augment_identities(cfg)
+        return EXIT_INTERRUPTED if any(r.status == "interrupted" for r in reports) else 0
     if ns.command == "identity-loras":
         from .identity_loras import train_identity_loras
 

@@ -106,6 +106,43 @@ class IdentityLoraConfig(Checked):
 
 
 @dataclass
+class AugmentConfig(Checked):
+    """augment: identities with too few usable photos get generated ones of the same person (docs/TRAINING.md)."""
+
+    data: str = opt("", "Folder with one sub-folder of photos per identity; read only, never changed.", metavar="PATH")
+    out: str = opt("", "Folder the augmented data set goes to (the identities' photos, copied, plus the generated "
+                       "ones); identity-loras trains on it.", metavar="PATH")
+    target_images: int = opt(12, "Identities with fewer usable photos get generated ones until they have this many.",
+                             at_least=1)
+    max_attempts: int = opt(0, "Generated photos tried per identity at most; 0: three times the photos missing.",
+                            at_least=0)
+    backend: str = opt("comfyui", "The generator: a ComfyUI server running --workflow, or diffusers in this process "
+                                  "(not available, the command says why).", choices=("comfyui", "diffusers"))
+    server: str = opt("http://127.0.0.1:8188", "The ComfyUI server's address.")
+    workflow: str = opt("", "API-format workflow JSON (ComfyUI: Workflow > Export (API)) that draws a photo of the "
+                            "person in a reference photo, e.g. with PhotoMaker, InstantID, PuLID or IP-Adapter FaceID.",
+                        metavar="PATH")
+    image_node: str = opt("Load Image", "The LoadImage node that gets the reference photo (node id or title).")
+    prompt_node: str = opt("Positive prompt", "The node whose text input gets the prompt (node id or title).")
+    prompt_input: str = opt("text", "The input of --prompt-node that gets the prompt.")
+    seed_node: str = opt("KSampler", "The node whose seed (or noise_seed) input gets the seed (node id or title).")
+    output_node: str = opt("", "Take images from this output node only (id or title); empty: every output node's.")
+    prompts: str = opt("", "Text file, one prompt a line ('prompt | caption' to caption the photo differently; "
+                           "# comments); empty: a built-in list of poses, scenes and lighting.", metavar="PATH")
+    concurrency: int = opt(2, "Prompts in flight on the server at once.", at_least=1)
+    retries: int = opt(3, "Retries of a prompt that failed (server error, time-out) before the run stops.", at_least=0)
+    timeout: float = opt(600.0, "Seconds one prompt may take on the server.", above=0)
+    face_encoder: str = opt("antelopev2", "Face analysis that decides whether a generated photo shows the same person "
+                                          "(use identity-loras' one).", choices=FACE_ENCODER_KINDS)
+    insightface_root: str = opt("", "Folder holding models/<antelopev2|buffalo_l>/; for toy-face, its "
+                                    "toy_face.safetensors file.", metavar="PATH")
+    min_face_similarity: float = opt(-1.0, "Cosine similarity to the reference face a generated photo needs; -1: "
+                                           "the encoder's default (dlib 0.91, ArcFace 0.35, toy-face 0.8).")
+    seed: int = opt(0, "Seed: photo k of an identity always uses the same seed and prompt.")
+    progress: bool = opt(True, "Show progress bars.")
+
+
+@dataclass
 class LoopConfig(Checked):
     """Options shared by the lae and dit training loops."""
 

@@ -1,0 +1,137 @@
+"""The photo generators `augment` runs: one interface, `generate(reference, prompt, seed) -> images`.
+
+- `ComfyUIGenerator`: the user's own ComfyUI server and an API-format workflow (File > Export
+  (API) in ComfyUI) built around any identity method they use (PhotoMaker, InstantID, PuLID,
+  IP-Adapter FaceID, a DiffLoRA hypernet). Three nodes are named, by id or by title: the LoadImage
+  that gets the reference photo, the node whose text input gets the prompt, the node whose seed
+  input gets the seed. Every image the workflow's output nodes report is one generated photo.
+- `diffusers`: not available (`diffusers_generator` says why), see below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import GeneratorError
+from .comfy_client import ComfyClient, generator_error
+
+SEED_INPUTS = ("seed", "noise_seed")  # KSampler, KSamplerAdvanced / RandomNoise
+
+
+def load_workflow(path: str | Path) -> dict:
+    """An API-format workflow {node_id: {"class_type", "inputs"}}; a UI-format one is refused."""
+    p = Path(path)
+    if not p.is_file():
+        raise GeneratorError(f"Workflow {p} not found: pass --workflow with an API-format workflow JSON "
+                             "(in ComfyUI: Workflow > Export (API)).")
+    try:
+        graph = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise GeneratorError(f"Workflow {p} is not JSON ({e}).") from None
+    if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
+        raise GeneratorError(f"Workflow {p} is in ComfyUI's UI format: export it with Workflow > Export (API) "
+                             "and pass that file.")
+    if not isinstance(graph, dict) or not graph or not all(
+            isinstance(n, dict) and "class_type" in n and isinstance(n.get("inputs"), dict) for n in graph.values()):
+        raise GeneratorError(f"Workflow {p} is not an API-format workflow (a mapping of node ids to "
+                             "{class_type, inputs}).")
+    return graph
+
+
+def find_node(graph: dict, name: str) -> str | None:
+    """The id of the node called `name`: its id, else its unique title (`_meta.title`)."""
+    if name in graph:
+        return name
+    titled = [i for i, n in graph.items() if (n.get("_meta") or {}).get("title") == name]
+    return titled[0] if len(titled) == 1 else None
+
+
+def named_inputs(graph: dict, image_node: str, prompt_node: str, seed_node: str,
+                 prompt_input: str = "text", where: str = "the workflow") -> dict[str, tuple[str, str]]:
+    """{role: (node id, input name)} for the three injected values, or one sentence naming every
+    node that is missing or lacks its input."""
+    wanted = {"reference image": (image_node, ("image",)), "prompt": (prompt_node, (prompt_input,)),
+              "seed": (seed_node, SEED_INPUTS)}
+    found, missing = {}, []
+    for role, (name, inputs) in wanted.items():
+        node_id = find_node(graph, name)
+        if node_id is None:
+            missing.append(f"{name!r} (the {role} node)")
+            continue
+        have = [i for i in inputs if i in graph[node_id]["inputs"]]
+        if not have:
+            missing.append(f"{name!r} has no input {' or '.join(inputs)} (it is a {graph[node_id]['class_type']})")
+            continue
+        found[role] = (node_id, have[0])
+    if missing:
+        titles = sorted({(n.get("_meta") or {}).get("title", "") for n in graph.values()} - {""})
+        raise GeneratorError(f"{where} lacks {'; '.join(missing)}. Name nodes by id or by title "
+                             f"(--image-node, --prompt-node, --seed-node); its titles are {titles}.")
+    return found
+
+
+class ComfyUIGenerator:
+    """Queues the workflow on the server with the reference, prompt and seed injected."""
+
+    name = "comfyui"
+
+    def __init__(self, url: str, workflow: str | Path, image_node: str, prompt_node: str, seed_node: str,
+                 prompt_input: str = "text", output_nodes: tuple[str, ...] = (), timeout: float = 600.0):
+        self.graph = load_workflow(workflow)
+        self.targets = named_inputs(self.graph, image_node, prompt_node, seed_node, prompt_input,
+                                    where=f"Workflow {workflow}")
+        self.output_nodes = []
+        for name in output_nodes:
+            node_id = find_node(self.graph, name)
+            if node_id is None:
+                raise GeneratorError(f"Workflow {workflow} has no output node {name!r} (--output-node).")
+            self.output_nodes.append(node_id)
+        self.client = ComfyClient(url, timeout=timeout)
+        self.client.check()
+        self._uploaded: dict[Path, str] = {}
+        self._upload_lock = threading.Lock()  # prompts run in threads; upload each reference once
+
+    def _upload(self, reference: Path) -> str:
+        with self._upload_lock:
+            if reference not in self._uploaded:
+                data = reference.read_bytes()
+                # A content-derived name: two identities' "reference.png" never overwrite each other.
+                name = f"{hashlib.sha256(data).hexdigest()[:16]}{reference.suffix.lower()}"
+                self._uploaded[reference] = self.client.upload_image(data, name)
+            return self._uploaded[reference]
+
+    def generate(self, reference: Path, prompt: str, seed: int) -> list[np.ndarray]:
+        graph = json.loads(json.dumps(self.graph))  # a fresh copy per prompt (threads share self.graph)
+        for role, value in (("reference image", self._upload(reference)), ("prompt", prompt), ("seed", seed)):
+            node_id, key = self.targets[role]
+            graph[node_id]["inputs"][key] = value
+        images = []
+        for data in self.client.run(graph, self.output_nodes or None):
+            try:
+                images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+            except OSError as e:
+                raise generator_error(f"ComfyUI at {self.client.url} returned an image Pillow cannot read ({e}).",
+                                      retry=True) from None
+        if not images:
+            raise GeneratorError(f"The workflow ran on {self.client.url} but no output node reported an image: "
+                                 "end it with SaveImage or PreviewImage.")
+        return images
+
+
+def diffusers_generator(method: str = "ip-adapter-faceid"):
+    """The in-process backend. Not available, and not faked: diffusers runs IP-Adapter FaceID
+    (`load_ip_adapter` with face embeddings passed as `ip_adapter_image_embeds`), but that needs the
+    IP-Adapter FaceID weights and an ArcFace model, which nothing here downloads and no test here could
+    load; PhotoMaker, InstantID and PuLID are not diffusers pipelines at all."""
+    raise GeneratorError(f"The diffusers backend is not available ({method}): diffusers' IP-Adapter FaceID "
+                         "needs its weights, and this project has no test that could load them, so it is not "
+                         "shipped; PhotoMaker, InstantID and PuLID are not part of diffusers. Use --backend "
+                         "comfyui with a ComfyUI server and an API-format workflow of your identity method.")
+
