@@ -2,9 +2,9 @@
 
 A headless ComfyUI (devtools.comfy_server) runs the stock txt2img graph (KSampler -> VAEDecode ->
 SaveImage) in two arms: A on the base model, B on the model from Apply Predicted LoRA (the pack's
-nodes: hypernet -> Encode Mixed Features -> Sample LoRA Latent -> Decode LoRA -> Apply). Pairs
-alternate which arm goes first; both arms of a pair use the same seed, each pair a new one, so
-ComfyUI's cache never serves a KSampler; the LoRA chain itself is computed once and then served
+nodes: hypernet -> Encode Mixed Features -> Sample Identity LoRA Latent -> Decode Identity LoRA ->
+Apply). Pairs alternate which arm goes first; both arms of a pair use the same seed, each pair a
+new one, so ComfyUI's cache never serves a KSampler; the LoRA chain itself is computed once and then served
 from the LRU cache, so arm B's time is sampling with the LoRA, not predicting it. Time is the
 server's own per-prompt execution time (execution_start -> execution_success).
 

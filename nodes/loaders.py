@@ -37,7 +37,8 @@ class LoadDiffLoRAHypernet(io.ComfyNode):
             node_id="DiffLoRAHypernetLoader",
             display_name="Load DiffLoRA Hypernet",
             category=CATEGORY,
-            description="Loads a DiffLoRA hypernet (.safetensors) from models/difflora.",
+            description="Loads a DiffLoRA hypernet (.safetensors) from models/difflora: the model that predicts "
+                        "an identity LoRA for SDXL from reference photos of a face.",
             inputs=[
                 io.Combo.Input("hypernet_name", options=folder_paths.get_filename_list(HYPERNET_FOLDER),
                                tooltip="Hypernet file in ComfyUI/models/difflora (only .safetensors are listed)."),
@@ -78,8 +79,9 @@ class LoadFaceAnalysis(io.ComfyNode):
             node_id="DiffLoRAFaceAnalysisLoader",
             display_name="Load Face Analysis",
             category=CATEGORY,
-            description="Face detector + recognition model for Encode Mixed Features. insightface models "
-                        "go in models/insightface/models/<name>/; dlib needs no files.",
+            description="Face detector + recognition model whose face embedding carries the identity into "
+                        "Encode Mixed Features. An insightface model is a folder of that model's name under "
+                        "models/insightface/models (antelopev2, buffalo_l); dlib needs no files.",
             inputs=[
                 io.Combo.Input("model", options=["auto", "antelopev2", "buffalo_l", "dlib"], default="auto",
                                tooltip="auto: the one the hypernet was trained with (none at all when its file "
@@ -88,7 +90,9 @@ class LoadFaceAnalysis(io.ComfyNode):
                 io.Combo.Input("provider", options=["CPU", "CUDA"], default="CPU",
                                tooltip="onnxruntime provider for insightface (ignored by dlib)."),
             ],
-            outputs=[FaceAnalysis.Output(display_name="face_analysis")],
+            outputs=[FaceAnalysis.Output(display_name="face_analysis",
+                                         tooltip="The face detector + recognizer (auto: resolved against the "
+                                                 "hypernet in Encode Mixed Features).")],
         )
 
     @classmethod

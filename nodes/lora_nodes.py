@@ -7,7 +7,7 @@ import datetime as dt
 import comfy.lora
 import comfy.sd
 import folder_paths
-from comfy_api.v0_0_2 import io
+from comfy_api.v0_0_2 import io, ui
 
 from ..difflora.errors import LoraSpecMismatch
 from ..difflora.lora_file import save_lora_numbered
@@ -46,11 +46,11 @@ class ApplyPredictedLora(io.ComfyNode):
                         "Merged weights: no extra cost per sampling step.",
             inputs=[
                 io.Model.Input("model", tooltip="An SDXL model (the base the hypernet was trained for)."),
-                LoraModel.Input("lora", tooltip="From Decode LoRA (or core Load LoRA Model)."),
+                LoraModel.Input("lora", tooltip="From Decode Identity LoRA (or core Load LoRA Model)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                tooltip="Identity strength. 0 returns the model unchanged."),
             ],
-            outputs=[io.Model.Output(display_name="model")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the identity LoRA merged in.")],
         )
 
     @classmethod
@@ -77,11 +77,12 @@ class SavePredictedLora(io.ComfyNode):
             node_id="DiffLoRASaveLora",
             display_name="Save Predicted LoRA",
             category=CATEGORY,
-            description="Writes the LoRA to models/loras/<prefix>_NNNNN.safetensors (kohya keys, fp16), "
-                        "so LoraLoader and other SDXL tools can load it. Never overwrites.",
+            description="Writes the identity LoRA to models/loras as the filename prefix followed by _NNNNN "
+                        "(kohya keys, fp16, .safetensors), so LoraLoader and other SDXL tools can load it. "
+                        "Never overwrites; shows the saved name on the node.",
             is_output_node=True,
             inputs=[
-                LoraModel.Input("lora", tooltip="From Decode LoRA."),
+                LoraModel.Input("lora", tooltip="From Decode Identity LoRA."),
                 io.String.Input("filename_prefix", default="difflora/identity",
                                 tooltip="Name under models/loras; sub-folders allowed."),
             ],
@@ -97,4 +98,5 @@ class SavePredictedLora(io.ComfyNode):
                     **getattr(lora, "metadata", {})}
         path = save_lora_numbered(lora, folder, filename_prefix, metadata)
         name = str(path.relative_to(folder))
-        return io.NodeOutput(name, ui={"text": [f"saved LoRA: {name}"]})
+        # Shown on the node by web/difflora.js (the stock frontend shows ui text only on Preview Any).
+        return io.NodeOutput(name, ui=ui.PreviewText(f"saved LoRA: {name}"))

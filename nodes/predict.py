@@ -1,4 +1,4 @@
-"""The prediction chain: Encode Mixed Features -> Sample LoRA Latent -> Decode LoRA."""
+"""The prediction chain: Encode Mixed Features -> Sample Identity LoRA Latent -> Decode Identity LoRA."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ class EncodeMixedFeatures(io.ComfyNode):
                                tooltip="error: stop and name the photo without a face. image_only: use the CLIP "
                                        "image embedding alone (weaker identity)."),
             ],
-            outputs=[MixedFeatures.Output(display_name="features")],
+            outputs=[MixedFeatures.Output(display_name="features",
+                                          tooltip="The identity condition for Sample Identity LoRA Latent.")],
         )
 
     @classmethod
@@ -76,9 +77,10 @@ class SampleLoraLatent(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DiffLoRASampleLoraLatent",
-            display_name="Sample LoRA Latent",
+            display_name="Sample Identity LoRA Latent",
             category=CATEGORY,
-            description="Runs the hypernet's diffusion sampler to produce a LoRA latent for the identity.",
+            description="Runs the hypernet's diffusion sampler to produce a LoRA latent for the identity in "
+                        "the reference photos.",
             inputs=[
                 Hypernet.Input("hypernet", tooltip="From Load DiffLoRA Hypernet."),
                 MixedFeatures.Input("features", tooltip="From Encode Mixed Features."),
@@ -90,7 +92,9 @@ class SampleLoraLatent(io.ComfyNode):
                 io.Float.Input("eta", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="DDIM eta: 0 is deterministic, 1 adds DDPM-like noise."),
             ],
-            outputs=[LoraLatent.Output(display_name="lora_latent")],
+            outputs=[LoraLatent.Output(display_name="lora_latent",
+                                       tooltip="The identity's LoRA in the hypernet's latent space; "
+                                               "Decode Identity LoRA turns it into weights.")],
         )
 
     @classmethod
@@ -118,12 +122,13 @@ class DecodeLora(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DiffLoRADecodeLora",
-            display_name="Decode LoRA",
+            display_name="Decode Identity LoRA",
             category=CATEGORY,
-            description="Decodes a LoRA latent into SDXL LoRA weights (kohya keys, core LORA_MODEL type).",
+            description="Decodes a LoRA latent into the identity's SDXL LoRA weights (kohya keys, core "
+                        "LORA_MODEL type).",
             inputs=[
                 Hypernet.Input("hypernet", tooltip="The hypernet that sampled the latent."),
-                LoraLatent.Input("lora_latent", tooltip="From Sample LoRA Latent."),
+                LoraLatent.Input("lora_latent", tooltip="From Sample Identity LoRA Latent."),
             ],
             outputs=[LoraModel.Output(display_name="lora",
                                       tooltip="Apply with Apply Predicted LoRA (or core Load LoRA Model).")],

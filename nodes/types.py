@@ -1,5 +1,5 @@
 """The pack's ComfyUI socket types. LoRA weights use core's LORA_MODEL (a plain state dict),
-so core's "Load LoRA Model" and "Save LoRA Weights" accept what Decode LoRA outputs."""
+so core's "Load LoRA Model" and "Save LoRA Weights" accept what Decode Identity LoRA outputs."""
 
 from comfy_api.v0_0_2 import io
 

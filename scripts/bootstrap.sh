@@ -14,15 +14,16 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-# Reinstall only when the dependency list changed.
+# Reinstall only when the dependency list or its pins changed.
 stamp=.venv/.difflora-deps
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing dependencies (first run: about a minute)"
   python -m pip install -q --disable-pip-version-check --upgrade pip
   # torch first and pinned in every call: an unpinned resolve pulls a CUDA build of several GB.
   python -m pip install -q --disable-pip-version-check torch==2.13.0
-  python -m pip install -q --disable-pip-version-check -e ".[test]" torch==2.13.0
+  # pyproject.toml declares ranges (for ComfyUI installs); constraints.txt pins the tested versions.
+  python -m pip install -q --disable-pip-version-check -e ".[test]" -c constraints.txt torch==2.13.0
   echo "$want" > "$stamp"
 fi
 
