@@ -20,7 +20,7 @@ from difflora.lora_format import load_lora_file
 from difflora.lora_spec import LoraSpec
 from difflora.lora_weights import flatten
 from difflora.train.config import DiTTrainConfig, IdentityLoraConfig, LAETrainConfig
-from difflora.train.data import load_lora_dataset, read_caption
+from difflora.train.data import EMB_SUFFIX, load_lora_dataset, read_caption
 from difflora.train.dit_trainer import train_dit
 from difflora.train.identity_loras import IdentityTrainer, train_identity_loras
 from difflora.train.lae_trainer import LAE_FINAL, lae_weight_space, load_lae_final, train_lae
@@ -195,3 +195,26 @@ def test_shards_split_the_identities_without_a_rendezvous(stage_cfg):
     assert names == [["ann", "cat"], ["ben"]]
     with pytest.raises(DiffLoRAError, match="must be I/N"):
         train_identity_loras(IdentityLoraConfig(**{**stage_cfg, "shard": "2/2"}))
+
+
+def test_a_stop_loses_only_the_pass_in_flight_and_a_rerun_continues(stage_cfg, monkeypatch):
+    import signal
+
+    cfg = IdentityLoraConfig(**stage_cfg)
+    calls = []
+    original = IdentityTrainer._losses
+
+    def sigterm_in_first_pass(self, batch, groups):
+        calls.append(groups)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the stage's handler finishes the step, then stops
+        return original(self, batch, groups)
+
+    monkeypatch.setattr(IdentityTrainer, "_losses", sigterm_in_first_pass)
+    first = {r.name: r for r in train_identity_loras(cfg)}
+    assert {n: r.status for n, r in first.items()} == {"ann": "interrupted", "ben": "interrupted",
+                                                      "cat": "interrupted"}
+    assert "during training" in first["ann"].reason and "before it started" in first["cat"].reason
+    assert not any(n.endswith(".safetensors") and not n.endswith(EMB_SUFFIX) for n in os.listdir(cfg.out))
+    monkeypatch.setattr(IdentityTrainer, "_losses", original)
+    assert [r.status for r in train_identity_loras(cfg)] == ["trained"] * 3
