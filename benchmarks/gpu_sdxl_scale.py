@@ -14,7 +14,7 @@ harness's tiny shapes on the CPU (fp32) in about a minute, so the script stays w
    such as ComfyUI merging the LoRA when the arms switch (bench_step_overhead.py's summary).
 3. identity-LoRA training (difflora.train.identity_loras) on a full-size diffusers SDXL at 512
    and 1024 px, fitted as fixed + per-step from two short runs and extrapolated to the trainer's
-   500 steps: identities per GPU-hour and peak memory. `IDENTITY_TRAINERS` lists the trainers
+   500 steps: identities per GPU-hour and peak memory. `IDENTITY_TRAINERS` lists the trainers (one at a time, 8 per UNet pass)
    compared; a batched multi-identity trainer is added there as a second row.
 4. LAE and DiT training at paper size (bench_train.py's step), bf16 autocast, for the largest
    batch that fits (doubling until out of memory or --max-batch).
@@ -75,36 +75,59 @@ IDENTITY_LORA_STEPS = 500  # IdentityLoraConfig().steps, the figure identities p
 
 
 class OneIdentityAtATime:
-    """difflora.train.identity_loras' trainer: one peft adapter on the spec's layers, identities
-    trained one after another (what `python -m difflora.train identity-loras` does per process)."""
+    """difflora.train.identity_loras' reference trainer: one peft adapter on the spec's layers,
+    identities trained one after another (`--identities-per-pass 1`)."""
 
     label = "identity-loras, one identity at a time"
     identities_per_call = 1
 
     def __init__(self, pipe):
+        from diffusers import DDPMScheduler
+
         from difflora.lora_spec import LoraSpec
         from difflora.train.config import IdentityLoraConfig
-        from difflora.train.identity_loras import _Trainer
+        from difflora.train.identity_loras import IdentityTrainer
         from difflora.train.loop import make_accelerator
 
-        self.cfg = IdentityLoraConfig(data="-", out="-", base="random SDXL in memory", mixed_precision="auto")
+        self.cfg = IdentityLoraConfig(data="-", out="-", base="random SDXL in memory", mixed_precision="auto",
+                                      identities_per_pass=self.identities_per_call)
         spec = LoraSpec.from_unet(pipe.unet, rank=self.cfg.rank)
-        self.trainer = _Trainer(self.cfg, spec, make_accelerator(self.cfg.mixed_precision), pipe=pipe)
+        self.trainer = IdentityTrainer(self.cfg, spec, make_accelerator(self.cfg.mixed_precision), unet=pipe.unet,
+                                       noise=DDPMScheduler.from_config(pipe.scheduler.config))
+        self.trainer.pipe = pipe  # the photos are encoded with this pipeline's VAE and text encoders
+
+    def _inputs(self, identities: list[list[Path]]) -> list[dict]:
+        # Encoded once per call, as identity-loras encodes once per identity (then reuses its cache).
+        return [self.trainer._encode(files, [self.cfg.instance_prompt]) for files in identities]
 
     def train(self, identities: list[list[Path]], steps: int, resolution: int) -> None:
-        from difflora.train.identity_filter import UsablePhotos
         from difflora.train.loop import StopRequest
 
         self.trainer.cfg = dataclasses.replace(self.cfg, steps=steps, resolution=resolution)
-        for files in identities:
-            photos = UsablePhotos(files, torch.zeros(len(files), 1), torch.zeros(len(files), 1), len(files), [], [], [])
-            result = self.trainer.train("benchmark", photos, StopRequest())
+        for data in self._inputs(identities):
+            result = self.trainer.train(data, StopRequest())
             if not isinstance(result, dict):
                 raise RuntimeError(f"identity training did not finish: {result}")
 
 
-# Rows of phase 3: (key, trainer class). The batched multi-identity trainer goes here when it lands.
-IDENTITY_TRAINERS = [("one_at_a_time", OneIdentityAtATime)]
+class IdentitiesPerPass(OneIdentityAtATime):
+    """The batched trainer: `identities_per_call` identities in one UNet forward/backward, each with its
+    own LoRA factors and optimizer state (`--identities-per-pass`, the same LoRAs)."""
+
+    label = "identity-loras, 8 identities per UNet pass"
+    identities_per_call = 8
+
+    def train(self, identities: list[list[Path]], steps: int, resolution: int) -> None:
+        from difflora.train.loop import StopRequest
+
+        self.trainer.cfg = dataclasses.replace(self.cfg, steps=steps, resolution=resolution)
+        results = self.trainer.train_group(self._inputs(identities), StopRequest())
+        if not all(isinstance(r, dict) for r in results):
+            raise RuntimeError(f"identity training did not finish: {results}")
+
+
+# Rows of phase 3: (key, trainer class).
+IDENTITY_TRAINERS = [("one_at_a_time", OneIdentityAtATime), ("per_pass_8", IdentitiesPerPass)]
 
 
 def entry(time_s: float, what: str, flops: float, n_bytes: float, rates: dict, **extra) -> dict:

@@ -3,6 +3,7 @@ writes the JSON and markdown with every phase, floor and ratio (no time is asser
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -19,6 +20,7 @@ PHASES = [
     "1.to_kohya", "1.apply_load_lora_for_models", "1.apply_merge_weights",
     "2.ksampler_step_base", "2.ksampler_step_lora",
     "3.identity_lora_one_at_a_time_32px", "3.identity_lora_one_at_a_time_64px",
+    "3.identity_lora_per_pass_8_32px", "3.identity_lora_per_pass_8_64px",
     "4.lae_training_tiny", "4.dit_training_tiny",
 ]
 
@@ -60,10 +62,10 @@ def test_summary_figures_follow_from_the_phases(tiny_run):
     assert "1.sampling_10_steps" not in summary["photo_to_merged_parts"]
     ratio = phases["2.ksampler_step_lora"]["time_s"] / phases["2.ksampler_step_base"]["time_s"]
     assert summary["ksampler_per_step_ratio"] == pytest.approx(ratio)
-    for px in (32, 64):
-        p = phases[f"3.identity_lora_one_at_a_time_{px}px"]
+    for (key, per_call), px in itertools.product((("one_at_a_time", 1), ("per_pass_8", 8)), (32, 64)):
+        p = phases[f"3.identity_lora_{key}_{px}px"]
         assert p["resolution"] == px and p["identity_steps"] == 500
-        assert p["identities_per_gpu_hour"] == pytest.approx(3600 / (p["fixed_s"] + 500 * p["time_s"]))
+        assert p["identities_per_gpu_hour"] == pytest.approx(3600 * per_call / (p["fixed_s"] + 500 * p["time_s"]))
     for stage in ("lae", "dit"):
         p = phases[f"4.{stage}_training_tiny"]
         assert p["batch"] == max(t["batch"] for t in p["batches_tried"] if t["fits"])

@@ -159,7 +159,7 @@ def test_checked_loras_are_cached_and_rebuilt_when_the_folder_changes(tmp_path, 
     assert (folder / ".difflora-cache" / f"flat-{tiny_spec().hash}.npy").is_file()
     calls = []
     real = data_mod._read_lora
-    monkeypatch.setattr(data_mod, "_read_lora", lambda p, s: calls.append(p.name) or real(p, s))
+    monkeypatch.setattr(data_mod, "_read_lora", lambda p, s, **kw: calls.append(p.name) or real(p, s, **kw))
     again = load_lora_dataset(folder)
     assert calls == [] and torch.equal(again.rows(range(4)), first.rows(range(4)))
     random_identity_loras(folder, tiny_spec(), ["eve"], seed=3)  # a new identity: rebuilt

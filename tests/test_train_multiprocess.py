@@ -14,7 +14,7 @@ from safetensors import safe_open
 from difflora.hypernet_file import load_hypernet
 from difflora.train.base_model import base_spec
 from difflora.train.logs import CsvLog
-from tests.support.train_data import make_identities, tiny_base, tiny_clip, tiny_run_args
+from tests.support.train_data import SAME_PERSON, make_identities, tiny_base, tiny_clip, tiny_run_args
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,13 +36,23 @@ def test_two_cpu_processes_write_the_same_kind_of_hypernet(tmp_path, tmp_path_fa
               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
               "--dynamo_backend", "no", "-m", "difflora.train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(launch + tiny_run_args(work, data, base, clip), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    # Two identities in one UNet pass on the process that gets two.
+    args = tiny_run_args(work, data, base, clip) + ["--identity-identities-per-pass", "2"]
+    proc = subprocess.run(launch + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     report = json.loads((work / "loras" / "report.json").read_text())["identities"]
     assert [r["status"] for r in report] == ["trained"] * 3
     assert {r["process"] for r in report} == {0, 1}  # the identities were shared out
+    assert all(r["seconds"] > 0 for r in report)
+    # A rerun on two processes retrains nothing: every identity is reported done, once.
+    rerun = ["identity-loras", "--data", str(data), "--out", str(work / "loras"), "--base", str(base),
+             "--face-encoder", "dlib", "--image-encoder", str(clip), "--no-progress", "--min-images", "2",
+             "--min-face-similarity", str(SAME_PERSON), "--resolution", "64", "--identities-per-pass", "2"]
+    proc = subprocess.run(launch + rerun, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads((work / "loras" / "report.json").read_text())["identities"]
+    assert [(r["name"], r["status"]) for r in again] == [("dana", "done"), ("eve", "done"), ("frank", "done")]
     hn = load_hypernet(work / "hypernet.safetensors")
     assert hn.spec.hash == base_spec(str(base), rank=4, alpha=None).hash
     assert hn.latent_shape == (245, 8) and (hn.encoders.face_kind, hn.encoders.face_dim) == ("dlib", 128)

@@ -20,6 +20,7 @@ from ..dit import DIT_CONFIGS
 from ..encoders import FACE_ENCODER_KINDS
 from ..errors import DiffLoRAError
 from ..lae import LAE_CONFIGS
+from .multi_lora import WEIGHT_SPACES
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
@@ -79,7 +80,19 @@ class IdentityLoraConfig(Checked):
     rank: int = opt(4, "LoRA rank of the spec (docs/METHOD.md: 4).", at_least=1)
     alpha: float = opt(0.0, "LoRA alpha; 0 means alpha = rank (scale 1).", at_least=0)
     steps: int = opt(500, "Optimizer steps per identity (DreamBooth-LoRA: 500-1000 at lr 1e-4).", at_least=1)
-    batch_size: int = opt(1, "Images per step.", at_least=1)
+    batch_size: int = opt(1, "Images per step (of each identity).", at_least=1)
+    identities_per_pass: int = opt(8, "Identities trained together in one UNet forward/backward, each with its own "
+                                       "LoRA factors and optimizer state (same LoRAs as one at a time; 1: one at a "
+                                       "time with a peft adapter). Toy base on a CPU: 8 gave the most identities an "
+                                       "hour (docs/PERFORMANCE.md); on a GPU, the most that fit.", at_least=1)
+    shard: str = opt("", "I/N: train only slice I (0-based) of N of the identities, in name order, without any "
+                         "rendezvous between the N jobs (Slurm array tasks); each writes report.shard-I-of-N.json. "
+                         "Empty: all identities (shared out among accelerate processes).", metavar="I/N")
+    weight_space: str = opt("free", "Weight space of the LoRAs. free: A and B trained, stored in the canonical SVD "
+                                    "form. The other: one down projection A drawn from --seed for the whole data set "
+                                    "and frozen, only B trained, so every LoRA lives in one fixed basis (as LiDB and "
+                                    "LoRA FA do); stored as trained.",
+                            choices=WEIGHT_SPACES)
     lr: float = opt(1e-4, "AdamW learning rate of the LoRA factors.", above=0)
     lr_scheduler: str = opt("constant", "diffusers learning-rate schedule.",
                             choices=("constant", "constant_with_warmup", "cosine", "linear"))

@@ -1,9 +1,11 @@
 """The training data set on disk, and the checks that skip bad items without stopping a run.
 
     identities/<name>/*.jpg|png|...      photos of one person (identity-loras input)
-    identities/<name>/<photo>.txt        optional caption of <photo>
     identities/<name>/reference.<ext>    optional: the face the others must match
+    identities/<name>/<photo>.txt        optional caption of <photo> (UTF-8; UTF-16 and latin-1 are read too)
+    identities/.difflora-cache/inputs/   encoded photos and captions per identity (input_cache.py)
     loras/<name>.safetensors             kohya-keyed LoRA in the canonical spec, with metadata
+                                         (canonical SVD form for weight space "free", as trained for "shared-down")
     loras/<name>.embeddings.safetensors  face (N, Df) and image (N, Di) embeddings of its photos
     loras/report.json                    what identity-loras did with each identity
 
@@ -37,6 +39,9 @@ log = logging.getLogger("difflora.train")
 
 EMB_SUFFIX = ".embeddings.safetensors"
 META_SPEC, META_HASH, META_IDENTITY = "difflora_lora_spec", "difflora_spec_hash", "difflora_identity"
+# identity-loras' weight space (multi_lora.py): "free" LoRAs are stored and read in the canonical SVD
+# form; "shared-down" ones as trained, all with one down-projection (its fingerprint: META_DOWN_HASH).
+META_WEIGHT_SPACE, META_DOWN_HASH = "difflora_weight_space", "difflora_down_hash"
 
 
 @dataclass
@@ -69,10 +74,30 @@ def identity_folders(root: str | Path) -> list[Path]:
     return folders
 
 
+def read_caption(path: Path) -> str:
+    """A caption file's text. Editors write more than UTF-8: a UTF-8 BOM, UTF-16 (Notepad's
+    "Unicode", by BOM or by its NUL bytes), else latin-1 with a warning naming the file (it
+    decodes any bytes, so a caption never stops a run)."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encoding = "utf-16"
+    elif b"\x00" in raw and len(raw) % 2 == 0:  # UTF-16 without a BOM: ASCII gives every other byte 0
+        encoding = "utf-16-le" if raw[1::2].count(0) >= raw[0::2].count(0) else "utf-16-be"
+    else:
+        encoding = "utf-8-sig"
+    try:
+        return raw.decode(encoding).strip()
+    except UnicodeDecodeError:
+        log.warning("Caption %s is not UTF-8 or UTF-16: read as latin-1; save it as UTF-8 if the text looks wrong.",
+                    path)
+        return raw.decode("latin-1").strip()
+
+
 # ---- identity LoRAs: write ----------------------------------------------------------------
-def write_identity_lora(path: Path, spec: LoraSpec, layers, meta: dict[str, str]) -> Path:
-    """Canonical (SVD-form) kohya LoRA, loadable by ComfyUI / diffusers / A1111, with our metadata."""
-    sd = to_kohya(spec, canonicalize_layers(spec, layers), dtype=torch.float32)
+def write_identity_lora(path: Path, spec: LoraSpec, layers, meta: dict[str, str], canonical: bool = True) -> Path:
+    """Kohya LoRA, loadable by ComfyUI / diffusers / A1111, with our metadata; in the canonical
+    (SVD) form unless `canonical` is False (shared-down LoRAs keep the shared basis)."""
+    sd = to_kohya(spec, canonicalize_layers(spec, layers) if canonical else layers, dtype=torch.float32)
     metadata = {META_SPEC: spec.to_json(), META_HASH: spec.hash,
                 "modelspec.architecture": "stable-diffusion-xl-v1-base/lora", **meta}
     return save_file_atomic(sd, path, {k: str(v) for k, v in metadata.items()})
@@ -104,6 +129,7 @@ class LoraDataset:
     image: list[torch.Tensor] | None        # per identity (n_i, Di)
     encoders: EncoderSpec | None
     report: SkipReport
+    weight_space: str = "free"              # identity-loras --weight-space (META_WEIGHT_SPACE)
 
     def rows(self, items) -> torch.Tensor:
         """(len(items), P) float32 raw LoRAs of identities `items` (indices into `names`)."""
@@ -125,15 +151,20 @@ def lora_files(folder: str | Path) -> list[Path]:
                   and not p.name.startswith("."))
 
 
+def _readable_metadata(files: list[Path]):
+    """The metadata of each file that can be read (an unreadable one is reported when it is loaded)."""
+    for p in files:
+        try:
+            yield read_metadata(p)
+        except Exception:
+            continue
+
+
 def majority_spec(files: list[Path]) -> LoraSpec:
     """The spec most LoRAs in the folder were trained for (from their metadata)."""
     specs: dict[str, str] = {}
     votes: Counter = Counter()
-    for p in files:
-        try:
-            meta = read_metadata(p)
-        except Exception:  # an unreadable file is reported when it is loaded
-            continue
+    for meta in _readable_metadata(files):
         if META_SPEC in meta:
             spec_json = meta[META_SPEC]
             key = hashlib.sha256(spec_json.encode()).hexdigest()
@@ -152,8 +183,10 @@ def load_lora_dataset(folder: str | Path, spec: LoraSpec | None = None, embeddin
     if not files:
         raise DiffLoRAError(f"{folder} holds no identity LoRAs (<name>.safetensors).")
     spec = spec or majority_spec(files)
+    space = weight_space(files)
     report = SkipReport("identity")
-    store, rows, skipped = cached_flat_loras(Path(folder), files, spec, lambda p: _read_lora(p, spec))
+    store, rows, skipped = cached_flat_loras(Path(folder), files, spec,
+                                             lambda p: _read_lora(p, spec, canonical=space == "free"))
     for name, reason in skipped:
         report.skip(name, reason)
     names, row_of, faces, images, kinds = [], [], [], [], []
@@ -184,11 +217,25 @@ def load_lora_dataset(folder: str | Path, spec: LoraSpec | None = None, embeddin
         raise DiffLoRAError(f"No usable identity LoRA in {folder}: " + report.summary(0))
     log.info("LoRA data set %s: %s", folder, report.summary(len(names)))
     return LoraDataset(spec, names, store, row_of, faces if embeddings else None,
-                       images if embeddings else None, enc, report)
+                       images if embeddings else None, enc, report, space)
 
 
-def _read_lora(path: Path, spec: LoraSpec) -> torch.Tensor | str:
-    """The flat canonical LoRA, or why it cannot be used."""
+def weight_space(files: list[Path]) -> str:
+    """The one weight space of the folder's LoRAs: free and shared-down LoRAs (or shared-down ones
+    of two bases) are different vector spaces and are never mixed in one data set."""
+    seen: Counter = Counter()
+    for meta in _readable_metadata(files):
+        seen[(meta.get(META_WEIGHT_SPACE, "free"), meta.get(META_DOWN_HASH, ""))] += 1
+    if len(seen) > 1:
+        kinds = ", ".join(f"{n} {space}" + (f" (down-projection {down})" if down else "")
+                          for (space, down), n in seen.most_common())
+        raise DiffLoRAError(f"The LoRA folder mixes weight spaces ({kinds}): train every identity with one "
+                            "--weight-space (and one --seed for shared-down), or put each kind in its own folder.")
+    return next(iter(seen))[0] if seen else "free"
+
+
+def _read_lora(path: Path, spec: LoraSpec, canonical: bool = True) -> torch.Tensor | str:
+    """The flat LoRA (canonical unless `canonical` is False), or why it cannot be used."""
     try:
         meta = read_metadata(path)
         if META_HASH in meta and meta[META_HASH] != spec.hash:
@@ -203,7 +250,7 @@ def _read_lora(path: Path, spec: LoraSpec) -> torch.Tensor | str:
     bad = sum(int((~torch.isfinite(t)).sum()) for pair in layers.values() for t in pair)
     if bad:  # checked before the SVD of the canonical form, which NaN would break
         return f"{bad} NaN/inf weights in {path.name}"
-    return flatten(spec, canonicalize_layers(spec, layers)).float()
+    return flatten(spec, canonicalize_layers(spec, layers) if canonical else layers).float()
 
 
 def _read_embeddings(path: Path, report: SkipReport, name: str):

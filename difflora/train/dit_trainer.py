@@ -22,7 +22,7 @@ from ..lae import dw_relative_error
 from ..mixed_features import MIFConfig, MixedImageFeatures, average_references
 from .config import DiTTrainConfig
 from .data import load_lora_dataset
-from .lae_trainer import load_lae_final
+from .lae_trainer import lae_weight_space, load_lae_final
 from .loop import LoopResult, make_accelerator, run_loop
 
 log = logging.getLogger("difflora.train")
@@ -56,6 +56,10 @@ class DiTStage:
         with open(self.lae_path, "rb") as f:
             self.lae_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
         data = load_lora_dataset(cfg.loras, spec=self.spec, embeddings=True)
+        lae_space = lae_weight_space(self.lae_path)
+        if data.weight_space != lae_space:
+            raise DiffLoRAError(f"The LAE {self.lae_path} was trained on {lae_space} LoRAs, {cfg.loras} holds "
+                                f"{data.weight_space} ones: train the LAE on these LoRAs first.")
         self.encoders = data.encoders
         held_out = set(split["val"])
         self.train_idx = [i for i, n in enumerate(data.names) if n not in held_out]

@@ -1,11 +1,15 @@
 """identity-loras: one DreamBooth-style SDXL LoRA per identity folder (docs/METHOD.md section 5).
 
-Per identity: keep the usable photos (identity_filter.py), train a LoRA on exactly the spec's
-targets with peft (as diffusers' train_dreambooth_lora_sdxl.py does), then store it canonical
-and kohya-keyed with its metadata, beside the face and image embeddings of its photos. A
-finished identity (its LoRA file, for the same spec, and embeddings exist) is skipped, so a
-stopped run continues where it stopped. accelerate splits identities across processes; each
-process trains its own identities independently (no gradient sync needed).
+Per identity: keep the usable photos (identity_filter.py), encode them and their captions once
+(input_cache.py), train a LoRA on exactly the spec's targets, then store it kohya-keyed with its
+metadata (canonical SVD form in the free weight space), beside the face and image embeddings of
+its photos. Identities train in passes of --identities-per-pass: K identities share one frozen
+UNet forward/backward, each with its own factors (multi_lora.py); K = 1 is the peft trainer
+(as diffusers' train_dreambooth_lora_sdxl.py), the reference both give the same LoRAs as. A
+finished identity (its LoRA file, for the same spec and weight space, and embeddings exist) is
+never retrained, so a stopped run continues where it stopped. accelerate splits the unfinished
+identities across processes (--shard across jobs without a rendezvous); each process trains its
+own independently (no gradient sync needed).
 """
 
 from __future__ import annotations
@@ -17,16 +21,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import DiffLoRAError
 from ..lora_format import from_peft
 from ..lora_spec import LoraSpec
 from .base_model import base_spec, encode_images, encode_prompts, load_sdxl
 from .config import IdentityLoraConfig
-from .data import EMB_SUFFIX, META_HASH, identity_folders, read_metadata, write_embeddings, write_identity_lora
+from .data import (EMB_SUFFIX, META_DOWN_HASH, META_HASH, META_WEIGHT_SPACE, identity_folders, read_caption,
+                   read_metadata, write_embeddings, write_identity_lora)
 from .identity_filter import UsablePhotos, usable_photos
+from .input_cache import InputCache, base_fingerprint, cache_setup
 from .loop import StopRequest, make_accelerator, step_seed, stream_indices
+from .multi_lora import FREE, SHARED_DOWN, StackedLoras, down_hash, initial_down
 
 log = logging.getLogger("difflora.train")
 ADAPTER = "difflora"
@@ -41,45 +47,72 @@ class IdentityResult:
     process: int = 0         # which accelerate process handled it
 
 
-class _Trainer:
-    """Holds the base SDXL (loaded on first need) and trains one identity at a time.
+class IdentityTrainer:
+    """Holds the frozen base UNet (the pipeline is loaded on first need) and trains identity LoRAs
+    on encoded inputs (`encode`): one at a time with a peft adapter (`train`, the reference), or
+    K at once in one UNet pass (`train_group`, multi_lora.py), giving the same LoRAs.
 
-    `pipe`: an SDXL pipeline already in memory to train on instead of loading `cfg.base` (the
-    benchmarks pass a full-size SDXL with random weights)."""
+    `unet` and `noise` may be given (the benchmark's random-init full-size SDXL); `encode` then
+    needs no pipeline only if the inputs are made elsewhere."""
 
-    def __init__(self, cfg: IdentityLoraConfig, spec: LoraSpec, accelerator, pipe=None):
+    def __init__(self, cfg: IdentityLoraConfig, spec: LoraSpec, accelerator, unet=None, noise=None):
         self.cfg, self.spec, self.acc = cfg, spec, accelerator
         self.device = accelerator.device
-        self.pipe, self._given_pipe = None, pipe
+        self.pipe, self.prior, self.peft_params, self.cache = None, None, None, None
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
                                                                                  torch.float32)
+        self.unet = None
+        if unet is not None:
+            self._use_unet(unet, noise)
+
+    def _use_unet(self, unet, noise):
+        self.noise = noise
+        self.unet = unet.requires_grad_(False).to(self.device)
+        if self.weight_dtype != torch.float32:
+            self.unet.to(dtype=self.weight_dtype)
+        if self.cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        # Every identity starts from one down-projection (the only one, in the shared-down space).
+        self.down = initial_down(self.unet, self.spec, step_seed(self.cfg.seed, "lora-init"))
+
+    def load(self):
+        """Load the base pipeline once (the first identity to encode or train needs it)."""
+        if self.pipe is None:
+            self._load()
 
     def _load(self):
         from diffusers import DDPMScheduler
-        from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
 
         cfg = self.cfg
-        self.pipe = self._given_pipe or load_sdxl(cfg.base, cfg.base_config, cfg.vae)
+        self.pipe = load_sdxl(cfg.base, cfg.base_config, cfg.vae)
         loaded = LoraSpec.from_unet(self.pipe.unet, rank=self.spec.rank, alpha=self.spec.alpha)
         self.spec.check_compatible(loaded)
-        self.noise = DDPMScheduler.from_config(self.pipe.scheduler.config)  # training noise, as DreamBooth
-        self.unet = self.pipe.unet.requires_grad_(False).to(self.device)
-        if self.weight_dtype != torch.float32:
-            self.unet.to(dtype=self.weight_dtype)
-        # One adapter on exactly the spec's layers, re-initialized per identity (re-injecting 560 layers
-        # per identity would cost more than a short training run).
-        self.unet.add_adapter(LoraConfig(r=self.spec.rank, lora_alpha=self.spec.alpha, init_lora_weights="gaussian",
-                                         target_modules=list(self.spec.layer_names)), adapter_name=ADAPTER)
-        cast_training_params(self.unet, torch.float32)  # LoRA factors train in fp32 under autocast
-        self.params = [p for p in self.unet.parameters() if p.requires_grad]
-        if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.prior = None
+        # Training noise, as DreamBooth.
+        self._use_unet(self.pipe.unet, DDPMScheduler.from_config(self.pipe.scheduler.config))
+        flips = (False, True) if cfg.random_flip else (False,)
+        self.cache = InputCache(cfg.data, base_fingerprint(cfg.base, cfg.base_config, cfg.vae),
+                                cache_setup(cfg.resolution, flips))
         if cfg.class_data:
-            self.prior = self._encode(sorted(p for p in Path(cfg.class_data).iterdir()
-                                             if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")),
-                                      [cfg.class_prompt])
+            files = sorted(p for p in Path(cfg.class_data).iterdir()
+                           if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+            self.prior = self._encode(files, [cfg.class_prompt])
+
+    def _peft(self) -> list:
+        """The one-at-a-time trainer's adapter, added once on exactly the spec's layers (re-injecting
+        560 layers per identity would cost more than a short training run)."""
+        if self.peft_params is None:
+            from diffusers.training_utils import cast_training_params
+            from peft import LoraConfig
+
+            self.unet.add_adapter(LoraConfig(r=self.spec.rank, lora_alpha=self.spec.alpha,
+                                             target_modules=list(self.spec.layer_names)), adapter_name=ADAPTER)
+            cast_training_params(self.unet, torch.float32)  # LoRA factors train in fp32 under autocast
+            free = self.cfg.weight_space == FREE
+            for name, p in self.unet.named_parameters():
+                if ".lora_A." in name:
+                    p.requires_grad_(free)
+            self.peft_params = [p for p in self.unet.parameters() if p.requires_grad]
+        return self.peft_params
 
     def _encode(self, files: list[Path], prompts: list[str]) -> dict:
         flips = (False, True) if self.cfg.random_flip else (False,)
@@ -89,6 +122,13 @@ class _Trainer:
         embeds, pooled = encode_prompts(self.pipe, unique, self.device)  # each distinct prompt once
         which = torch.tensor([unique.index(p) for p in prompts])
         return {**lat, "embeds": embeds[which], "pooled": pooled[which]}
+
+    def encode(self, name: str, photos: UsablePhotos) -> dict:
+        """The identity's latents and caption embeddings, from the input cache when unchanged."""
+        self.load()
+        prompts = [read_caption(p.with_suffix(".txt")) if p.with_suffix(".txt").is_file()
+                   else self.cfg.instance_prompt for p in photos.files]
+        return self.cache.get(name, photos.files, prompts, lambda: self._encode(photos.files, prompts))
 
     def _batch(self, data: dict, idx: torch.Tensor, gen: torch.Generator):
         flip = torch.randint(0, data["mean"].shape[1], (len(idx),), generator=gen)
@@ -101,53 +141,65 @@ class _Trainer:
         cond = {"text_embeds": data["pooled"][idx], "time_ids": data["time_ids"][idx, flip]}
         return noisy, t, data["embeds"][idx], cond, target
 
-    def _loss(self, batch) -> torch.Tensor:
+    def _step_batches(self, data: dict, step: int):
+        """Identity `data`'s instance (and prior) batch of `step`: the same streams in both trainers."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, "identity", step))
+        idx = stream_indices(data["mean"].shape[0], step_seed(cfg.seed, "identity"), (step - 1) * cfg.batch_size,
+                             cfg.batch_size)
+        batch = self._batch(data, idx, gen)
+        if self.prior is None:
+            return batch, None
+        pidx = torch.randint(0, self.prior["mean"].shape[0], (cfg.batch_size,), generator=gen)
+        return batch, self._batch(self.prior, pidx, gen)
+
+    def _losses(self, batch, groups: int) -> torch.Tensor:
+        """(groups,) mean squared errors, one per identity-major group of batch rows."""
         noisy, t, embeds, cond, target = (x.to(self.device) if torch.is_tensor(x) else
                                           {k: v.to(self.device) for k, v in x.items()} for x in batch)
         with self.acc.autocast():
             pred = self.unet(noisy.to(self.weight_dtype), t, embeds.to(self.weight_dtype),
                              added_cond_kwargs={k: v.to(self.weight_dtype) for k, v in cond.items()}).sample
-        return F.mse_loss(pred.float(), target.float())
+        return (pred.float() - target.float()).pow(2).reshape(groups, -1).mean(1)
 
-    def train(self, name: str, photos: UsablePhotos, stop: StopRequest):
-        """The identity's layers dict, or a sentence saying why it failed, or None when stopped."""
+    def _optimizer(self, params):
         from diffusers.optimization import get_scheduler
+
+        cfg = self.cfg
+        opt = torch.optim.AdamW(params, lr=cfg.lr)
+        sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=cfg.steps)
+        return opt, sched, torch.amp.GradScaler("cuda", enabled=self.weight_dtype == torch.float16)
+
+    def train(self, data: dict, stop: StopRequest):
+        """One identity with peft: its layers dict, or a sentence saying why it failed, or None when stopped."""
         from peft.tuners.lora.layer import LoraLayer
         from peft.utils import get_peft_model_state_dict
 
-        if self.pipe is None:
+        if self.unet is None:
             self._load()
         cfg, spec = self.cfg, self.spec
-        prompts = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() if p.with_suffix(".txt").is_file()
-                   else cfg.instance_prompt for p in photos.files]
-        data = self._encode(photos.files, prompts)
+        params = self._peft()
         # Every identity runs the same random streams: one LoRA initialization (the gaussian
         # down-projection fixes the basis a short run stays near) and, at step s, the same batch
         # positions, noise and timesteps. Identities then differ only by their photos, so the LoRA
         # data set is a function of identity the LAE and DiT can learn; with per-identity streams
         # most of the difference between two LoRAs is sampling noise (toy world: LAE held-out
         # relative error 1.2 with per-identity inits, 0.84 with a shared init only).
-        seed = step_seed(cfg.seed, "identity")
-        torch.manual_seed(step_seed(cfg.seed, "lora-init"))
-        for module in self.unet.modules():
-            if isinstance(module, LoraLayer):
-                module.reset_lora_parameters(ADAPTER, "gaussian")
-        params = self.params
-        opt = torch.optim.AdamW(params, lr=cfg.lr)
-        sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.steps)
-        scaler = torch.amp.GradScaler("cuda", enabled=self.weight_dtype == torch.float16)
+        with torch.no_grad():
+            for name, module in self.unet.named_modules():
+                if isinstance(module, LoraLayer) and name in self.down:
+                    module.lora_A[ADAPTER].weight.copy_(self.down[name])
+                    module.lora_B[ADAPTER].weight.zero_()
+        opt, sched, scaler = self._optimizer(params)
         self.unet.train()
-        n = len(photos.files)
         for step in range(1, cfg.steps + 1):
-            gen = torch.Generator().manual_seed(step_seed(cfg.seed, "identity", step))
-            idx = stream_indices(n, seed, (step - 1) * cfg.batch_size, cfg.batch_size)
-            loss = self._loss(self._batch(data, idx, gen))
-            if self.prior is not None:  # DreamBooth prior preservation on the class photos
-                pidx = torch.randint(0, self.prior["mean"].shape[0], (cfg.batch_size,), generator=gen)
-                loss = loss + cfg.prior_loss_weight * self._loss(self._batch(self.prior, pidx, gen))
+            batch, prior = self._step_batches(data, step)
+            loss = self._losses(batch, 1)[0]
+            if prior is not None:  # DreamBooth prior preservation on the class photos
+                loss = loss + cfg.prior_loss_weight * self._losses(prior, 1)[0]
             if not torch.isfinite(loss):
-                return f"the loss became NaN/inf at step {step}: lower --lr or use --mixed-precision bf16/no"
+                return _diverged(step)
             scaler.scale(loss).backward()
             if cfg.max_grad_norm > 0:
                 scaler.unscale_(opt)
@@ -161,9 +213,57 @@ class _Trainer:
         peft_sd = {k: v.float().cpu() for k, v in get_peft_model_state_dict(self.unet, adapter_name=ADAPTER).items()}
         return from_peft(spec, peft_sd, alpha=spec.alpha)
 
+    def train_group(self, datas: list[dict], stop: StopRequest) -> list:
+        """Identities `datas` together, rows routed to their own factors: per identity what `train`
+        returns (one diverging identity fails alone); all None when stopped."""
+        if self.unet is None:
+            self._load()
+        cfg, count = self.cfg, len(datas)
+        loras = StackedLoras(self.unet, self.spec, count, self.down, cfg.weight_space)
+        opt, sched, scaler = self._optimizer(loras.trainable())
+        failed: list[str | None] = [None] * count
+        self.unet.train()
+        with loras:
+            for step in range(1, cfg.steps + 1):
+                batches = [self._step_batches(d, step) for d in datas]
+                losses = self._losses(_concat([b for b, _ in batches]), count)
+                if self.prior is not None:
+                    losses = losses + cfg.prior_loss_weight * self._losses(_concat([p for _, p in batches]), count)
+                bad = (~torch.isfinite(losses.detach())).tolist()
+                scaler.scale(losses.masked_fill(torch.tensor(bad, device=losses.device), 0).sum()).backward()
+                for k in range(count):
+                    if bad[k] and failed[k] is None:
+                        failed[k] = _diverged(step)
+                    if failed[k] is not None:
+                        loras.zero_identity_grad_(k)
+                if cfg.max_grad_norm > 0:
+                    scaler.unscale_(opt)
+                    loras.clip_per_identity_(cfg.max_grad_norm)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                if stop.flag:
+                    return [None] * count
+        return [failed[k] or loras.layers(k) for k in range(count)]
 
-def _done(lora: Path, spec: LoraSpec) -> str | None:
-    """'done' when a finished LoRA for this spec is there, a reason when another file is in the way."""
+
+def _diverged(step: int) -> str:
+    return f"the loss became NaN/inf at step {step}: lower --lr or use --mixed-precision bf16/no"
+
+
+def _concat(batches: list) -> tuple:
+    """Identity-major batch: the rows of each identity's batch, one identity after another."""
+    out = []
+    for parts in zip(*batches):
+        out.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]} if isinstance(parts[0], dict)
+                   else torch.cat(parts))
+    return tuple(out)
+
+
+def _done(lora: Path, spec: LoraSpec, weight_space: str) -> str | None:
+    """'done' when a finished LoRA for this spec and weight space is there, a reason when another
+    file is in the way, None when the identity is still to train."""
     emb = lora.with_name(lora.name[: -len(".safetensors")] + EMB_SUFFIX)
     if not lora.is_file():
         return None
@@ -174,7 +274,20 @@ def _done(lora: Path, spec: LoraSpec) -> str | None:
     if meta.get(META_HASH) != spec.hash:
         return (f"{lora.name} exists for another LoRA spec ({meta.get(META_HASH, 'unknown')}, now {spec.hash}); "
                 "delete it or write to another --out")
+    if meta.get(META_WEIGHT_SPACE, FREE) != weight_space:
+        return (f"{lora.name} exists in weight space {meta.get(META_WEIGHT_SPACE, FREE)!r}, now {weight_space!r}; "
+                "delete it or write to another --out")
     return "done" if emb.is_file() else None
+
+
+@dataclass
+class _Ready:
+    """An identity whose photos passed the checks and whose inputs are encoded."""
+
+    folder: Path
+    photos: UsablePhotos
+    data: dict
+    seconds: float
 
 
 def train_identity_loras(cfg: IdentityLoraConfig, face_encoder=None, image_encoder=None,
@@ -187,8 +300,10 @@ def train_identity_loras(cfg: IdentityLoraConfig, face_encoder=None, image_encod
     if not cfg.out or not cfg.data:
         raise DiffLoRAError("identity-loras needs --data (one folder of photos per identity) and --out (the "
                             "folder the identity LoRAs go to).")
+    if cfg.identities_per_pass < 1:
+        raise DiffLoRAError(f"--identities-per-pass must be 1 or more, not {cfg.identities_per_pass}.")
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
-    folders = identity_folders(cfg.data)
+    folders, report_name = _shard(identity_folders(cfg.data), cfg.shard)
     spec = base_spec(cfg.base, cfg.rank, cfg.alpha or None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,24 +318,34 @@ def train_identity_loras(cfg: IdentityLoraConfig, face_encoder=None, image_encod
             raise DiffLoRAError("identity-loras needs --image-encoder (a CLIP vision model: a transformers folder "
                                 "or a ComfyUI clip_vision .safetensors).")
         image_encoder = load_image_encoder(cfg.image_encoder, device=str(accelerator.device))
-    trainer = _Trainer(cfg, spec, accelerator)
-    results = []
-    with StopRequest() as stop, accelerator.split_between_processes(folders) as mine:
+    # Finished identities are never retrained; only the others are shared out, so a rerun's work
+    # spreads over every process (the finished ones are reported once, by the main process).
+    results, pending = [], []
+    for folder in folders:
+        state = _done(out / f"{folder.name}.safetensors", spec, cfg.weight_space)
+        if state is None:
+            pending.append(folder)
+        elif accelerator.is_main_process:
+            results.append(IdentityResult(folder.name, "done", "finished in an earlier run") if state == "done"
+                           else IdentityResult(folder.name, "skipped", state))
+    trainer = IdentityTrainer(cfg, spec, accelerator)
+    with StopRequest() as stop, accelerator.split_between_processes(pending) as mine:
         from tqdm.auto import tqdm
 
-        for folder in tqdm(mine, desc=f"identity LoRAs (process {accelerator.process_index})",
-                           disable=not cfg.progress):
-            if stop.flag:
-                results.append(IdentityResult(folder.name, "interrupted", "stopped before it started"))
-                continue
-            result = _one_identity(folder, out, spec, cfg, trainer, face_encoder, image_encoder, stop)
-            result.process = accelerator.process_index
-            results.append(result)
+        bar = tqdm(total=len(mine), desc=f"identity LoRAs (process {accelerator.process_index})",
+                   disable=not cfg.progress)
+        for start in range(0, len(mine), cfg.identities_per_pass):
+            group = mine[start:start + cfg.identities_per_pass]
+            for result in _train_group(group, out, spec, cfg, trainer, face_encoder, image_encoder, stop):
+                result.process = accelerator.process_index
+                results.append(result)
+            bar.update(len(group))
+        bar.close()
     results = gather_object(results) if accelerator.num_processes > 1 else results
     if accelerator.is_main_process:
-        summary = {"spec": spec.to_dict(), "spec_hash": spec.hash, "config": cfg.to_dict(),
-                   "identities": [asdict(r) for r in sorted(results, key=lambda r: r.name)]}
-        (out / "report.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        summary = {"spec": spec.to_dict(), "spec_hash": spec.hash, "weight_space": cfg.weight_space,
+                   "config": cfg.to_dict(), "identities": [asdict(r) for r in sorted(results, key=lambda r: r.name)]}
+        (out / report_name).write_text(json.dumps(summary, indent=1), encoding="utf-8")
         counts = {s: sum(r.status == s for r in results) for s in ("trained", "done", "skipped", "interrupted")}
         log.info("identity-loras: %s", ", ".join(f"{v} {k}" for k, v in counts.items()))
         for r in results:
@@ -230,33 +355,80 @@ def train_identity_loras(cfg: IdentityLoraConfig, face_encoder=None, image_encod
     return results
 
 
-def _one_identity(folder: Path, out: Path, spec: LoraSpec, cfg: IdentityLoraConfig, trainer: _Trainer,
-                  face_encoder, image_encoder, stop: StopRequest) -> IdentityResult:
+def _shard(folders: list[Path], shard: str) -> tuple[list[Path], str]:
+    """The identities of --shard I/N (every N-th from I, so slices stay balanced) and its report name."""
+    if not shard:
+        return folders, "report.json"
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+        assert 0 <= index < count
+    except (ValueError, AssertionError):
+        raise DiffLoRAError(f"--shard {shard!r} must be I/N with 0 <= I < N, e.g. 3/16 "
+                            "(in a Slurm array: $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT).") from None
+    return folders[index::count], f"report.shard-{index}-of-{count}.json"
+
+
+def _prepare(folder: Path, cfg: IdentityLoraConfig, trainer: IdentityTrainer, face_encoder,
+             image_encoder) -> _Ready | IdentityResult:
+    """The identity's checked photos and encoded inputs, or its 'skipped' result saying why."""
     t0 = time.perf_counter()
     name = folder.name
-    lora = out / f"{name}.safetensors"
-    state = _done(lora, spec)
-    if state == "done":
-        return IdentityResult(name, "done", "finished in an earlier run")
-    if state is not None:
-        return IdentityResult(name, "skipped", state)
     photos = usable_photos(folder, face_encoder, image_encoder, cfg.min_face_similarity)
     if isinstance(photos, str):
         return IdentityResult(name, "skipped", photos)
     if len(photos.files) < cfg.min_images:
         return IdentityResult(name, "skipped", f"too few usable photos ({len(photos.files)} < --min-images "
                                                f"{cfg.min_images}): {photos.describe()}")
-    log.info("%s: %s; training %d steps.", name, photos.describe(), cfg.steps)
-    layers = trainer.train(name, photos, stop)
-    if layers is None:
-        return IdentityResult(name, "interrupted", "stopped during training; it restarts on the next run")
-    if isinstance(layers, str):
-        return IdentityResult(name, "skipped", layers)
+    trainer.load()  # a base that does not load stops the run (outside the per-identity catch below)
+    try:
+        data = trainer.encode(name, photos)
+    except (DiffLoRAError, OSError, ValueError) as e:  # a photo that the face check read but the VAE cannot
+        return IdentityResult(name, "skipped", f"could not encode its photos ({type(e).__name__}: {e})")
+    return _Ready(folder, photos, data, time.perf_counter() - t0)
+
+
+def _train_group(group: list[Path], out: Path, spec: LoraSpec, cfg: IdentityLoraConfig, trainer: IdentityTrainer,
+                 face_encoder, image_encoder, stop: StopRequest) -> list[IdentityResult]:
+    """Check, encode and train the identities of one pass; write each finished one."""
+    results, ready = [], []
+    for folder in group:
+        if stop.flag:
+            results.append(IdentityResult(folder.name, "interrupted", "stopped before it started"))
+            continue
+        item = _prepare(folder, cfg, trainer, face_encoder, image_encoder)
+        (results if isinstance(item, IdentityResult) else ready).append(item)
+    if not ready or stop.flag:
+        return results + [IdentityResult(r.folder.name, "interrupted", "stopped before it started") for r in ready]
+    for r in ready:
+        log.info("%s: %s; training %d steps.", r.folder.name, r.photos.describe(), cfg.steps)
+    t0 = time.perf_counter()
+    if cfg.identities_per_pass == 1:
+        trained = [trainer.train(r.data, stop) for r in ready]
+    else:
+        trained = trainer.train_group([r.data for r in ready], stop)
+    share = (time.perf_counter() - t0) / len(ready)  # the pass's time, shared out
+    for r, layers in zip(ready, trained):
+        name = r.folder.name
+        if layers is None:
+            results.append(IdentityResult(name, "interrupted", "stopped during training; it restarts on the next run"))
+        elif isinstance(layers, str):
+            results.append(IdentityResult(name, "skipped", layers))
+        else:
+            _write_identity(out, name, spec, cfg, r.photos, layers, trainer, face_encoder, image_encoder)
+            results.append(IdentityResult(name, "trained", r.photos.describe(), r.seconds + share))
+    return results
+
+
+def _write_identity(out: Path, name: str, spec: LoraSpec, cfg: IdentityLoraConfig, photos: UsablePhotos, layers,
+                    trainer: IdentityTrainer, face_encoder, image_encoder) -> None:
     write_embeddings(out / f"{name}{EMB_SUFFIX}", photos.face, photos.image, [p.name for p in photos.files],
                      face_encoder.kind, image_encoder.kind, name)
     meta = {"difflora_identity": name, "difflora_base": Path(cfg.base).name, "difflora_steps": cfg.steps,
             "difflora_images": len(photos.files), "difflora_instance_prompt": cfg.instance_prompt,
             "difflora_seed": cfg.seed, "difflora_face_kind": face_encoder.kind,
-            "difflora_image_kind": image_encoder.kind}
-    write_identity_lora(lora, spec, layers, meta)  # written last: its presence marks the identity done
-    return IdentityResult(name, "trained", photos.describe(), time.perf_counter() - t0)
+            "difflora_image_kind": image_encoder.kind, META_WEIGHT_SPACE: cfg.weight_space}
+    if cfg.weight_space == SHARED_DOWN:
+        meta[META_DOWN_HASH] = down_hash(trainer.down)
+    # Written last: its presence marks the identity done. A shared-down LoRA is stored as trained:
+    # the SVD canonical form would rotate each identity's basis away from the shared one.
+    write_identity_lora(out / f"{name}.safetensors", spec, layers, meta, canonical=cfg.weight_space == FREE)

@@ -36,7 +36,8 @@ class LAEStage:
         self.train_items, self.val_items = [pos[n] for n in train], [pos[n] for n in val]
         self.num_train = len(train)
         # Statistics of the training split only (streamed): held-out LoRAs must not leak into them.
-        if cfg.align_gauge:
+        # Shared-down LoRAs already share one basis: aligning (rotating) them would undo that.
+        if cfg.align_gauge and data.weight_space == "free":
             self.normalizer = WeightNormalizer.fit_aligned(lambda: data.chunks(self.train_items), self.spec,
                                                            per=cfg.norm_per)
         else:
@@ -95,15 +96,16 @@ class LAEStage:
                        for c in self.data.chunks(self.train_items)])
         model.fit_latent_stats(z)
         return save_lae_final(path, model, self.normalizer, self.spec, self.train_names, self.val_names,
-                              self.cfg.to_dict())
+                              self.cfg.to_dict(), weight_space=self.data.weight_space)
 
 
 def save_lae_final(path: Path, model: LoraAutoencoder, normalizer: WeightNormalizer, spec: LoraSpec,
-                   train: list[str], val: list[str], config: dict) -> Path:
+                   train: list[str], val: list[str], config: dict, weight_space: str = "free") -> Path:
     tensors = {f"lae.{k}": v.float() for k, v in model.state_dict().items()}
     tensors.update({f"norm.{k}": v for k, v in normalizer.state_dict().items()})
     meta = {"difflora_lae_final": "1", "lae_config": json.dumps(model.cfg.to_dict()), "lora_spec": spec.to_json(),
-            "split": json.dumps({"train": train, "val": val}), "train_config": json.dumps(config)}
+            "split": json.dumps({"train": train, "val": val}), "train_config": json.dumps(config),
+            "weight_space": weight_space}
     return save_file_atomic(tensors, Path(path), meta)
 
 
@@ -125,6 +127,14 @@ def load_lae_final(path: str | Path):
     norm = WeightNormalizer(tensors["norm.mean"], tensors["norm.std"], tensors.get("norm.gauge_reference"),
                             tensors.get("norm.gauge_blocks"))
     return model.eval(), norm, LoraSpec.from_dict(json.loads(meta["lora_spec"])), json.loads(meta["split"])
+
+
+def lae_weight_space(path: str | Path) -> str:
+    """The identity-loras weight space the LAE file was trained on (older files: free)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("weight_space", "free")
 
 
 def train_lae(cfg: LAETrainConfig, accelerator=None, on_step=None) -> LoopResult:
