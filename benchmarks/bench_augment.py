@@ -51,9 +51,9 @@ def main(argv=None) -> int:
     world = WORLD_SIZES["default"]
     root = Path(a.out or tempfile.mkdtemp(prefix="bench-augment-"))
     comfy = get_comfyui()
-    base = toy_sdxl.pipeline_folder_from_checkpoint(harness_models.toy_asset("toy_sdxl.safetensors"), root / "base",
+    base = toy_sdxl.pipeline_folder_from_checkpoint(harness_models.toy_asset("checkpoints/toy_sdxl.safetensors"), root / "base",
                                                     comfy / "comfy" / "sd1_tokenizer")
-    hn = load_hypernet(harness_models.toy_asset("difflora_toy.safetensors"))
+    hn = load_hypernet(harness_models.toy_asset("difflora/difflora_toy.safetensors"))
     face, image = hn.face_encoder, hn.image_encoder
     first = HELDOUT_FIRST + 100  # held-out people no model saw (nor the hypernet's own measurement)
     data = {"a": write_identity_folders(root / "a_12_rendered", a.identities, 12, 0, first_identity=first),

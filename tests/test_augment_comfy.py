@@ -52,7 +52,7 @@ def test_one_photo_each_becomes_a_data_set_identity_loras_trains_on(comfy_server
     prompts.write_text("\n".join(toy_prompts()) + "\n")
     data = write_identity_folders(tmp_path / "data", 2, 1, seed=0, first_identity=HELDOUT_FIRST + 20)
     before = tree_digest(tmp_path / "data")
-    hn = load_hypernet(harness_models.toy_asset("difflora_toy.safetensors"))
+    hn = load_hypernet(harness_models.toy_asset("difflora/difflora_toy.safetensors"))
     out = tmp_path / "augmented"
     cfg = AugmentConfig(data=str(data), out=str(out), server=server.url, workflow=str(workflow), prompts=str(prompts),
                         target_images=4, max_attempts=12, concurrency=2, face_encoder="toy-face",
@@ -83,7 +83,7 @@ def test_one_photo_each_becomes_a_data_set_identity_loras_trains_on(comfy_server
     assert generator.calls == calls                              # finished: nothing generated again
     assert [(r.status, r.kept) for r in again] == [(r.status, r.kept) for r in reports]
 
-    base = pipeline_folder_from_checkpoint(harness_models.toy_asset("toy_sdxl.safetensors"), tmp_path / "base",
+    base = pipeline_folder_from_checkpoint(harness_models.toy_asset("checkpoints/toy_sdxl.safetensors"), tmp_path / "base",
                                            comfy_path / "comfy" / "sd1_tokenizer")
     lora_cfg = IdentityLoraConfig(data=str(out), out=str(tmp_path / "loras"), base=str(base), face_encoder="toy-face",
                                   rank=4, steps=2, batch_size=2, lr=2e-3, resolution=64, min_images=4, min_face_similarity=SIMILARITY,

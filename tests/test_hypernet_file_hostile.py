@@ -23,7 +23,7 @@ from difflora.hypernet_file import check_hypernet, load_hypernet, save_hypernet
 from tests.support.tiny_models import tiny_hypernet
 
 REPO = Path(__file__).resolve().parents[1]
-TOY_HYPERNET = REPO / "assets" / "toyworld" / "difflora_toy.safetensors"
+TOY_HYPERNET = REPO / "assets" / "toyworld" / "difflora" / "difflora_toy.safetensors"
 
 
 def _read(path):

@@ -9,7 +9,7 @@ import pytest
 from difflora.hypernet_file import load_hypernet
 from difflora.train.identity_filter import usable_photos
 
-TOY_HYPERNET = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "difflora_toy.safetensors"
+TOY_HYPERNET = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "difflora" / "difflora_toy.safetensors"
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from difflora.train.identity_filter import usable_photos
 from difflora_toyworld.render import make_dataset
 from difflora_toyworld.world import HELDOUT_FIRST
 
-TOY_HYPERNET = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "difflora_toy.safetensors"
+TOY_HYPERNET = Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "difflora" / "difflora_toy.safetensors"
 
 
 @pytest.fixture(scope="module")
