@@ -69,3 +69,12 @@ def comfy_inprocess(comfy_path, tiny_sdxl_checkpoint, tmp_path_factory):
         setattr(comfy, helper, getattr(_inproc, helper))
     comfy.add_model_file("checkpoints", tiny_sdxl_checkpoint, CHECKPOINT_NAME)
     return comfy
+
+
+@pytest.fixture(scope="session")
+def pack_nodes(comfy_inprocess, tmp_path_factory) -> dict[str, type]:
+    """{node id: class} of this pack, loaded once into the in-process ComfyUI under its install name,
+    as ComfyUI loads it from custom_nodes/ (a second load would register nothing new)."""
+    root = tmp_path_factory.mktemp("custom_nodes")
+    (root / "comfyui-difflora").symlink_to(Path(__file__).resolve().parent.parent)
+    return comfy_inprocess.load_custom_nodes(root / "comfyui-difflora")

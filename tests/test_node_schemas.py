@@ -25,13 +25,9 @@ SEARCH_REACH = 30
 
 
 @pytest.fixture(scope="module")
-def pack(comfy_inprocess, tmp_path_factory):
-    c = comfy_inprocess
-    root = tmp_path_factory.mktemp("custom_nodes")
-    (root / PACK_NAME).symlink_to(REPO)
-    classes = c.load_custom_nodes(root / PACK_NAME)
-    c.use_folders(output=tmp_path_factory.mktemp("output"))
-    return c, classes
+def pack(comfy_inprocess, pack_nodes, tmp_path_factory):
+    comfy_inprocess.use_folders(output=tmp_path_factory.mktemp("output"))
+    return comfy_inprocess, pack_nodes
 
 
 @pytest.fixture(scope="module")

@@ -34,11 +34,8 @@ def is_difflora_error(e: BaseException) -> bool:
 
 
 @pytest.fixture(scope="session")
-def pack(comfy_inprocess, tmp_path_factory):
-    c = comfy_inprocess
-    root = tmp_path_factory.mktemp("custom_nodes")
-    (root / PACK_NAME).symlink_to(REPO)  # loaded under its install name, as ComfyUI would
-    classes = c.load_custom_nodes(root / PACK_NAME)
+def pack(comfy_inprocess, pack_nodes, tmp_path_factory):
+    c, classes = comfy_inprocess, pack_nodes
     models = tmp_path_factory.mktemp("models")
     c.add_model_file("difflora", build_tiny_hypernet(models / "tiny_difflora.safetensors"))
     c.add_model_file("clip_vision", build_tiny_clip_vision(models / "tiny_clip_vision.safetensors"))

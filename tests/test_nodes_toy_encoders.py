@@ -22,15 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def pack(comfy_inprocess, tmp_path_factory):
-    c = comfy_inprocess
-    mapping = c.nodes.NODE_CLASS_MAPPINGS
-    before = set(mapping)
-    if "DiffLoRAEncodeMixedFeatures" not in mapping:  # test_nodes.py has not loaded the pack yet
-        root = tmp_path_factory.mktemp("custom_nodes")
-        (root / "comfyui-difflora").symlink_to(REPO)
-        c.load_custom_nodes(root / "comfyui-difflora")
-    classes = {k: v for k, v in mapping.items() if k.startswith("DiffLoRA")}
+def pack(comfy_inprocess, pack_nodes, tmp_path_factory):
+    c, classes = comfy_inprocess, pack_nodes
     models = tmp_path_factory.mktemp("toy_models")
     face, image = toy("toy-face", 16, seed=1), toy("toy-image", 24, seed=2)
     c.add_model_file("difflora", save_hypernet(toy_hypernet(), models / "toy_carrying.safetensors",
@@ -40,11 +33,7 @@ def pack(comfy_inprocess, tmp_path_factory):
         hypernet = classes["DiffLoRAHypernetLoader"].execute("toy_carrying.safetensors", "cpu").args[0]
         plain = classes["DiffLoRAHypernetLoader"].execute("tiny_plain.safetensors", "cpu").args[0]
     photos = torch.from_numpy(make_dataset(1, 2, seed=5).images).float() / 255.0  # ComfyUI IMAGE (2, 64, 64, 3)
-    yield SimpleNamespace(n=classes, hypernet=hypernet, plain=plain, face=face, image=image, photos=photos)
-    # A second load of the same pack registers the same (cached) classes, which test_nodes.py's
-    # fixture would not see as new: leave the registry as this module found it.
-    for key in set(mapping) - before:
-        del mapping[key]
+    return SimpleNamespace(n=classes, hypernet=hypernet, plain=plain, face=face, image=image, photos=photos)
 
 
 def encode(pack, hypernet, *args, **kwargs):

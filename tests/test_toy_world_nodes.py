@@ -22,17 +22,8 @@ TOY_BASE = harness_models.toy_asset("checkpoints/toy_sdxl.safetensors")
 
 
 @pytest.fixture(scope="module")
-def pack(comfy_inprocess, tmp_path_factory):
-    c = comfy_inprocess
-    mapping = c.nodes.NODE_CLASS_MAPPINGS
-    before = set(mapping)
-    if "DiffLoRAToyWorldBaseLoader" not in mapping:
-        root = tmp_path_factory.mktemp("custom_nodes")
-        (root / "comfyui-difflora").symlink_to(REPO)
-        c.load_custom_nodes(root / "comfyui-difflora")
-    yield c, {k: v for k, v in mapping.items() if k.startswith("DiffLoRA")}
-    for key in set(mapping) - before:
-        del mapping[key]
+def pack(comfy_inprocess, pack_nodes):
+    return comfy_inprocess, pack_nodes
 
 
 def test_toy_base_loads_as_the_registered_loader_would_and_registers_nothing(pack):
