@@ -41,8 +41,8 @@ def sha256_of(path: Path) -> str:
 def load_extractor(path: Path) -> torch.nn.Module:
     """torch-fidelity's FID Inception with the weights at `path`, its forward giving (N, 2048).
 
-    torch-fidelity 0.3.0 calls a bare torch.load(path), which unpickles arbitrary objects on
-    torch < 2.6 (a tampered file could run code); so the file is first loaded with
+    torch-fidelity 0.3.0 reads the file with torch's full unpickler (no weights_only), which on
+    torch < 2.6 unpickles arbitrary objects (a tampered file could run code); so the file is first loaded with
     weights_only=True, which refuses anything but tensors and plain containers: a file that
     passes holds nothing else for the second load to run, on any torch.
     """
