@@ -239,7 +239,8 @@ def to_ui(nodes: list[N], links: list[Link], info: dict) -> dict:
 
 # The frontend draws a node's title bar above its position, and Load Image's photo preview inside it.
 TITLE_H, GAP = 30, 30
-PREVIEW_H = {"LoadImage": 380}  # room for the photo: the preview never grows the node over the next one
+# Room for the photo a node previews: the preview never grows the node over the next one.
+PREVIEW_H = {"LoadImage": 380, "DiffLoRAToyWorldPhoto": 380}
 # Where the graph must fit at the saved view, in a 1920 x 1080 window: right of the side bar, below the
 # tab bar and the workflow name, left of the minimap in the bottom-right corner.
 WINDOW = (1920, 1080)

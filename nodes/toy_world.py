@@ -21,7 +21,7 @@ import comfy.supported_models
 import comfy.supported_models_base
 import comfy.utils
 import folder_paths
-from comfy_api.v0_0_2 import io
+from comfy_api.v0_0_2 import io, ui
 
 from ..difflora.errors import DiffLoRAError
 from ..difflora.sdxl_checkpoint import read_architecture
@@ -130,7 +130,8 @@ class ToyWorldPhoto(io.ComfyNode):
         if photo not in photos:
             raise DiffLoRAError(f"No toy-world photo named {photo!r}: choose one of {', '.join(sorted(photos))}.")
         rgb = np.asarray(Image.open(photos[photo]).convert("RGB"), dtype=np.float32) / 255.0
-        return io.NodeOutput(torch.from_numpy(rgb)[None])
+        image = torch.from_numpy(rgb)[None]
+        return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))  # the person, beside the results
 
     @classmethod
     def fingerprint_inputs(cls, photo):

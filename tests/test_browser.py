@@ -47,3 +47,4 @@ def test_toy_world_runs_from_the_run_button(page):
     shown = page.evaluate(f"() => {browser.TOY_OUTPUTS}.map(id => window.app.graph.getNodeById(id).imgs.length)")
     assert shown == [4, 4]  # a batch of four, personalized and base
     assert browser.open_dialogs(page) == []
+    assert browser.overlaps(browser.geometry(page)["nodes"]) == []  # the previews fit where they show

@@ -69,7 +69,9 @@ def test_toy_photo_is_the_shipped_png(pack):
     _, nodes = pack
     options = nodes["DiffLoRAToyWorldPhoto"].define_schema().inputs[0].options
     assert options == sorted(p.name for p in (REPO / "assets" / "toyworld" / "photos").glob("*.png")) and options
-    image = nodes["DiffLoRAToyWorldPhoto"].execute(options[0]).args[0]
+    out = nodes["DiffLoRAToyWorldPhoto"].execute(options[0])
+    image = out.args[0]
+    assert out.ui.as_dict()["images"][0]["type"] == "temp"  # the node shows the person it gives
     png = np.asarray(Image.open(REPO / "assets" / "toyworld" / "photos" / options[0]).convert("RGB"))
     assert image.shape == (1, 64, 64, 3)
     assert np.array_equal((image[0].numpy() * 255).round().astype(np.uint8), png)
