@@ -45,7 +45,8 @@ def faceid_weights(unet, embedding_dim=FACE_DIM, cross_dim=None, lora_rank=0, se
     cross = cross_dim or unet.config.cross_attention_dim
     rand = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
     t = {"image_proj.proj.0.weight": rand(2 * embedding_dim, embedding_dim),
-         "image_proj.proj.0.bias": rand(2 * embedding_dim), "image_proj.proj.2.weight": rand(4 * cross, 2 * embedding_dim),
+         "image_proj.proj.0.bias": rand(2 * embedding_dim),
+         "image_proj.proj.2.weight": rand(4 * cross, 2 * embedding_dim),
          "image_proj.proj.2.bias": rand(4 * cross), "image_proj.norm.weight": torch.ones(cross),
          "image_proj.norm.bias": torch.zeros(cross)}
     for k, name in enumerate(unet.attn_processors):
@@ -54,7 +55,8 @@ def faceid_weights(unet, embedding_dim=FACE_DIM, cross_dim=None, lora_rank=0, se
             for part in ("to_k_ip", "to_v_ip"):
                 t[f"ip_adapter.{k}.{part}.weight"] = rand(*attn.to_k.weight.shape) * 3
         if lora_rank:
-            for part, layer in (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v), ("to_out", attn.to_out[0])):
+            layers = (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v), ("to_out", attn.to_out[0]))
+            for part, layer in layers:
                 t[f"ip_adapter.{k}.{part}_lora.down.weight"] = rand(lora_rank, layer.in_features)
                 t[f"ip_adapter.{k}.{part}_lora.up.weight"] = rand(layer.out_features, lora_rank)
     return t
@@ -118,7 +120,8 @@ def test_a_pickle_and_a_non_faceid_file_are_refused_with_a_sentence(tmp_path):
     with pytest.raises(GeneratorError, match=r"is not a \.safetensors file: .*pickles.*Convert it once"):
         read_faceid_weights(pickle)
     plain = tmp_path / "ip-adapter_sdxl.safetensors"
-    save_file({"image_proj.proj.weight": torch.zeros(4, 2), "ip_adapter.1.to_k_ip.weight": torch.zeros(2, 2)}, str(plain))
+    save_file({"image_proj.proj.weight": torch.zeros(4, 2), "ip_adapter.1.to_k_ip.weight": torch.zeros(2, 2)},
+              str(plain))
     with pytest.raises(GeneratorError, match="is not IP-Adapter FaceID weights: it lacks image_proj.proj.0.weight"):
         read_faceid_weights(plain)
     with pytest.raises(GeneratorError, match="not found: pass --faceid-weights"):
@@ -156,8 +159,8 @@ def test_augment_backend_diffusers_writes_photos_and_report(base, weights_file, 
         photo[:, :32] = left
         Image.fromarray(photo).save(data / name / "001.png")
     cfg = AugmentConfig(data=str(data), out=str(tmp_path / "out"), backend="diffusers", base=str(base),
-                        faceid_weights=str(weights_file), target_images=3, concurrency=1, steps=2, resolution=64, guidance=2.0,
-                        device="cpu", dtype="fp32", min_face_similarity=0.0, progress=False)
+                        faceid_weights=str(weights_file), target_images=3, concurrency=1, steps=2, resolution=64,
+                        guidance=1.0, device="cpu", dtype="fp32", min_face_similarity=0.0, progress=False)
     reports = augment_identities(cfg, face_encoder=BandFaces())
     assert [(r.name, r.status, r.generated, r.kept) for r in reports] == [("ann", "augmented", 2, 2),
                                                                           ("bob", "augmented", 2, 2)]

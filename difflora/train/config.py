@@ -130,7 +130,8 @@ class AugmentConfig(Checked):
     max_attempts: int = opt(0, "Generated photos tried per identity at most; 0: three times the photos missing.",
                             at_least=0)
     backend: str = opt("comfyui", "The generator: a ComfyUI server running --workflow, or diffusers in this process "
-                                  "(SDXL + IP-Adapter FaceID: --base, --faceid-weights).", choices=("comfyui", "diffusers"))
+                                  "(SDXL + IP-Adapter FaceID: --base, --faceid-weights).",
+                       choices=("comfyui", "diffusers"))
     server: str = opt("http://127.0.0.1:8188", "The ComfyUI server's address.")
     workflow: str = opt("", "API-format workflow JSON (ComfyUI: Workflow > Export (API)) that draws a photo of the "
                             "person in a reference photo, e.g. with PhotoMaker, InstantID, PuLID or IP-Adapter FaceID.",
@@ -142,8 +143,8 @@ class AugmentConfig(Checked):
     output_node: str = opt("", "Take images from this output node only (id or title); empty: every output node's.")
     base: str = opt("", "--backend diffusers: local SDXL, a diffusers folder (model_index.json) or a single-file "
                         ".safetensors checkpoint.", metavar="PATH")
-    base_config: str = opt("", "--backend diffusers, single-file --base: a diffusers SDXL folder giving the configs and "
-                               "tokenizers (weights not needed).", metavar="PATH")
+    base_config: str = opt("", "--backend diffusers, single-file --base: a diffusers SDXL folder giving the configs "
+                               "and tokenizers (weights not needed).", metavar="PATH")
     faceid_weights: str = opt("", "--backend diffusers: IP-Adapter FaceID SDXL weights as .safetensors (image_proj.* "
                                   "and ip_adapter.* tensors; a .bin is a pickle and is refused, docs/TRAINING.md "
                                   "says how to convert it).", metavar="PATH")
