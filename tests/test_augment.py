@@ -21,7 +21,7 @@ from difflora.errors import DiffLoRAError, GeneratorError
 from difflora.train import augment
 from difflora.train.augment import augment_identities
 from difflora.train.config import AugmentConfig
-from difflora.train.generators import ComfyUIGenerator, diffusers_generator
+from difflora.train.generators import ComfyUIGenerator
 
 RED, BLUE = (200, 30, 30), (30, 30, 200)
 
@@ -164,11 +164,6 @@ def test_a_workflow_without_the_named_nodes_names_the_missing_ones(tmp_path):
     ui.write_text(json.dumps({"nodes": [], "links": []}))
     with pytest.raises(GeneratorError, match="UI format: export it with Workflow > Export"):
         ComfyUIGenerator("http://127.0.0.1:1", ui, **NODES)
-
-
-def test_the_diffusers_backend_says_why_it_is_not_available(tmp_path):
-    with pytest.raises(GeneratorError, match="diffusers backend is not available"):
-        diffusers_generator()
 
 
 class FakeComfy(BaseHTTPRequestHandler):

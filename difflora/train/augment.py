@@ -96,11 +96,11 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def make_generator(cfg: AugmentConfig):
+def make_generator(cfg: AugmentConfig, face_encoder: FaceEncoder | None = None):
     from .generators import ComfyUIGenerator, diffusers_generator
 
     if cfg.backend == "diffusers":
-        return diffusers_generator()
+        return diffusers_generator(cfg, face_encoder)
     if not cfg.workflow:
         raise DiffLoRAError("augment --backend comfyui needs --workflow: an API-format workflow JSON (ComfyUI: "
                             "Workflow > Export (API)) drawing the person of a reference photo.")
@@ -129,7 +129,7 @@ def augment_identities(cfg: AugmentConfig, generator=None, face_encoder: FaceEnc
         if cfg.face_encoder == "toy-face" and not cfg.insightface_root:
             raise DiffLoRAError("--face-encoder toy-face needs --insightface-root pointing at its toy_face.safetensors.")
         face_encoder = load_face_encoder(cfg.face_encoder, root=cfg.insightface_root or None)
-    generator = generator or make_generator(cfg)
+    generator = generator or make_generator(cfg, face_encoder)
     (out / WORK).mkdir(parents=True, exist_ok=True)
     reports = []
     with StopRequest() as stop:

@@ -130,7 +130,8 @@ class AugmentConfig(Checked):
     max_attempts: int = opt(0, "Generated photos tried per identity at most; 0: three times the photos missing.",
                             at_least=0)
     backend: str = opt("comfyui", "The generator: a ComfyUI server running --workflow, or diffusers in this process "
-                                  "(not available, the command says why).", choices=("comfyui", "diffusers"))
+                                  "(SDXL + IP-Adapter FaceID: --base, --faceid-weights).",
+                       choices=("comfyui", "diffusers"))
     server: str = opt("http://127.0.0.1:8188", "The ComfyUI server's address.")
     workflow: str = opt("", "API-format workflow JSON (ComfyUI: Workflow > Export (API)) that draws a photo of the "
                             "person in a reference photo, e.g. with PhotoMaker, InstantID, PuLID or IP-Adapter FaceID.",
@@ -140,9 +141,30 @@ class AugmentConfig(Checked):
     prompt_input: str = opt("text", "The input of --prompt-node that gets the prompt.")
     seed_node: str = opt("KSampler", "The node whose seed (or noise_seed) input gets the seed (node id or title).")
     output_node: str = opt("", "Take images from this output node only (id or title); empty: every output node's.")
+    base: str = opt("", "--backend diffusers: local SDXL, a diffusers folder (model_index.json) or a single-file "
+                        ".safetensors checkpoint.", metavar="PATH")
+    base_config: str = opt("", "--backend diffusers, single-file --base: a diffusers SDXL folder giving the configs "
+                               "and tokenizers (weights not needed).", metavar="PATH")
+    faceid_weights: str = opt("", "--backend diffusers: IP-Adapter FaceID SDXL weights as .safetensors (image_proj.* "
+                                  "and ip_adapter.* tensors; a .bin is a pickle and is refused, docs/TRAINING.md "
+                                  "says how to convert it).", metavar="PATH")
+    faceid_face_encoder: str = opt("", "--backend diffusers: face analysis whose embedding drives FaceID (ArcFace: "
+                                       "antelopev2 or buffalo_l); empty: --face-encoder.",
+                                   choices=("",) + FACE_ENCODER_KINDS)
+    steps: int = opt(30, "--backend diffusers: sampling steps.", at_least=1)
+    guidance: float = opt(5.0, "--backend diffusers: classifier-free guidance scale (1: off).", at_least=1)
+    ip_adapter_scale: float = opt(1.0, "--backend diffusers: strength of the face (0: the base model alone).",
+                                  at_least=0)
+    resolution: int = opt(1024, "--backend diffusers: width and height of the photos (a multiple of 8).", at_least=8)
+    negative_prompt: str = opt("monochrome, lowres, bad anatomy, worst quality, low quality, blurry",
+                               "--backend diffusers: negative prompt (used when --guidance > 1).")
+    device: str = opt("auto", "--backend diffusers: torch device; auto: cuda when there is one, else cpu.")
+    dtype: str = opt("auto", "--backend diffusers: weights' dtype; auto: fp16 on cuda, fp32 on cpu.",
+                     choices=("auto", "fp32", "fp16", "bf16"))
     prompts: str = opt("", "Text file, one prompt a line ('prompt | caption' to caption the photo differently; "
                            "# comments); empty: a built-in list of poses, scenes and lighting.", metavar="PATH")
-    concurrency: int = opt(2, "Prompts in flight on the server at once.", at_least=1)
+    concurrency: int = opt(2, "Prompts in flight on the server at once (--backend diffusers runs one at a time).",
+                           at_least=1)
     retries: int = opt(3, "Retries of a prompt that failed (server error, time-out) before the run stops.", at_least=0)
     timeout: float = opt(600.0, "Seconds one prompt may take on the server.", above=0)
     face_encoder: str = opt("antelopev2", "Face analysis that decides whether a generated photo shows the same person "

@@ -5,7 +5,8 @@
   IP-Adapter FaceID, a DiffLoRA hypernet). Three nodes are named, by id or by title: the LoadImage
   that gets the reference photo, the node whose text input gets the prompt, the node whose seed
   input gets the seed. Every image the workflow's output nodes report is one generated photo.
-- `diffusers`: not available (`diffusers_generator` says why), see below.
+- `FaceIDGenerator` (`diffusers_generator`, faceid_generator.py): no server; a local SDXL with
+  IP-Adapter FaceID in this process, the face entering as the reference's ArcFace embedding.
 """
 
 from __future__ import annotations
@@ -125,13 +126,8 @@ class ComfyUIGenerator:
         return images
 
 
-def diffusers_generator(method: str = "ip-adapter-faceid"):
-    """The in-process backend. Not available, and not faked: diffusers runs IP-Adapter FaceID
-    (`load_ip_adapter` with face embeddings passed as `ip_adapter_image_embeds`), but that needs the
-    IP-Adapter FaceID weights and an ArcFace model, which nothing here downloads and no test here could
-    load; PhotoMaker, InstantID and PuLID are not diffusers pipelines at all."""
-    raise GeneratorError(f"The diffusers backend is not available ({method}): diffusers' IP-Adapter FaceID "
-                         "needs its weights, and this project has no test that could load them, so it is not "
-                         "shipped; PhotoMaker, InstantID and PuLID are not part of diffusers. Use --backend "
-                         "comfyui with a ComfyUI server and an API-format workflow of your identity method.")
+def diffusers_generator(cfg, face_encoder=None):
+    """The in-process backend: SDXL + IP-Adapter FaceID run by diffusers (faceid_generator.py)."""
+    from .faceid_generator import faceid_generator
 
+    return faceid_generator(cfg, face_encoder)
