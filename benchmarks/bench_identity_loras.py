@@ -37,7 +37,7 @@ from difflora.train.config import IdentityLoraConfig
 from difflora.train.identity_loras import IdentityTrainer
 from difflora.train.loop import StopRequest, make_accelerator
 
-TOY_BASE = "assets/toyworld/toy_sdxl.safetensors"
+TOY_BASE = "assets/toyworld/checkpoints/toy_sdxl.safetensors"
 TOY = {"steps": 120, "batch_size": 8, "resolution": 64, "lr": 2e-3, "photos": 12}    # the toy world's
 FULL = {"steps": 500, "batch_size": 1, "resolution": 512, "lr": 1e-4, "photos": 12}  # DreamBooth-LoRA 512 px
 
@@ -49,7 +49,7 @@ def toy_unet():
 
     from diffusers import UNet2DConditionModel
 
-    from difflora.toyworld.toy_sdxl import UNET_CONFIG
+    from difflora_toyworld.toy_sdxl import UNET_CONFIG
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "unet").mkdir()

@@ -2,6 +2,7 @@
 
     python -m devtools.toyworld build   [--world .cache/toyworld]   # ~1 h on 2 CPU cores; resumes
     python -m devtools.toyworld results [--world .cache/toyworld]   # results.md / .json / grid.png
+    python -m devtools.toyworld study   [--world .cache/toyworld]   # study.md / .json (baselines, ablations)
     python -m devtools.toyworld export  [--world .cache/toyworld]   # -> assets/toyworld + manifest
 
 `build` is `python -m difflora_toyworld build` with the test harness's ComfyUI supplying CLIP's
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from difflora_toyworld.__main__ import main as toyworld_main
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("build", "results", "export"))
+    ap.add_argument("command", choices=("build", "results", "study", "export"))
     ap.add_argument("--world", default=str(DEFAULT_WORLD))
     a, rest = ap.parse_known_args(argv)
     if a.command == "build":
@@ -51,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                             "--tokenizer", str(get_comfyui() / "comfy" / "sd1_tokenizer"), *rest])
         print(f"[toyworld] build took {time.monotonic() - t0:.0f} s")
         return rc
-    if a.command == "results":
-        return toyworld_main(["results", "--world", a.world, *rest])
+    if a.command in ("results", "study"):
+        return toyworld_main([a.command, "--world", a.world, *rest])
     from difflora_toyworld.world import export_artifacts, export_photos
 
     files = export_artifacts(a.world, ASSETS)

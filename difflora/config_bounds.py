@@ -25,7 +25,7 @@ CAPS = {
 MAX_LIST = 64  # strides, widths, attributes: a handful in every real config
 MAX_FLOAT = 1e6  # mlp_ratio, logit_scale, temperature: small numbers in every real config
 MAY_BE_ZERO = frozenset({"res_blocks", "contrastive"})  # no residual blocks; no contrastive term
-TEXT_FIELDS = frozenset({"base", "kind", "face_kind", "image_kind", "attributes"})  # names, not sizes
+TEXT_FIELDS = frozenset({"base", "kind", "face_kind", "image_kind", "attributes", "sources"})  # names, not sizes
 
 
 def check_sizes(config: Mapping, name: str) -> None:

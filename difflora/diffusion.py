@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.training_utils import EMAModel
 
 
@@ -30,6 +30,24 @@ def make_sample_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = 
     return DDIMScheduler(num_train_timesteps=num_train_timesteps, trained_betas=train.betas.tolist(),
                          prediction_type="sample", clip_sample=False, set_alpha_to_one=True,
                          timestep_spacing=timestep_spacing)
+
+
+SAMPLERS = ("ddim", "dpm++")
+
+
+def make_sampler(name: str = "ddim", num_train_timesteps: int = 1000, beta_schedule: str = "linear"):
+    """A sampling scheduler by name: "ddim" (make_sample_scheduler) or "dpm++" (diffusers'
+    DPMSolverMultistepScheduler, second-order DPM-Solver++ on the same betas, x0-predicting, trailing
+    spacing, its last step taken first-order as diffusers recommends for few steps)."""
+    if name == "ddim":
+        return make_sample_scheduler(num_train_timesteps, beta_schedule)
+    if name == "dpm++":
+        train = make_train_scheduler(num_train_timesteps, beta_schedule)
+        return DPMSolverMultistepScheduler(num_train_timesteps=num_train_timesteps, trained_betas=train.betas.tolist(),
+                                           prediction_type="sample", algorithm_type="dpmsolver++", solver_order=2,
+                                           thresholding=False, timestep_spacing="trailing", lower_order_final=True,
+                                           final_sigmas_type="zero")
+    raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
 
 
 def diffusion_loss(dit, x0: torch.Tensor, cond: torch.Tensor, null_cond: torch.Tensor, scheduler,
@@ -59,9 +77,10 @@ def _model_dtype(model) -> torch.dtype:
 @torch.no_grad()
 def sample_latent(dit, cond: torch.Tensor, null_cond: torch.Tensor, steps: int = 25, guidance: float = 3.0,
                   eta: float = 0.0, seed: int = 0, latent_shape: tuple[int, int] | None = None,
-                  callback: Callable[[int, int], None] | None = None, scheduler: DDIMScheduler | None = None
+                  callback: Callable[[int, int], None] | None = None, scheduler=None
                   ) -> torch.Tensor:
     """DDIM sampling with classifier-free guidance: cond (B, D), null_cond (D,) -> x0 latent (B, T, C) float32.
+    `scheduler` may be another diffusers sampler (make_sampler("dpm++")); eta is DDIM's only.
 
     Noise is drawn on the CPU from torch.Generator().manual_seed(seed) and then moved, so a seed
     gives the same initial noise on every device. x0 = x0_u + guidance * (x0_c - x0_u), with the
@@ -87,8 +106,11 @@ def sample_latent(dit, cond: torch.Tensor, null_cond: torch.Tensor, steps: int =
         if use_cfg:
             p_c, p_u = pred.chunk(2)
             pred = p_u + guidance * (p_c - p_u)                                                  # (B, T, C)
-        noise = torch.randn((B, T, C), generator=gen).to(dev) if eta > 0 else None
-        x = sched.step(pred, t, x, eta=eta, variance_noise=noise).prev_sample                    # (B, T, C)
+        if isinstance(sched, DDIMScheduler):
+            noise = torch.randn((B, T, C), generator=gen).to(dev) if eta > 0 else None
+            x = sched.step(pred, t, x, eta=eta, variance_noise=noise).prev_sample                # (B, T, C)
+        else:
+            x = sched.step(pred, t, x).prev_sample                                               # (B, T, C)
         if callback is not None:
             callback(i, steps)
     return x

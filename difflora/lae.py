@@ -85,7 +85,12 @@ def lae_toy(param_count: int) -> LAEConfig:
     return LAEConfig(param_count, patch=32, strides=(4, 4), widths=(64, 96, 128), latent_channels=4)
 
 
-LAE_CONFIGS = {"tiny": lae_tiny, "toy": lae_toy, "small": lae_small, "sdxl-r4": lae_sdxl_r4}
+def lae_toy_64x(param_count: int) -> LAEConfig:
+    # The toy LAE with twice the latent channels (C = 8 -> 64x): the compression ablation.
+    return LAEConfig(param_count, patch=32, strides=(4, 4), widths=(64, 96, 128), latent_channels=8)
+
+
+LAE_CONFIGS = {"tiny": lae_tiny, "toy": lae_toy, "toy-64x": lae_toy_64x, "small": lae_small, "sdxl-r4": lae_sdxl_r4}
 
 
 def _groups(width: int) -> int:

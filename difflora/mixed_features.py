@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config_dict import ConfigDict
+from .errors import DiffLoRAError
 
 
 @dataclass
@@ -27,7 +28,17 @@ class MIFConfig(ConfigDict):
     image_dim: int = 1024        # CLIP ViT-H-14 image_embeds
     cond_dim: int = 768          # D, the DiT's conditioning width
     hidden_dim: int | None = None  # hidden width of the projection MLPs; None = cond_dim
+    # What c is made of: both (the gate mixes face and image), or one source alone (the paper's
+    # ablation rows: c = P_face(LN(f_face)), or c = P_img(LN(f_img))).
+    sources: str = "both"
 
+    def __post_init__(self):
+        if self.sources not in MIF_SOURCES:
+            raise ValueError(f"MIF sources must be one of {', '.join(MIF_SOURCES)}, got {self.sources!r}")
+
+
+
+MIF_SOURCES = ("both", "face", "image")
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -82,7 +93,12 @@ class MixedImageFeatures(nn.Module):
         """
         image = image.to(self.null.dtype)
         c_img = self.proj_image(self.norm_image(image))              # (B, D)
-        if face is None:
+        if self.cfg.sources == "face":
+            if face is None:
+                raise DiffLoRAError("this hypernet was trained on face embeddings alone (an ablation), so it needs a "
+                                    "face: give a photo with a detectable face, or use a hypernet trained on both.")
+            c = self.proj_face(self.norm_face(face.to(self.null.dtype)))
+        elif face is None or self.cfg.sources == "image":
             c = c_img
         else:
             face = face.to(self.null.dtype)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .diffusion import sample_latent
+from .diffusion import SAMPLERS, make_sampler, sample_latent
 from .errors import DiffLoRAError, HypernetFileError
 from .hypernet import Hypernet
 from .lora_format import to_kohya
@@ -201,8 +201,10 @@ def sample_lora_latent(
     eta: float = 0.0,
     seed: int = 0,
     callback: Callable[[int, int], None] | None = None,
+    sampler: str = "ddim",
 ) -> LoraLatent:
-    """DDIM sampling of the clean LoRA latent; deterministic for a seed on CPU.
+    """Sampling of the clean LoRA latent (DDIM, or DPM-Solver++ with sampler="dpm++"); deterministic
+    for a seed on CPU.
 
     `callback(step, total)` runs after each step; raising in it stops sampling (the nodes use
     this for ComfyUI's progress bar and interrupt)."""
@@ -211,6 +213,8 @@ def sample_lora_latent(
     for name, value in (("guidance", guidance), ("eta", eta)):
         if not math.isfinite(value):  # NaN would otherwise surface as "the hypernet file may be damaged"
             raise DiffLoRAError(f"{name} is {value}; give a finite number (guidance ~3, eta 0..1).")
+    if sampler not in SAMPLERS:
+        raise DiffLoRAError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}.")
     own = hypernet_identity(hn)
     if features.hypernet and features.hypernet != own:
         raise DiffLoRAError(
@@ -223,9 +227,11 @@ def sample_lora_latent(
             "encode them with the same hypernet that samples.")
     latent = sample_latent(
         hn.dit, features.cond, hn.mif.null, steps=steps, guidance=guidance, eta=eta, seed=seed,
-        latent_shape=hn.latent_shape, callback=callback,
+        latent_shape=hn.latent_shape, callback=callback, scheduler=make_sampler(sampler),
     )
     settings = {"seed": seed, "steps": steps, "guidance": guidance, "eta": eta}
+    if sampler != "ddim":
+        settings["sampler"] = sampler
     return LoraLatent(latent=latent, spec_hash=hn.spec.hash, settings=settings)
 
 

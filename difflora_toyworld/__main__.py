@@ -1,7 +1,8 @@
-"""python -m difflora_toyworld build|results: rebuild the toy world, or measure it.
+"""python -m difflora_toyworld build|results|study: rebuild the toy world, or measure it.
 
     python -m difflora_toyworld build   --world WORLD --tokenizer CLIP_TOKENIZER_DIR [--size default]
     python -m difflora_toyworld results --world WORLD [--out WORLD/results]
+    python -m difflora_toyworld study   --world WORLD [--parts baselines,sampling,photos,ablations]
 
 `build` resumes a stopped build (run it again with the same options). The tokenizer is CLIP's
 (vocab.json + merges.txt), e.g. ComfyUI's comfy/sd1_tokenizer, so that prompts encode to the
@@ -32,11 +33,21 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     b.add_argument("--processes", type=int, default=0,
                    help="CPU processes for the identity LoRAs (0: one per core, at most 4)")
+    b.add_argument("--base-from-assets", default="", metavar="DIR",
+                   help="take the base stages (VAE, UNet, classifier, encoders) from the shipped files in DIR "
+                        "(e.g. assets/toyworld) instead of training them; refused if they were built otherwise")
     r = sub.add_parser("results", help="the comparison table, JSON and image grid of a built world")
     r.add_argument("--world", required=True)
     r.add_argument("--out", default="", help="folder for results.md/.json/.png (default: WORLD/results)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--identities", type=int, default=0, help="held-out identities to score (0: all)")
+    st = sub.add_parser("study", help="baselines, sampler settings, photo counts and ablations (study.py)")
+    st.add_argument("--world", required=True)
+    st.add_argument("--out", default="", help="folder for study.md/.json (default: WORLD/study)")
+    st.add_argument("--device", default="cpu")
+    st.add_argument("--identities", type=int, default=0, help="held-out identities to score (0: all)")
+    st.add_argument("--parts", default="baselines,sampling,photos,ablations",
+                    help="comma-separated: baselines, sampling, photos, ablations")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.command == "build":
@@ -53,7 +64,19 @@ def main(argv: list[str] | None = None) -> int:
             import os
 
             processes = a.processes or min(4, os.cpu_count() or 1)
+            if a.base_from_assets:
+                from .world import seed_base_from_assets
+
+                seed_base_from_assets(a.world, cfg, a.tokenizer, a.base_from_assets)
             build_world(a.world, cfg, a.tokenizer, processes=processes)
+        elif a.command == "study":
+            from .study import PARTS, run_study
+
+            parts = [x for x in a.parts.split(",") if x]
+            unknown = sorted(set(parts) - set(PARTS))
+            if unknown:
+                raise DiffLoRAError(f"unknown --parts {', '.join(unknown)}: use {', '.join(PARTS)}")
+            run_study(a.world, parts, identities=a.identities or None, device=a.device, out=a.out or None)
         else:
             from .results import write_results
 

@@ -56,17 +56,18 @@ class WorldConfig(ConfigDict):
     unet_steps: int = 6000
     unet_batch: int = 32
     unet_lr: float = 1e-3
-    train_identities: int = 360        # identity LoRAs the hypernet learns from
-    heldout_identities: int = 16       # identity LoRAs for the comparison only
+    train_identities: int = 3000       # identity LoRAs the hypernet learns from
+    heldout_identities: int = 32       # identity LoRAs for the comparison only
     # 12 photos: two LoRAs of one person from disjoint photo sets agree more (dW cosine ~0.42 vs ~0.35
-    # with 6; other people ~0.06). 120 steps x 8 at 2e-3 gave the most identity with the prompt kept
-    # (6 held-out people: identity accuracy 0.49 against 0.44 for 80 x 4, prompt accuracy 0.68 vs base 0.69).
+    # with 6; other people ~0.06). 80 steps x 4 at 2e-3: 3,000 identities train in about 80 minutes on
+    # 2 cores (3.1-3.5 s an identity a process, batched 8 at a time; 120 x 8 takes 5.5 s). On 6 held-out
+    # people it reached identity accuracy 0.44 against 0.49 for 120 x 8 (base 0.28).
     lora_photos: int = 12
-    lora_steps: int = 120
-    lora_batch: int = 8
+    lora_steps: int = 80
+    lora_batch: int = 4
     lora_lr: float = 2e-3
-    lae_steps: int = 1000
-    dit_steps: int = 2500
+    lae_steps: int = 2000
+    dit_steps: int = 3000
     device: str = "cpu"
 
 
@@ -192,7 +193,7 @@ def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.P
         data_done.write_text("1")
 
     face, image = load_encoder(world.face), load_encoder(world.image)
-    for split in ("train", "heldout"):
+    for split in ("heldout", "train"):  # the held-out ones first: the few the measurement needs
         report = world.loras / split / "report.json"
         if _stage(f"identity-loras {split}", _loras_complete(report), t0):
             run_identity_loras(world, split, cfg, face, image, processes)
@@ -202,6 +203,55 @@ def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.P
     if _stage("dit", world.hypernet.is_file(), t0):
         run_dit(world, cfg, face, image)
     print(f"[world {time.monotonic() - t0:7.1f} s] complete: {world.root}", flush=True)
+    return world
+
+
+# The fields that decide the base stages (vae, classifier, encoders, unet): two configs that agree
+# on these build the same base model, classifier and encoders.
+BASE_FIELDS = ("seed", "base_identities", "photos_per_identity", "classifier_steps", "encoder_steps", "vae_steps",
+               "vae_batch", "vae_crop", "unet_steps", "unet_batch", "unet_lr")
+
+
+def seed_base_from_assets(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.PathLike,
+                          assets: str | os.PathLike) -> World:
+    """Fill a new world's base stages (vae, classifier, encoders, unet, checkpoint) from the shipped
+    files instead of training them (about 40 minutes here): the checkpoint back as a diffusers folder,
+    the classifier, and the two encoders the hypernet carries. Refused unless the checkpoint was built
+    with this config's base settings. The shipped weights are fp16, so this base is the trained one
+    rounded to fp16 (every later stage and the measurement then use that same base)."""
+    import struct
+
+    from difflora.hypernet_file import load_hypernet
+    from .attributes import load_classifier, save_classifier
+    from .identity_encoder import save_encoder
+
+    world, assets = World(root), Path(assets)
+    files = {name: assets / rel for name, rel in ARTIFACTS.items()}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise DiffLoRAError(f"cannot seed the base from the shipped files: {', '.join(missing)} missing.")
+    with open(files["checkpoint"], "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    built = json.loads(header.get("__metadata__", {}).get("difflora_toyworld", "{}"))
+    differ = [k for k in BASE_FIELDS if built.get(k) != cfg.to_dict()[k]]
+    if differ:
+        raise DiffLoRAError(f"{files['checkpoint']} was built with other base settings ({', '.join(differ)} differ); "
+                            "build the base stages instead (without --base-from-assets).")
+    _check_config(world, cfg)
+    if not (world.base / "unet" / "trained").is_file():
+        toy_sdxl.pipeline_folder_from_checkpoint(files["checkpoint"], world.base, tokenizer, cfg.seed)
+        for part in ("vae", "unet"):
+            (world.base / part / "trained").write_text("1")
+    if not world.checkpoint.is_file():
+        tmp = world.checkpoint.with_name(f".{world.checkpoint.name}.tmp")
+        shutil.copyfile(files["checkpoint"], tmp)
+        os.replace(tmp, world.checkpoint)
+    if not world.classifier.is_file():
+        save_classifier(load_classifier(files["classifier"]).float(), world.classifier)
+    hn = load_hypernet(files["hypernet"])
+    for encoder, path in ((hn.face_encoder, world.face), (hn.image_encoder, world.image)):
+        if not path.is_file():
+            save_encoder(encoder, path)
     return world
 
 
@@ -274,35 +324,41 @@ def cli_args(cfg) -> list[str]:
     return args
 
 
-def run_lae(world: World, cfg: WorldConfig):
+def run_lae(world: World, cfg: WorldConfig, run: Path | None = None, **overrides):
+    """The lae stage (into world.lae, or `run` with LAETrainConfig `overrides`: the study's ablations)."""
     from difflora.train.config import LAETrainConfig
     from difflora.train.lae_trainer import train_lae
 
-    run = world.lae
-    result = train_lae(LAETrainConfig(
+    run = run or world.lae
+    settings = dict(
         loras=str(world.loras / "train"), run=str(run), size="toy", steps=cfg.lae_steps, batch_size=32,
         lr=1e-3, warmup_steps=min(100, cfg.lae_steps // 10), ema_decay=0.999, eval_every=max(cfg.lae_steps // 3, 1),
         ckpt_every=max(cfg.lae_steps // 3, 1), log_every=20, mixed_precision="no", seed=cfg.seed,
-        resume=(run / "checkpoints").is_dir()))
+        resume=(run / "checkpoints").is_dir())
+    result = train_lae(LAETrainConfig(**{**settings, **overrides}))
     if result.status != "finished":
         raise DiffLoRAError("the lae stage was interrupted; run the build again to continue it")
 
 
-def run_dit(world: World, cfg: WorldConfig, face, image):
+def run_dit(world: World, cfg: WorldConfig, face, image, run: Path | None = None, lae: Path | None = None,
+            hypernet: Path | None = None, **overrides):
+    """The dit stage, then the hypernet file with both encoders inside (world.hypernet, or the
+    study's ablations: their own `run` folder, `lae` file, `hypernet` path and DiTTrainConfig `overrides`)."""
     from difflora.train.config import DiTTrainConfig
     from difflora.train.dit_trainer import train_dit
 
-    run = world.dit
+    run = run or world.dit
     out = run / "hypernet_plain.safetensors"
-    result = train_dit(DiTTrainConfig(
-        loras=str(world.loras / "train"), run=str(run), lae=str(world.lae / "lae_final.safetensors"), size="toy",
-        cond_dim=128, steps=cfg.dit_steps, batch_size=32, lr=5e-4, warmup_steps=min(200, cfg.dit_steps // 10),
-        ema_decay=0.999, eval_every=max(cfg.dit_steps // 3, 1), ckpt_every=max(cfg.dit_steps // 3, 1), log_every=20,
-        eval_identities=4, eval_sample_steps=10, mixed_precision="no", seed=cfg.seed, out=str(out),
-        resume=(run / "checkpoints").is_dir()))
+    settings = dict(
+        loras=str(world.loras / "train"), run=str(run), lae=str(lae or world.lae / "lae_final.safetensors"),
+        size="toy", cond_dim=128, steps=cfg.dit_steps, batch_size=32, lr=5e-4,
+        warmup_steps=min(200, cfg.dit_steps // 10), ema_decay=0.999, eval_every=max(cfg.dit_steps // 3, 1),
+        ckpt_every=max(cfg.dit_steps // 3, 1), log_every=20, eval_identities=4, eval_sample_steps=10,
+        mixed_precision="no", seed=cfg.seed, out=str(out), resume=(run / "checkpoints").is_dir())
+    result = train_dit(DiTTrainConfig(**{**settings, **overrides}))
     if result.status != "finished":
         raise DiffLoRAError("the dit stage was interrupted; run the build again to continue it")
-    embed_encoders(out, world.hypernet, face, image)
+    embed_encoders(out, hypernet or world.hypernet, face, image)
 
 
 def embed_encoders(src: Path, dst: Path, face, image) -> Path:

@@ -89,3 +89,21 @@ def test_average_references():
     torch.testing.assert_close(MixedImageFeatures.average_references(emb), avg)
     with pytest.raises(ValueError):
         average_references(torch.randn(0, 12))
+
+
+def test_single_source_ablations_ignore_the_other_embedding():
+    from difflora.errors import DiffLoRAError
+
+    face, image = torch.randn(3, 8), torch.randn(3, 10)
+    for sources, other in (("face", lambda: (face, torch.randn(3, 10))), ("image", lambda: (torch.randn(3, 8), image))):
+        torch.manual_seed(0)
+        mif = MixedImageFeatures(MIFConfig(face_dim=8, image_dim=10, cond_dim=16, sources=sources))
+        c = mif(face, image)
+        torch.testing.assert_close(mif(*other()), c)  # the unused embedding changes nothing
+        expected = (mif.proj_face(mif.norm_face(face)) if sources == "face" else mif.proj_image(mif.norm_image(image)))
+        torch.testing.assert_close(c, expected)
+    with pytest.raises(DiffLoRAError, match="needs a face"):
+        MixedImageFeatures(MIFConfig(face_dim=8, image_dim=10, cond_dim=16, sources="face"))(None, image)
+    with pytest.raises(ValueError, match="both, face, image"):
+        MIFConfig(face_dim=8, image_dim=10, cond_dim=16, sources="neither")
+    assert MIFConfig.from_dict({"face_dim": 8, "image_dim": 10, "cond_dim": 16}).sources == "both"  # older files

@@ -110,3 +110,47 @@ def test_identity_loras_share_one_basis(smoke_world):
     assert downs
     overlaps = [_subspace_overlap(a[k], b[k]) for k in downs]
     assert min(overlaps) > 0.8, overlaps
+
+
+def test_base_from_assets_fills_the_base_stages_or_refuses(comfy_path, tmp_path):
+    from pathlib import Path
+
+    from difflora_toyworld.world import BASE_FIELDS, WorldConfig, seed_base_from_assets
+
+    assets, tokenizer = Path(__file__).resolve().parents[1] / "assets" / "toyworld", comfy_path / "comfy" / "sd1_tokenizer"
+    with pytest.raises(DiffLoRAError, match="base_identities.*differ"):
+        seed_base_from_assets(tmp_path / "smoke", WORLD_SIZES["smoke"], tokenizer, assets)
+    assert not (tmp_path / "smoke").exists()  # refused before anything is written
+    cfg = WorldConfig()
+    world = seed_base_from_assets(tmp_path / "w", cfg, tokenizer, assets)
+    for path in (world.classifier, world.face, world.image, world.checkpoint, world.base / "vae" / "trained",
+                 world.base / "unet" / "trained"):
+        assert path.is_file(), path
+    assert json.loads(world.config.read_text()) == cfg.to_dict()
+    pipe = toy_sdxl.load_pipeline(world.base)
+    from safetensors.torch import load_file
+
+    stored = load_file(world.checkpoint)["first_stage_model.decoder.conv_out.weight"].float()
+    torch.testing.assert_close(pipe.vae.decoder.conv_out.weight.detach(), stored)  # the shipped weights, not a seed
+    assert set(BASE_FIELDS) < set(cfg.to_dict())
+
+
+@pytest.mark.slow
+def test_study_scores_every_row_and_keeps_them(smoke_world, tmp_path):
+    from difflora.hypernet_file import load_hypernet
+    from difflora_toyworld.study import ABLATIONS, PHOTOS, SAMPLING, run_study
+
+    root, _ = smoke_world
+    out = run_study(root, identities=1, out=tmp_path / "study")
+    rows = json.loads((out / "study.json").read_text())["rows"]
+    expected = {"base", "trained", "reconstructed", "predicted", "mean-lora", "nearest", "ridge"}
+    expected |= {f"photos-{k}" for k in PHOTOS} | {f"ablation-{name}" for name in ABLATIONS}
+    assert expected <= set(rows) and sum(k.startswith("sample-") for k in rows) == len(SAMPLING)
+    for row in rows.values():
+        assert 0 <= row["identity_accuracy"] <= 1 and 0 <= row["prompt_accuracy"] <= 1 and len(row["per_identity"]) == 1
+    assert rows["ridge"]["ridge"]["components"] >= 1
+    assert load_hypernet(root / "study" / "face-only" / "hypernet.safetensors").mif.cfg.sources == "face"
+    assert load_hypernet(root / "study" / "lae-64x" / "hypernet.safetensors").latent_shape[1] == 8
+    assert "| baselines | ridge regression" in (out / "study.md").read_text()
+    run_study(root, identities=1, out=tmp_path / "study")  # a rerun scores nothing again
+    assert json.loads((out / "study.json").read_text())["rows"] == rows

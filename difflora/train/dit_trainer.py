@@ -78,7 +78,8 @@ class DiTStage:
         tokens, channels = self.lae.latent_shape
         cond_dim = cfg.cond_dim or default_cond_dim(cfg.size)
         self.dit_cfg = DIT_CONFIGS[cfg.size](tokens, channels, cond_dim)
-        self.mif_cfg = MIFConfig(face_dim=self.encoders.face_dim, image_dim=self.encoders.image_dim, cond_dim=cond_dim)
+        self.mif_cfg = MIFConfig(face_dim=self.encoders.face_dim, image_dim=self.encoders.image_dim, cond_dim=cond_dim,
+                                 sources=cfg.sources)
         torch.manual_seed(cfg.seed)
         self.model = DiTWithMIF(self.dit_cfg, self.mif_cfg)
         n_params = sum(p.numel() for p in self.model.parameters())

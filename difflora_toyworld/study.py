@@ -1,0 +1,323 @@
+"""The study around the headline table: baselines, sampler settings, reference counts and the
+paper's ablations in miniature, every row scored on the same held-out identities, scenes and seeds
+as `results.py` (docs/TOYWORLD.md, "The study").
+
+    python -m difflora_toyworld study --world WORLD [--parts baselines,sampling,photos,ablations]
+
+Rows, each a way to get one LoRA per held-out identity from what the training set offers:
+  baselines   the mean training LoRA (no identity information); the training LoRA of the nearest
+              identity by face embedding; ridge regression from the reference photo's face and image
+              embeddings to the top principal components of the training LoRAs (weights2weights' idea
+              of a linear identity space), its size and strength chosen on held-back training identities
+  sampling    the hypernet's LoRA at DDIM 25/10/5 steps and DPM-Solver++ 10/5, and at guidance 1-5
+  photos      the LoRA predicted from 1, 3 and 5 reference photos of the person
+  ablations   hypernets trained here on the same LoRAs: face embedding only, image embedding only
+              (MIF's sources), plain-MSE LAE (lam 0), a 64x LAE instead of 128x; each with its LAE
+              reconstruction row where its LAE differs
+Ablation runs live in WORLD/study/<name>/ and resume like the build's stages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import toy_sdxl
+from .render import Identity, caption, sample_identities
+
+log = logging.getLogger("difflora_toyworld")
+
+PARTS = ("baselines", "sampling", "photos", "ablations")
+# name -> (LAE overrides or None for the world's LAE, DiT overrides)
+ABLATIONS = {
+    "face-only": (None, {"sources": "face", "p_no_face": 0.0}),
+    "image-only": (None, {"sources": "image", "p_no_face": 0.0}),
+    "lae-mse": ({"lam": 0.0}, {}),
+    "lae-64x": ({"size": "toy-64x"}, {}),
+}
+SAMPLING = [("ddim", 25, 3.0), ("ddim", 10, 3.0), ("ddim", 5, 3.0), ("dpm++", 10, 3.0), ("dpm++", 5, 3.0),
+            ("ddim", 25, 1.0), ("ddim", 25, 2.0), ("ddim", 25, 5.0)]
+PHOTOS = (1, 3, 5)
+RIDGE_COMPONENTS = (16, 64, 256)
+RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0)
+
+
+@dataclass
+class HeldOut:
+    name: str
+    person: Identity
+    lora: Path
+    photos: list[Path]
+
+
+class Bench:
+    """The measurement of results.py, for any LoRA per held-out identity."""
+
+    def __init__(self, world_root, identities: int | None = None, device: str = "cpu", seed: int = 0,
+                 steps: int = 20, guidance: float = 4.0):
+        from diffusers.utils import logging as diffusers_logging
+
+        from .attributes import load_classifier
+        from .results import EVAL_SCENES, SEEDS_PER_SCENE, eval_scene
+        from .world import HELDOUT_FIRST, TRIGGER, World, WorldConfig
+
+        diffusers_logging.set_verbosity_error()
+        self.world = World(world_root)
+        self.cfg = WorldConfig.from_dict(json.loads(self.world.config.read_text()))
+        self.clf = load_classifier(self.world.classifier)
+        self.pipe = toy_sdxl.load_pipeline(self.world.base, device)
+        self.device, self.steps, self.guidance = device, steps, guidance
+        n = self.cfg.heldout_identities if identities is None else min(identities, self.cfg.heldout_identities)
+        self.people = []
+        for i, person in enumerate(sample_identities(n, self.cfg.seed, first=HELDOUT_FIRST)):
+            name = f"id_{HELDOUT_FIRST + i:05d}"
+            lora = self.world.loras / "heldout" / f"{name}.safetensors"
+            if lora.is_file():
+                photos = sorted((self.world.data / "heldout" / name).glob("*.png"))
+                self.people.append(HeldOut(name, person, lora, photos))
+        self.scenes = [eval_scene(b, e) for b, e in EVAL_SCENES for _ in range(SEEDS_PER_SCENE)]
+        self.prompts = [caption(s, TRIGGER) for s in self.scenes]
+        self.seeds = [seed + i for i in range(len(self.scenes))]
+
+    def score(self, loras: list[dict | None]) -> dict:
+        """Identity and prompt accuracy of one LoRA per held-out identity (None: the base model)."""
+        from .attributes import identity_accuracy, prompt_accuracy
+        from .results import generate
+
+        ida, pa = [], []
+        for person, lora in zip(self.people, loras):
+            imgs = generate(self.pipe, lora, self.prompts, self.seeds, self.steps, self.guidance)
+            ida.append(identity_accuracy(self.clf, imgs, person.person))
+            pa.append(prompt_accuracy(self.clf, imgs, self.scenes))
+        return {"identity_accuracy": float(np.mean(ida)), "identity_accuracy_sem": float(np.std(ida) / np.sqrt(len(ida))),
+                "prompt_accuracy": float(np.mean(pa)), "per_identity": [float(x) for x in ida]}
+
+
+def _references(hn, photos: list[Path]):
+    from difflora.encoders import encode_references, load_image_file
+    from difflora.pipeline import resolve_encoders
+
+    face, image = resolve_encoders(hn, None, None)
+    return encode_references([load_image_file(p) for p in photos], face, image)
+
+
+def predicted(hn, bench: Bench, photos: int = 1, **sample_kwargs) -> tuple[list[dict], float]:
+    """The hypernet's LoRA per held-out identity from its first `photos` photos; mean seconds each."""
+    from difflora.pipeline import features_from_images, predict_lora
+    from difflora.encoders import load_image_file
+
+    loras, seconds = [], []
+    for person in bench.people:
+        t0 = time.perf_counter()
+        features = features_from_images(hn, [load_image_file(p) for p in person.photos[:photos]])
+        loras.append(predict_lora(hn, features, **sample_kwargs))
+        seconds.append(time.perf_counter() - t0)
+    return loras, float(np.mean(seconds))
+
+
+class TrainingSet:
+    """The training LoRAs in the hypernet's normalized space, with their identities' embeddings."""
+
+    def __init__(self, world, hn):
+        from difflora.mixed_features import average_references
+        from difflora.train.data import load_lora_dataset
+
+        data = load_lora_dataset(world.loras / "train", hn.spec, embeddings=True)
+        self.names, self.folder = data.names, world.loras / "train"
+        with torch.no_grad():
+            self.x = torch.cat([hn.norm.normalize(c) for c in data.chunks(range(len(data.names)), 256)])  # (N, P)
+        self.face_mean = torch.stack([average_references(f) for f in data.face])                         # (N, Df)
+        self.photo_face = data.face                                                                     # (n_i, Df)
+        self.photo_image = data.image                                                                   # (n_i, Di)
+
+
+def mean_lora(hn, ts: TrainingSet, n: int) -> list[dict]:
+    from difflora.pipeline import lora_state_dict
+
+    flat = hn.norm.denormalize(ts.x.mean(0))
+    return [lora_state_dict(hn, flat)] * n
+
+
+def nearest_identity(hn, ts: TrainingSet, bench: Bench) -> list[dict]:
+    """The training LoRA of the identity whose mean face embedding is closest to the reference's."""
+    from safetensors.torch import load_file
+
+    out = []
+    for person in bench.people:
+        face = _references(hn, person.photos[:1]).face.float().reshape(-1, ts.face_mean.shape[1])[0]
+        face = torch.nn.functional.normalize(face, dim=0)
+        best = int((ts.face_mean @ face).argmax())
+        out.append(load_file(ts.folder / f"{ts.names[best]}.safetensors"))
+    return out
+
+
+def _features(face: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    f = torch.nn.functional.normalize(face.float(), dim=-1)
+    i = torch.nn.functional.normalize(image.float(), dim=-1)
+    return torch.cat([f, i], -1)
+
+
+def fit_ridge(ts: TrainingSet, seed: int = 0, val_fraction: float = 0.1) -> dict:
+    """Ridge from one photo's [face, image] embedding to the top-k principal-component coefficients of
+    the normalized training LoRAs; k and alpha chosen on held-back identities by normalized MSE, then
+    refit on all. Every photo is a sample with its identity's target (as the DiT trains)."""
+    n = len(ts.names)
+    perm = np.random.default_rng(seed).permutation(n)
+    val = set(perm[: max(1, int(n * val_fraction))].tolist())
+
+    def components(rows: list[int]):
+        x = ts.x[rows]
+        mean = x.mean(0)
+        _, _, v = torch.linalg.svd(x - mean, full_matrices=False)          # one SVD per row set
+        return rows, mean, v[: max(RIDGE_COMPONENTS)]
+
+    def fit(pcs, k: int, alpha: float):
+        rows, mean, v = pcs
+        basis = v[:k]                                                        # (k, P)
+        coef = (ts.x[rows] - mean) @ basis.T                                 # (n, k)
+        feats = [_features(ts.photo_face[i], ts.photo_image[i]) for i in rows]
+        a = torch.cat(feats)                                                 # (M, F)
+        y = torch.cat([coef[j].expand(f.shape[0], -1) for j, f in enumerate(feats)])  # (M, k)
+        a_mean, y_mean = a.mean(0), y.mean(0)
+        a0, y0 = a - a_mean, y - y_mean
+        w = torch.linalg.solve(a0.T @ a0 + alpha * a0.shape[0] * torch.eye(a0.shape[1]), a0.T @ y0)  # (F, k)
+        return {"mean": mean, "basis": basis, "w": w, "a_mean": a_mean, "y_mean": y_mean}
+
+    def predict(model, face, image):
+        c = (_features(face, image) - model["a_mean"]) @ model["w"] + model["y_mean"]   # (B, k)
+        return model["mean"] + c @ model["basis"]                                          # (B, P)
+
+    train_rows = [i for i in range(n) if i not in val]
+    pcs, scores = components(train_rows), {}
+    for k in RIDGE_COMPONENTS:
+        for alpha in RIDGE_ALPHAS:
+            model = fit(pcs, k, alpha)
+            err = [float(((predict(model, ts.photo_face[i][:1], ts.photo_image[i][:1])[0] - ts.x[i]) ** 2).mean())
+                   for i in sorted(val)]
+            scores[(k, alpha)] = float(np.mean(err))
+    k, alpha = min(scores, key=scores.get)
+    log.info("ridge: k %d, alpha %g chosen (validation normalized MSE %.4f; mean LoRA would give %.4f)", k, alpha,
+             scores[(k, alpha)], float(((ts.x[sorted(val)] - ts.x[train_rows].mean(0)) ** 2).mean()))
+    model = fit(components(list(range(n))), k, alpha)
+    model["predict"] = predict
+    model["choice"] = {"components": k, "alpha": alpha, "val_mse": scores[(k, alpha)],
+                       "grid": {f"{kk}/{aa}": v for (kk, aa), v in scores.items()}}
+    return model
+
+
+def ridge_loras(hn, model: dict, bench: Bench) -> list[dict]:
+    from difflora.pipeline import lora_state_dict
+
+    out = []
+    for person in bench.people:
+        refs = _references(hn, person.photos[:1])
+        x = model["predict"](model, refs.face.reshape(1, -1), refs.image.reshape(1, -1))[0]
+        out.append(lora_state_dict(hn, hn.norm.denormalize(x)))
+    return out
+
+
+def ablation_hypernet(world, cfg, name: str) -> Path:
+    """Train (or resume) one ablation's LAE and DiT on the world's LoRAs; returns its hypernet file."""
+    from .identity_encoder import load_encoder
+    from .world import run_dit, run_lae
+
+    lae_overrides, dit_overrides = ABLATIONS[name]
+    root = world.root / "study" / name
+    hypernet = root / "hypernet.safetensors"
+    if hypernet.is_file():
+        return hypernet
+    lae = world.lae / "lae_final.safetensors"
+    if lae_overrides is not None:
+        lae = root / "lae" / "lae_final.safetensors"
+        if not lae.is_file():
+            run_lae(world, cfg, run=root / "lae", **lae_overrides)
+    run_dit(world, cfg, load_encoder(world.face), load_encoder(world.image), run=root / "dit", lae=lae,
+            hypernet=hypernet, **dit_overrides)
+    return hypernet
+
+
+def run_study(world_root, parts=PARTS, identities: int | None = None, device: str = "cpu",
+              out: str | os.PathLike | None = None) -> Path:
+    from difflora.hypernet_file import load_hypernet
+    from safetensors.torch import load_file
+    from .results import atomic_write_text, reconstruct
+
+    bench = Bench(world_root, identities, device)
+    out = Path(out or bench.world.root / "study")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "study.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    rows = done.get("rows", {})
+    hn = load_hypernet(bench.world.hypernet)
+
+    def row(key: str, group: str, label: str, make):
+        """Score a row once; a rerun keeps rows already scored (delete study.json to redo them)."""
+        if key in rows:
+            return
+        t0 = time.perf_counter()
+        loras, extra = make()
+        rows[key] = {"group": group, "label": label, **bench.score(loras), **extra,
+                     "seconds": time.perf_counter() - t0}
+        log.info("%-28s identity %.3f ± %.3f, prompt %.3f", label, rows[key]["identity_accuracy"],
+                 rows[key]["identity_accuracy_sem"], rows[key]["prompt_accuracy"])
+        atomic_write_text(path, json.dumps({"rows": rows, "identities": [p.name for p in bench.people]}, indent=1))
+
+    n = len(bench.people)
+    row("base", "main", "base model", lambda: ([None] * n, {}))
+    row("trained", "main", "trained identity LoRA", lambda: ([load_file(p.lora) for p in bench.people], {}))
+    row("reconstructed", "main", "LAE reconstruction", lambda: ([reconstruct(hn, p.lora) for p in bench.people], {}))
+
+    def pred(h, **kw):
+        loras, seconds = predicted(h, bench, **kw)
+        return loras, {"predict_seconds": seconds}
+
+    row("predicted", "main", "DiffLoRA (1 photo, DDIM 25, guidance 3)", lambda: pred(hn))
+    if "baselines" in parts:
+        ts = TrainingSet(bench.world, hn)
+        row("mean-lora", "baselines", "mean training LoRA", lambda: (mean_lora(hn, ts, n), {}))
+        row("nearest", "baselines", "nearest training identity (face embedding)",
+            lambda: (nearest_identity(hn, ts, bench), {}))
+
+        def ridge():
+            model = fit_ridge(ts, bench.cfg.seed)
+            return ridge_loras(hn, model, bench), {"ridge": model["choice"]}
+        row("ridge", "baselines", "ridge regression to the top principal components", ridge)
+    if "sampling" in parts:
+        for sampler, steps, guidance in SAMPLING:
+            key = f"sample-{sampler}-{steps}-g{guidance:g}"
+            row(key, "sampling", f"{'DDIM' if sampler == 'ddim' else 'DPM-Solver++'} {steps} steps, guidance "
+                f"{guidance:g}", lambda s=sampler, k=steps, g=guidance: pred(hn, sampler=s, steps=k, guidance=g))
+    if "photos" in parts:
+        for k in PHOTOS:
+            row(f"photos-{k}", "photos", f"{k} reference photo{'s' if k > 1 else ''}", lambda k=k: pred(hn, photos=k))
+    if "ablations" in parts:
+        for name, (lae_overrides, _) in ABLATIONS.items():
+            h = load_hypernet(ablation_hypernet(bench.world, bench.cfg, name))
+            row(f"ablation-{name}", "ablations", f"{name}: DiffLoRA (1 photo)", lambda h=h: pred(h))
+            if lae_overrides is not None:
+                row(f"ablation-{name}-recon", "ablations", f"{name}: LAE reconstruction",
+                    lambda h=h: ([reconstruct(h, p.lora) for p in bench.people], {}))
+    atomic_write_text(out / "study.md", markdown(rows, len(bench.people)))
+    print((out / "study.md").read_text())
+    return out
+
+
+def markdown(rows: dict, identities: int) -> str:
+    base = rows["base"]["identity_accuracy"]
+    gain = rows["trained"]["identity_accuracy"] - base
+    lines = [f"# Toy world study ({identities} held-out identities)", "",
+             "Reproduce: `python -m difflora_toyworld study --world WORLD`", "",
+             "| group | method | identity accuracy | share of the trained gain | prompt accuracy |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in rows.values():
+        share = (r["identity_accuracy"] - base) / gain if gain > 0 else float("nan")
+        lines.append(f"| {r['group']} | {r['label']} | {r['identity_accuracy']:.3f} ± {r['identity_accuracy_sem']:.3f} "
+                     f"| {share:.2f} | {r['prompt_accuracy']:.3f} |")
+    return "\n".join(lines) + "\n"
