@@ -36,6 +36,14 @@ class MIFConfig(ConfigDict):
         if self.sources not in MIF_SOURCES:
             raise ValueError(f"MIF sources must be one of {', '.join(MIF_SOURCES)}, got {self.sources!r}")
 
+    def to_dict(self) -> dict:
+        # "both" is left out, so files of the usual hypernet keep the bytes (and identity) they had before
+        # the ablation field existed.
+        d = super().to_dict()
+        if d["sources"] == "both":
+            del d["sources"]
+        return d
+
 
 
 MIF_SOURCES = ("both", "face", "image")
