@@ -21,6 +21,8 @@ from torch import nn
 from .config_dict import ConfigDict
 from .errors import DiffLoRAError
 
+MIF_SOURCES = ("both", "face", "image")  # what the mixed features may be made of (MIFConfig.sources)
+
 
 @dataclass
 class MIFConfig(ConfigDict):
@@ -43,10 +45,6 @@ class MIFConfig(ConfigDict):
         if d["sources"] == "both":
             del d["sources"]
         return d
-
-
-
-MIF_SOURCES = ("both", "face", "image")
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:

@@ -100,12 +100,17 @@ class Bench:
                 "prompt_accuracy": float(np.mean(pa)), "per_identity": [float(x) for x in ida]}
 
 
-def _references(hn, photos: list[Path]):
+def first_photo_embeddings(hn, bench: Bench) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(face (1, Df), image (1, Di)) of each held-out person's first photo, by the hypernet's encoders."""
     from difflora.encoders import encode_references, load_image_file
     from difflora.pipeline import resolve_encoders
 
     face, image = resolve_encoders(hn, None, None)
-    return encode_references([load_image_file(p) for p in photos], face, image)
+    out = []
+    for person in bench.people:
+        refs = encode_references([load_image_file(person.photos[0])], face, image)
+        out.append((refs.face.float().reshape(1, -1), refs.image.float().reshape(1, -1)))
+    return out
 
 
 def predicted(hn, bench: Bench, photos: int = 1, **sample_kwargs) -> tuple[list[dict], float]:
@@ -145,15 +150,13 @@ def mean_lora(hn, ts: TrainingSet, n: int) -> list[dict]:
     return [lora_state_dict(hn, flat)] * n
 
 
-def nearest_identity(hn, ts: TrainingSet, bench: Bench) -> list[dict]:
+def nearest_identity(ts: TrainingSet, refs) -> list[dict]:
     """The training LoRA of the identity whose mean face embedding is closest to the reference's."""
     from safetensors.torch import load_file
 
     out = []
-    for person in bench.people:
-        face = _references(hn, person.photos[:1]).face.float().reshape(-1, ts.face_mean.shape[1])[0]
-        face = torch.nn.functional.normalize(face, dim=0)
-        best = int((ts.face_mean @ face).argmax())
+    for face, _ in refs:
+        best = int((ts.face_mean @ torch.nn.functional.normalize(face[0], dim=0)).argmax())
         out.append(load_file(ts.folder / f"{ts.names[best]}.safetensors"))
     return out
 
@@ -173,22 +176,25 @@ def fit_ridge(ts: TrainingSet, seed: int = 0, val_fraction: float = 0.1) -> dict
     val = set(perm[: max(1, int(n * val_fraction))].tolist())
 
     def components(rows: list[int]):
+        """What every (k, alpha) shares for one row set: the PCA, and the photos' features and Gram."""
         x = ts.x[rows]
         mean = x.mean(0)
-        _, _, v = torch.linalg.svd(x - mean, full_matrices=False)          # one SVD per row set
-        return rows, mean, v[: max(RIDGE_COMPONENTS)]
+        _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
+        feats = [_features(ts.photo_face[i], ts.photo_image[i]) for i in rows]
+        owner = torch.cat([torch.full((f.shape[0],), j) for j, f in enumerate(feats)])  # (M,) photo -> row
+        a = torch.cat(feats)                                                            # (M, F)
+        a_mean = a.mean(0)
+        a0 = a - a_mean
+        v = v[: max(RIDGE_COMPONENTS)]
+        return {"mean": mean, "v": v, "coef": (x - mean) @ v.T, "owner": owner, "a0": a0, "a_mean": a_mean,
+                "gram": a0.T @ a0}
 
     def fit(pcs, k: int, alpha: float):
-        rows, mean, v = pcs
-        basis = v[:k]                                                        # (k, P)
-        coef = (ts.x[rows] - mean) @ basis.T                                 # (n, k)
-        feats = [_features(ts.photo_face[i], ts.photo_image[i]) for i in rows]
-        a = torch.cat(feats)                                                 # (M, F)
-        y = torch.cat([coef[j].expand(f.shape[0], -1) for j, f in enumerate(feats)])  # (M, k)
-        a_mean, y_mean = a.mean(0), y.mean(0)
-        a0, y0 = a - a_mean, y - y_mean
-        w = torch.linalg.solve(a0.T @ a0 + alpha * a0.shape[0] * torch.eye(a0.shape[1]), a0.T @ y0)  # (F, k)
-        return {"mean": mean, "basis": basis, "w": w, "a_mean": a_mean, "y_mean": y_mean}
+        y = pcs["coef"][pcs["owner"], :k]                                    # (M, k): each photo's identity target
+        y_mean = y.mean(0)
+        a0, gram = pcs["a0"], pcs["gram"]
+        w = torch.linalg.solve(gram + alpha * a0.shape[0] * torch.eye(gram.shape[0]), a0.T @ (y - y_mean))  # (F, k)
+        return {"mean": pcs["mean"], "basis": pcs["v"][:k], "w": w, "a_mean": pcs["a_mean"], "y_mean": y_mean}
 
     def predict(model, face, image):
         c = (_features(face, image) - model["a_mean"]) @ model["w"] + model["y_mean"]   # (B, k)
@@ -212,15 +218,10 @@ def fit_ridge(ts: TrainingSet, seed: int = 0, val_fraction: float = 0.1) -> dict
     return model
 
 
-def ridge_loras(hn, model: dict, bench: Bench) -> list[dict]:
+def ridge_loras(hn, model: dict, refs) -> list[dict]:
     from difflora.pipeline import lora_state_dict
 
-    out = []
-    for person in bench.people:
-        refs = _references(hn, person.photos[:1])
-        x = model["predict"](model, refs.face.reshape(1, -1), refs.image.reshape(1, -1))[0]
-        out.append(lora_state_dict(hn, hn.norm.denormalize(x)))
-    return out
+    return [lora_state_dict(hn, hn.norm.denormalize(model["predict"](model, face, image)[0])) for face, image in refs]
 
 
 def ablation_hypernet(world, cfg, name: str) -> Path:
@@ -280,14 +281,14 @@ def run_study(world_root, parts=PARTS, identities: int | None = None, device: st
 
     row("predicted", "main", "DiffLoRA (1 photo, DDIM 25, guidance 3)", lambda: pred(hn))
     if "baselines" in parts:
-        ts = TrainingSet(bench.world, hn)
+        ts, refs = TrainingSet(bench.world, hn), first_photo_embeddings(hn, bench)
         row("mean-lora", "baselines", "mean training LoRA", lambda: (mean_lora(hn, ts, n), {}))
         row("nearest", "baselines", "nearest training identity (face embedding)",
-            lambda: (nearest_identity(hn, ts, bench), {}))
+            lambda: (nearest_identity(ts, refs), {}))
 
         def ridge():
             model = fit_ridge(ts, bench.cfg.seed)
-            return ridge_loras(hn, model, bench), {"ridge": model["choice"]}
+            return ridge_loras(hn, model, refs), {"ridge": model["choice"]}
         row("ridge", "baselines", "ridge regression to the top principal components", ridge)
     if "sampling" in parts:
         for sampler, steps, guidance in SAMPLING:

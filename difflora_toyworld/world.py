@@ -59,9 +59,9 @@ class WorldConfig(ConfigDict):
     train_identities: int = 3000       # identity LoRAs the hypernet learns from
     heldout_identities: int = 32       # identity LoRAs for the comparison only
     # 12 photos: two LoRAs of one person from disjoint photo sets agree more (dW cosine ~0.42 vs ~0.35
-    # with 6; other people ~0.06). 80 steps x 4 at 2e-3: 3,000 identities train in about 80 minutes on
-    # 2 cores (3.1-3.5 s an identity a process, batched 8 at a time; 120 x 8 takes 5.5 s). On 6 held-out
-    # people it reached identity accuracy 0.44 against 0.49 for 120 x 8 (base 0.28).
+    # with 6; other people ~0.06). 80 steps x 4 at 2e-3: 3.1-3.5 s an identity a process (benchmark,
+    # batched 8-32 at a time; 120 x 8 takes 5.5 s); the 3,000 trained in 1 h 52 min on 2 cores under 2
+    # processes. On 6 held-out people it reached identity accuracy 0.44 against 0.49 for 120 x 8 (base 0.28).
     lora_photos: int = 12
     lora_steps: int = 80
     lora_batch: int = 4
@@ -219,7 +219,7 @@ def seed_base_from_assets(root: str | os.PathLike, cfg: WorldConfig, tokenizer: 
     the classifier, and the two encoders the hypernet carries. Refused unless the checkpoint was built
     with this config's base settings. The shipped weights are fp16, so this base is the trained one
     rounded to fp16 (every later stage and the measurement then use that same base)."""
-    import struct
+    from safetensors import safe_open
 
     from difflora.hypernet_file import load_hypernet
     from .attributes import load_classifier, save_classifier
@@ -230,9 +230,8 @@ def seed_base_from_assets(root: str | os.PathLike, cfg: WorldConfig, tokenizer: 
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise DiffLoRAError(f"cannot seed the base from the shipped files: {', '.join(missing)} missing.")
-    with open(files["checkpoint"], "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    built = json.loads(header.get("__metadata__", {}).get("difflora_toyworld", "{}"))
+    with safe_open(str(files["checkpoint"]), framework="pt") as f:  # the header only
+        built = json.loads((f.metadata() or {}).get("difflora_toyworld", "{}"))
     differ = [k for k in BASE_FIELDS if built.get(k) != cfg.to_dict()[k]]
     if differ:
         raise DiffLoRAError(f"{files['checkpoint']} was built with other base settings ({', '.join(differ)} differ); "

@@ -19,6 +19,7 @@ from ..config_dict import ConfigDict
 from ..dit import DIT_CONFIGS
 from ..encoders import FACE_ENCODER_KINDS
 from ..errors import DiffLoRAError
+from ..mixed_features import MIF_SOURCES
 from ..lae import LAE_CONFIGS
 from .multi_lora import WEIGHT_SPACES
 
@@ -229,7 +230,7 @@ class DiTTrainConfig(LoopConfig):
     cond_dim: int = opt(0, "Width of the mixed features; 0: the size's default (64 for tiny, else 768).", at_least=0)
     p_uncond: float = opt(0.1, "Condition dropout for classifier-free guidance.", at_least=0, below=1)
     sources: str = opt("both", "What the mixed features are made of: both (the gate mixes face and image "
-                               "embeddings) or one alone (the ablation rows).", choices=("both", "face", "image"))
+                               "embeddings) or one alone (the ablation rows).", choices=MIF_SOURCES)
     p_no_face: float = opt(0.1, "Share of training samples whose face embedding is dropped, so the image-only mode "
                                 "(on_no_face = image_only, a photo without a detectable face) is trained too.",
                            at_least=0, below=1)
