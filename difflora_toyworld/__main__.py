@@ -41,13 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default="", help="folder for results.md/.json/.png (default: WORLD/results)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--identities", type=int, default=0, help="held-out identities to score (0: all)")
-    st = sub.add_parser("study", help="baselines, sampler settings, photo counts and ablations (study.py)")
+    st = sub.add_parser("study", help="baselines, sampler settings, photo counts, ablations and weight spaces "
+                                      "(study.py)")
     st.add_argument("--world", required=True)
     st.add_argument("--out", default="", help="folder for study.md/.json (default: WORLD/study)")
     st.add_argument("--device", default="cpu")
     st.add_argument("--identities", type=int, default=0, help="held-out identities to score (0: all)")
-    st.add_argument("--parts", default="baselines,sampling,photos,ablations",
-                    help="comma-separated: baselines, sampling, photos, ablations")
+    st.add_argument("--parts", default="baselines,sampling,photos,ablations,weight-space",
+                    help="comma-separated: baselines, sampling, photos, ablations, weight-space")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.command == "build":

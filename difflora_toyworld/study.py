@@ -2,7 +2,7 @@
 paper's ablations in miniature, every row scored on the same held-out identities, scenes and seeds
 as `results.py` (docs/TOYWORLD.md, "The study").
 
-    python -m difflora_toyworld study --world WORLD [--parts baselines,sampling,photos,ablations]
+    python -m difflora_toyworld study --world WORLD [--parts baselines,sampling,photos,ablations,weight-space]
 
 Rows, each a way to get one LoRA per held-out identity from what the training set offers:
   baselines   the mean training LoRA (no identity information); the training LoRA of the nearest
@@ -14,6 +14,10 @@ Rows, each a way to get one LoRA per held-out identity from what the training se
   ablations   hypernets trained here on the same LoRAs: face embedding only, image embedding only
               (MIF's sources), plain-MSE LAE (lam 0), a 64x LAE instead of 128x; each with its LAE
               reconstruction row where its LAE differs
+  weight-space  the two weight spaces of identity-loras on the first 500 training identities: the
+              world's own (free: A and B trained, canonical form and gauge) and shared-down (one frozen
+              A, only B trained), each with its own LAE and DiT; the shared-down held-out LoRAs are
+              trained too, for their trained and reconstruction rows
 Ablation runs live in WORLD/study/<name>/ and resume like the build's stages.
 """
 
@@ -29,12 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflora.train.data import EMB_SUFFIX
+
 from . import toy_sdxl
 from .render import Identity, caption, sample_identities
 
 log = logging.getLogger("difflora_toyworld")
 
-PARTS = ("baselines", "sampling", "photos", "ablations")
+PARTS = ("baselines", "sampling", "photos", "ablations", "weight-space")
 # name -> (LAE overrides or None for the world's LAE, DiT overrides)
 ABLATIONS = {
     "face-only": (None, {"sources": "face", "p_no_face": 0.0}),
@@ -47,6 +53,8 @@ SAMPLING = [("ddim", 25, 3.0), ("ddim", 10, 3.0), ("ddim", 5, 3.0), ("dpm++", 10
 PHOTOS = (1, 3, 5)
 RIDGE_COMPONENTS = (16, 64, 256)
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0)
+WEIGHT_SPACES = ("free", "shared-down")
+WEIGHT_SPACE_IDENTITIES = 500  # training identities of each weight space's hypernet (a sixth of the world)
 
 
 @dataclass
@@ -244,6 +252,48 @@ def ablation_hypernet(world, cfg, name: str) -> Path:
     return hypernet
 
 
+def _link(src: Path, dst: Path) -> None:
+    if not dst.exists():
+        dst.symlink_to(src.resolve(), target_is_directory=src.is_dir())
+
+
+def weight_space_hypernet(world, cfg, space: str, n: int = WEIGHT_SPACE_IDENTITIES, processes: int = 1) -> Path:
+    """Train (or resume) the LAE and DiT of one weight space on the first `n` training identities
+    (WORLD/study/ws-<space>/); returns its hypernet file. Free reuses the world's LoRAs; shared-down
+    trains its own, held-out ones included, from the same photos."""
+    from .identity_encoder import load_encoder
+    from .world import _loras_complete, run_dit, run_identity_loras, run_lae
+
+    root = world.root / "study" / f"ws-{space}"
+    hypernet = root / "hypernet.safetensors"
+    if hypernet.is_file():
+        return hypernet
+    face, image = load_encoder(world.face), load_encoder(world.image)
+    names = sorted(p.name for p in (world.data / "train").iterdir() if p.is_dir())[:n]
+    loras = root / "loras" / "train"
+    if space == "free":
+        loras.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            if (world.loras / "train" / f"{name}.safetensors").is_file():  # not one identity-loras skipped
+                for suffix in (".safetensors", EMB_SUFFIX):
+                    _link(world.loras / "train" / (name + suffix), loras / (name + suffix))
+    else:
+        data = root / "data" / "train"
+        data.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            _link(world.data / "train" / name, data / name)
+        for split, src in (("heldout", world.data / "heldout"), ("train", data)):
+            out = root / "loras" / split
+            if not _loras_complete(out / "report.json"):
+                run_identity_loras(world, split, cfg, face, image, processes, data=str(src), out=str(out),
+                                   weight_space=space)
+    lae = root / "lae" / "lae_final.safetensors"
+    if not lae.is_file():
+        run_lae(world, cfg, run=lae.parent, loras=str(loras))
+    run_dit(world, cfg, face, image, run=root / "dit", lae=lae, hypernet=hypernet, loras=str(loras))
+    return hypernet
+
+
 def run_study(world_root, parts=PARTS, identities: int | None = None, device: str = "cpu",
               out: str | os.PathLike | None = None) -> Path:
     from difflora.hypernet_file import load_hypernet
@@ -305,6 +355,18 @@ def run_study(world_root, parts=PARTS, identities: int | None = None, device: st
             if lae_overrides is not None:
                 row(f"ablation-{name}-recon", "ablations", f"{name}: LAE reconstruction",
                     lambda h=h: ([reconstruct(h, p.lora) for p in bench.people], {}))
+    if "weight-space" in parts:
+        for space in WEIGHT_SPACES:
+            h = load_hypernet(weight_space_hypernet(bench.world, bench.cfg, space))
+            own = [bench.world.root / "study" / f"ws-{space}" / "loras" / "heldout" / p.lora.name
+                   for p in bench.people] if space != "free" else [p.lora for p in bench.people]
+            if space != "free":
+                row(f"ws-{space}-trained", "weight space", f"{space} weight space: trained identity LoRA",
+                    lambda own=own: ([load_file(f) for f in own], {}))
+            row(f"ws-{space}-recon", "weight space", f"{space} weight space: LAE reconstruction",
+                lambda h=h, own=own: ([reconstruct(h, f) for f in own], {}))
+            row(f"ws-{space}-predicted", "weight space", f"{space} weight space: DiffLoRA (1 photo)",
+                lambda h=h: pred(h))
     atomic_write_text(out / "study.md", markdown(rows, len(bench.people)))
     print((out / "study.md").read_text())
     return out

@@ -274,21 +274,24 @@ def _loras_complete(report: Path) -> bool:
     return all(r["status"] in ("trained", "done", "skipped") for r in rows)
 
 
-def identity_lora_config(world: World, split: str, cfg: WorldConfig):
+def identity_lora_config(world: World, split: str, cfg: WorldConfig, **overrides):
+    """The identity-loras settings of one split (`overrides`: other IdentityLoraConfig fields, as the
+    study's weight-space comparison uses)."""
     from difflora.train.config import IdentityLoraConfig
 
-    return IdentityLoraConfig(
+    settings = dict(
         data=str(world.data / split), out=str(world.loras / split), base=str(world.base),
         face_encoder="toy-face", insightface_root=str(world.face), image_encoder=str(world.image),
         rank=4, steps=cfg.lora_steps, batch_size=cfg.lora_batch, lr=cfg.lora_lr, resolution=toy_sdxl.IMAGE_SIZE,
         min_images=3, min_face_similarity=0.8, mixed_precision="no", seed=cfg.seed, progress=True)
+    return IdentityLoraConfig(**{**settings, **overrides})
 
 
-def run_identity_loras(world: World, split: str, cfg: WorldConfig, face, image, processes: int = 1):
+def run_identity_loras(world: World, split: str, cfg: WorldConfig, face, image, processes: int = 1, **overrides):
     """In this process, or as the user's command under `accelerate launch` with CPU processes."""
     from difflora.train.identity_loras import train_identity_loras
 
-    lora_cfg = identity_lora_config(world, split, cfg)
+    lora_cfg = identity_lora_config(world, split, cfg, **overrides)
     if processes <= 1 or cfg.device != "cpu":
         return train_identity_loras(lora_cfg, face_encoder=face, image_encoder=image)
     import socket

@@ -145,6 +145,8 @@ def test_study_scores_every_row_and_keeps_them(smoke_world, tmp_path):
     rows = json.loads((out / "study.json").read_text())["rows"]
     expected = {"base", "trained", "reconstructed", "predicted", "mean-lora", "nearest", "ridge"}
     expected |= {f"photos-{k}" for k in PHOTOS} | {f"ablation-{name}" for name in ABLATIONS}
+    expected |= {"ws-free-recon", "ws-free-predicted", "ws-shared-down-trained", "ws-shared-down-recon",
+                 "ws-shared-down-predicted"}
     assert expected <= set(rows) and sum(k.startswith("sample-") for k in rows) == len(SAMPLING)
     for row in rows.values():
         assert 0 <= row["identity_accuracy"] <= 1 and 0 <= row["prompt_accuracy"] <= 1 and len(row["per_identity"]) == 1
@@ -152,5 +154,16 @@ def test_study_scores_every_row_and_keeps_them(smoke_world, tmp_path):
     assert load_hypernet(root / "study" / "face-only" / "hypernet.safetensors").mif.cfg.sources == "face"
     assert load_hypernet(root / "study" / "lae-64x" / "hypernet.safetensors").latent_shape[1] == 8
     assert "| baselines | ridge regression" in (out / "study.md").read_text()
+    # The weight-space rows: each space's hypernet learned its own kind of LoRA, from the same identities.
+    from difflora.train.data import META_WEIGHT_SPACE, read_metadata
+    from difflora.train.lae_trainer import lae_weight_space
+
+    for space in ("free", "shared-down"):
+        ws = root / "study" / f"ws-{space}"
+        assert lae_weight_space(ws / "lae" / "lae_final.safetensors") == space
+        trained = sorted(p.name for p in (ws / "loras" / "train").glob("id_*[0-9].safetensors"))
+        assert trained == sorted(p.name for p in (root / "loras" / "train").glob("id_*[0-9].safetensors"))
+    held = next((root / "study" / "ws-shared-down" / "loras" / "heldout").glob("id_*[0-9].safetensors"))
+    assert read_metadata(held)[META_WEIGHT_SPACE] == "shared-down"
     run_study(root, identities=1, out=tmp_path / "study")  # a rerun scores nothing again
     assert json.loads((out / "study.json").read_text())["rows"] == rows
