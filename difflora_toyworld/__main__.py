@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--identities", type=int, default=0, help="held-out identities to score (0: all)")
     st.add_argument("--parts", default="baselines,sampling,photos,ablations,weight-space",
                     help="comma-separated: baselines, sampling, photos, ablations, weight-space")
+    st.add_argument("--ablations", default="", help="comma-separated ablations to train and score (default: all "
+                                                    "of study.ABLATIONS)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.command == "build":
@@ -71,13 +73,18 @@ def main(argv: list[str] | None = None) -> int:
                 seed_base_from_assets(a.world, cfg, a.tokenizer, a.base_from_assets)
             build_world(a.world, cfg, a.tokenizer, processes=processes)
         elif a.command == "study":
-            from .study import PARTS, run_study
+            from .study import ABLATIONS, PARTS, run_study
 
             parts = [x for x in a.parts.split(",") if x]
             unknown = sorted(set(parts) - set(PARTS))
             if unknown:
                 raise DiffLoRAError(f"unknown --parts {', '.join(unknown)}: use {', '.join(PARTS)}")
-            run_study(a.world, parts, identities=a.identities or None, device=a.device, out=a.out or None)
+            ablations = [x for x in a.ablations.split(",") if x] or list(ABLATIONS)
+            unknown = sorted(set(ablations) - set(ABLATIONS))
+            if unknown:
+                raise DiffLoRAError(f"unknown --ablations {', '.join(unknown)}: use {', '.join(ABLATIONS)}")
+            run_study(a.world, parts, identities=a.identities or None, device=a.device, out=a.out or None,
+                      ablations=ablations)
         else:
             from .results import write_results
 

@@ -295,7 +295,7 @@ def weight_space_hypernet(world, cfg, space: str, n: int = WEIGHT_SPACE_IDENTITI
 
 
 def run_study(world_root, parts=PARTS, identities: int | None = None, device: str = "cpu",
-              out: str | os.PathLike | None = None) -> Path:
+              out: str | os.PathLike | None = None, ablations=tuple(ABLATIONS)) -> Path:
     from difflora.hypernet_file import load_hypernet
     from safetensors.torch import load_file
     from .results import atomic_write_text, reconstruct
@@ -349,7 +349,8 @@ def run_study(world_root, parts=PARTS, identities: int | None = None, device: st
         for k in PHOTOS:
             row(f"photos-{k}", "photos", f"{k} reference photo{'s' if k > 1 else ''}", lambda k=k: pred(hn, photos=k))
     if "ablations" in parts:
-        for name, (lae_overrides, _) in ABLATIONS.items():
+        for name in ablations:
+            lae_overrides = ABLATIONS[name][0]
             h = load_hypernet(ablation_hypernet(bench.world, bench.cfg, name))
             row(f"ablation-{name}", "ablations", f"{name}: DiffLoRA (1 photo)", lambda h=h: pred(h))
             if lae_overrides is not None:
