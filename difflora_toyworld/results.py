@@ -62,12 +62,12 @@ def reconstruct(hn, lora_path: Path) -> dict:
     """The trained LoRA through the hypernet's LAE (normalize, encode, decode, de-normalize)."""
     from difflora.lora_format import load_lora_file
     from difflora.lora_weights import canonicalize_layers, flatten
-    from difflora.train.data import META_WEIGHT_SPACE, read_metadata
+    from difflora.train.data import weight_space
     from difflora.pipeline import decode_lora, lora_state_dict
 
     layers = load_lora_file(hn.spec, lora_path)
     # Shared-down LoRAs are stored (and learned by the LAE) as trained: no canonical form for them.
-    if read_metadata(lora_path).get(META_WEIGHT_SPACE, "free") == "free":
+    if weight_space([Path(lora_path)]) == "free":
         layers = canonicalize_layers(hn.spec, layers)
     flat = flatten(hn.spec, layers).float()
     param = next(hn.lae.parameters())
