@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             reference, identity = harness_models.toy_reference(server.input_dir, a.identity)
             shutil.copy2(reference, out / "reference.png")
             workflow = json.loads(Path(a.workflow).read_text())
-            run = {**harness_models.TOY_RUN, "DiffLoRASampleLoraLatent": {
-                **harness_models.TOY_RUN["DiffLoRASampleLoraLatent"], "seed": a.seed}}
+            run = {**harness_models.TOY_RUN, "DiffLoRASampleLoraLatent": {"seed": a.seed}}
             print(f"[demo] running {Path(a.workflow).name} on held-out identity {a.identity}: "
                   f"{', '.join(f'{k}={v}' for k, v in vars(identity).items())}")
             results = {}

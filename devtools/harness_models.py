@@ -79,14 +79,13 @@ TOY_MODELS = {"checkpoints": (CKPT, "checkpoints/toy_sdxl.safetensors"),
 TOY_CLASSIFIER = "toy_classifier.safetensors"
 TOY_SCENE = ("blue", "smiling")
 
-# The shipped graphs on the toy world: its image size, a sampler setting that suits it, and
-# prompts in its caption vocabulary (node ids 10 / 11: the graphs' positive / negative prompt).
+# The shipped graphs on the toy world: its image size, a base-model sampler setting that suits it, and
+# prompts in its caption vocabulary (the LoRA sampler keeps the graphs' own settings, the pack's defaults) (node ids 10 / 11: the graphs' positive / negative prompt).
 # The hypernet carries its encoders, so the face analysis and CLIP vision inputs are unused.
 TOY_RUN = {
     "DiffLoRAFaceAnalysisLoader": {"model": "dlib"},
     "EmptyLatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 20, "cfg": 4.0},
-    "DiffLoRASampleLoraLatent": {"steps": 25, "guidance": 3.0},
 }
 TOY_PROMPTS = {"10": {"text": f"a photo of a sks person, {TOY_SCENE[0]} background, {TOY_SCENE[1]}"},
                "11": {"text": ""}}

@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from difflora.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 
 # Real-use model names; the harness links its tiny models under these names.
@@ -28,6 +30,8 @@ TOY_PHOTO = "heldout_00.png"
 TOY_POSITIVE = "a photo of a sks person, blue background, smiling"
 POSITIVE = "a photo of a person, portrait, natural light, detailed face"
 NEGATIVE = "blurry, deformed, low quality"
+# Sample Identity LoRA Latent at the pack's defaults, written out so a saved graph keeps them.
+LORA_SAMPLING = {"seed": 0, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "eta": 0.0, "sampler": DEFAULT_SAMPLER}
 
 
 @dataclass
@@ -61,7 +65,7 @@ def _common_front(ref_nodes: list[N]) -> tuple[list[N], list[Link]]:
         N(5, "DiffLoRAHypernetLoader", (0, 680), {"hypernet_name": HYPERNET, "device": "auto", "dtype": "auto"}),
         N(6, "DiffLoRAEncodeMixedFeatures", (340, 420),
           {"face_choice": "largest", "face_index": 0, "on_no_face": "error"}),
-        N(7, "DiffLoRASampleLoraLatent", (680, 420), {"seed": 0, "steps": 25, "guidance": 3.0, "eta": 0.0}),
+        N(7, "DiffLoRASampleLoraLatent", (680, 420), LORA_SAMPLING),
         N(8, "DiffLoRADecodeLora", (1020, 420)),
         *ref_nodes,
     ]
@@ -101,7 +105,7 @@ def _toy_world() -> tuple[list[N], list[Link]]:
         N(5, "DiffLoRAHypernetLoader", (0, 680), {"hypernet_name": TOY_HYPERNET, "device": "auto", "dtype": "auto"}),
         N(6, "DiffLoRAEncodeMixedFeatures", (340, 420),
           {"face_choice": "largest", "face_index": 0, "on_no_face": "error"}),
-        N(7, "DiffLoRASampleLoraLatent", (680, 420), {"seed": 0, "steps": 25, "guidance": 3.0, "eta": 0.0}),
+        N(7, "DiffLoRASampleLoraLatent", (680, 420), LORA_SAMPLING),
         N(8, "DiffLoRADecodeLora", (1020, 420)),
         N(10, "CLIPTextEncode", (340, 0), {"text": TOY_POSITIVE}, "Positive prompt"),
         N(11, "CLIPTextEncode", (340, 200), {"text": ""}, "Negative prompt"),

@@ -3,7 +3,7 @@
     python -m devtools.toyworld build   [--world .cache/toyworld]   # ~2 h 15 min on 2 cores with --base-from-assets; resumes
     python -m devtools.toyworld results [--world .cache/toyworld]   # results.md / .json / grid.png
     python -m devtools.toyworld study   [--world .cache/toyworld]   # study.md / .json (baselines, ablations)
-    python -m devtools.toyworld export  [--world .cache/toyworld]   # -> assets/toyworld + manifest
+    python -m devtools.toyworld export  [--world .cache/toyworld] [--hypernet PATH]  # -> assets/toyworld + manifest
 
 `build` is `python -m difflora_toyworld build` with the test harness's ComfyUI supplying CLIP's
 tokenizer files (so prompts tokenize exactly as in ComfyUI).
@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=("build", "results", "study", "export"))
     ap.add_argument("--world", default=str(DEFAULT_WORLD))
     a, rest = ap.parse_known_args(argv)
+    if a.command == "export":
+        ex = argparse.ArgumentParser(prog="python -m devtools.toyworld export")
+        ex.add_argument("--hypernet", default="", help="ship this hypernet (trained on the world's LoRAs) instead "
+                                                       "of the world's own, e.g. WORLD/study/lae-64x/hypernet.safetensors")
+        export = ex.parse_args(rest)
     if a.command == "build":
         from .get_comfyui import get_comfyui
 
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return toyworld_main([a.command, "--world", a.world, *rest])
     from difflora_toyworld.world import export_artifacts, export_photos
 
-    files = export_artifacts(a.world, ASSETS)
+    files = export_artifacts(a.world, ASSETS, hypernet=export.hypernet or None)
     update_manifest(files)
     export_photos(ASSETS)
     total = sum(p.stat().st_size for p in files.values())

@@ -36,6 +36,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Metadata keys of a predicted LoRA file (written by Save Predicted LoRA, read by `python -m difflora inspect`).
+# The pack's LoRA-sampler defaults (Sample LoRA Latent, predict_lora, the eval CLI): chosen in the toy
+# world on validation identities, apart from the held-out ones that score it (docs/TOYWORLD.md,
+# "Sampler defaults").
+DEFAULT_SAMPLER = "dpm++"
+DEFAULT_STEPS = 5
+DEFAULT_GUIDANCE = 2.0
+
 META_HYPERNET = "difflora_hypernet"
 META_SPEC_HASH = "difflora_spec_hash"
 META_SETTING_PREFIX = "difflora_"  # + each sampler setting: seed, steps, guidance, eta
@@ -196,12 +203,12 @@ def encode_features(
 def sample_lora_latent(
     hn: Hypernet,
     features: MixedFeatures,
-    steps: int = 25,
-    guidance: float = 3.0,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
     eta: float = 0.0,
     seed: int = 0,
     callback: Callable[[int, int], None] | None = None,
-    sampler: str = "ddim",
+    sampler: str = DEFAULT_SAMPLER,
 ) -> LoraLatent:
     """Sampling of the clean LoRA latent (DDIM, or DPM-Solver++ with sampler="dpm++"); deterministic
     for a seed on CPU.

@@ -2,7 +2,7 @@
 
     python -m difflora_toyworld build   --world WORLD --tokenizer CLIP_TOKENIZER_DIR [--size default]
     python -m difflora_toyworld results --world WORLD [--out WORLD/results]
-    python -m difflora_toyworld study   --world WORLD [--parts baselines,sampling,photos,ablations]
+    python -m difflora_toyworld study   --world WORLD [--parts baselines,sampling,photos,ablations,...]
 
 `build` resumes a stopped build (run it again with the same options). The tokenizer is CLIP's
 (vocab.json + merges.txt), e.g. ComfyUI's comfy/sd1_tokenizer, so that prompts encode to the
@@ -41,14 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default="", help="folder for results.md/.json/.png (default: WORLD/results)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--identities", type=int, default=0, help="held-out identities to score (0: all)")
+    r.add_argument("--hypernet", default="", help="another hypernet trained on this world's LoRAs (default: the "
+                                                  "world's own), e.g. WORLD/study/lae-64x/hypernet.safetensors")
     st = sub.add_parser("study", help="baselines, sampler settings, photo counts, ablations and weight spaces "
                                       "(study.py)")
     st.add_argument("--world", required=True)
     st.add_argument("--out", default="", help="folder for study.md/.json (default: WORLD/study)")
     st.add_argument("--device", default="cpu")
     st.add_argument("--identities", type=int, default=0, help="held-out identities to score (0: all)")
-    st.add_argument("--parts", default="baselines,sampling,photos,ablations,weight-space",
-                    help="comma-separated: baselines, sampling, photos, ablations, weight-space")
+    st.add_argument("--hypernet", default="", help="the hypernet the main, baseline, sampling, photo and validation "
+                                                   "rows measure (default: the world's own)")
+    st.add_argument("--parts", default="baselines,sampling,photos,ablations,validation,weight-space",
+                    help="comma-separated: baselines, sampling, photos, ablations, validation, weight-space")
     st.add_argument("--ablations", default="", help="comma-separated ablations to train and score (default: all "
                                                     "of study.ABLATIONS)")
     a = ap.parse_args(argv)
@@ -84,11 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 raise DiffLoRAError(f"unknown --ablations {', '.join(unknown)}: use {', '.join(ABLATIONS)}")
             run_study(a.world, parts, identities=a.identities or None, device=a.device, out=a.out or None,
-                      ablations=ablations)
+                      ablations=ablations, hypernet=a.hypernet or None)
         else:
             from .results import write_results
 
-            write_results(a.world, a.out or None, device=a.device, identities=a.identities or None)
+            write_results(a.world, a.out or None, device=a.device, identities=a.identities or None,
+                          hypernet=a.hypernet or None)
     except DiffLoRAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -82,12 +82,15 @@ def _sync(device: str) -> None:
 
 
 def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int | None = None,
-             steps: int = 20, guidance: float = 4.0, lora_steps: int = 25, lora_guidance: float = 3.0,
-             seed: int = 0) -> dict:
-    """Scores of every method on the held-out identities; also keeps a few images for the grid."""
+             steps: int = 20, guidance: float = 4.0, lora_sampler: str | None = None, lora_steps: int | None = None,
+             lora_guidance: float | None = None, seed: int = 0, hypernet: str | os.PathLike | None = None) -> dict:
+    """Scores of every method on the held-out identities; also keeps a few images for the grid.
+    The LoRA sampler runs at the pack's defaults unless told; `hypernet` is another hypernet trained
+    on this world's LoRAs (e.g. a study's WORLD/study/<name>/hypernet.safetensors), default the world's."""
     from difflora.encoders import load_image_file
     from difflora.hypernet_file import load_hypernet
-    from difflora.pipeline import features_from_images, predict_lora
+    from difflora.pipeline import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, features_from_images,
+                                   predict_lora)
     from .attributes import identity_accuracy, load_classifier, prompt_accuracy
     from .identity_encoder import load_encoder
     from .world import HELDOUT_FIRST, TRIGGER, World, WorldConfig
@@ -100,7 +103,10 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
     cfg = WorldConfig.from_dict(json.loads(world.config.read_text()))
     clf = load_classifier(world.classifier)
     pipe = toy_sdxl.load_pipeline(world.base, device)
-    hn = load_hypernet(world.hypernet, device=device)
+    lora_sampler = DEFAULT_SAMPLER if lora_sampler is None else lora_sampler
+    lora_steps = DEFAULT_STEPS if lora_steps is None else lora_steps
+    lora_guidance = DEFAULT_GUIDANCE if lora_guidance is None else lora_guidance
+    hn = load_hypernet(hypernet or world.hypernet, device=device)
     # The world's own encoders, for a hypernet that carries none (the one it carries wins).
     face = None if hn.face_encoder else load_encoder(world.face)
     image = None if hn.image_encoder else load_encoder(world.image)
@@ -122,7 +128,8 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
         _sync(device)
         t0 = time.perf_counter()
         features = features_from_images(hn, [reference], face, image)
-        predicted = predict_lora(hn, features, steps=lora_steps, guidance=lora_guidance, seed=seed)
+        predicted = predict_lora(hn, features, sampler=lora_sampler, steps=lora_steps, guidance=lora_guidance,
+                                 seed=seed)
         _sync(device)
         predict_s = time.perf_counter() - t0
         loras = {"base": None, "predicted": predicted, "reconstructed": reconstruct(hn, lora_path),
@@ -145,7 +152,8 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
         grid.append((reference, images))
     return {"rows": rows, "grid": grid, "settings": {
         "world": cfg.to_dict(), "scenes": EVAL_SCENES, "seeds_per_scene": SEEDS_PER_SCENE, "sampler_steps": steps,
-        "guidance": guidance, "lora_sampler_steps": lora_steps, "lora_guidance": lora_guidance, "seed": seed,
+        "guidance": guidance, "lora_sampler": lora_sampler, "lora_sampler_steps": lora_steps,
+        "lora_guidance": lora_guidance, "hypernet": str(hypernet or world.hypernet), "seed": seed,
         "device": device, "torch_threads": torch.get_num_threads()}}
 
 
@@ -200,7 +208,9 @@ def markdown(summary: dict, settings: dict, command: str) -> str:
               f"{len(settings['scenes']) * settings['seeds_per_scene']} images per identity and method "
               f"(scenes {', '.join(f'{b}/{e}' for b, e in settings['scenes'])}, {settings['seeds_per_scene']} seeds "
               f"each, same seeds for every method), {settings['sampler_steps']} sampler steps, guidance "
-              f"{settings['guidance']}. Device {settings['device']}, {settings['torch_threads']} torch threads.", ""]
+              f"{settings['guidance']}. The predicted LoRA: {settings.get('lora_sampler', 'ddim')} "
+              f"{settings['lora_sampler_steps']} steps, guidance {settings['lora_guidance']:g}. Device "
+              f"{settings['device']}, {settings['torch_threads']} torch threads.", ""]
     return "\n".join(lines)
 
 
@@ -227,15 +237,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_results(world_root, out: str | None = None, device: str = "cpu", identities: int | None = None) -> Path:
+def write_results(world_root, out: str | None = None, device: str = "cpu", identities: int | None = None,
+                  hypernet: str | os.PathLike | None = None) -> Path:
     from PIL import Image
 
     out = Path(out or Path(world_root) / "results")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    res = evaluate(world_root, device=device, identities=identities)
+    res = evaluate(world_root, device=device, identities=identities, hypernet=hypernet)
     summary = summarize(res["rows"])
-    command = f"python -m difflora_toyworld results --world {world_root}"
+    command = f"python -m difflora_toyworld results --world {world_root}" + (f" --hypernet {hypernet}" if hypernet else "")
     payload = {"summary": summary, "settings": res["settings"], "identities": res["rows"],
                "seconds": time.perf_counter() - t0}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=1, default=str))

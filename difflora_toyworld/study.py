@@ -2,7 +2,7 @@
 paper's ablations in miniature, every row scored on the same held-out identities, scenes and seeds
 as `results.py` (docs/TOYWORLD.md, "The study").
 
-    python -m difflora_toyworld study --world WORLD [--parts baselines,sampling,photos,ablations,weight-space]
+    python -m difflora_toyworld study --world WORLD [--parts baselines,sampling,photos,ablations,validation,weight-space]
 
 Rows, each a way to get one LoRA per held-out identity from what the training set offers:
   baselines   the mean training LoRA (no identity information); the training LoRA of the nearest
@@ -14,6 +14,9 @@ Rows, each a way to get one LoRA per held-out identity from what the training se
   ablations   hypernets trained here on the same LoRAs: face embedding only, image embedding only
               (MIF's sources), plain-MSE LAE (lam 0), a 64x LAE instead of 128x; each with its LAE
               reconstruction row where its LAE differs
+  validation  the sampler settings' grid (VALIDATION_SAMPLING) on 32 identities that are neither trained on
+              nor held out (world.VALIDATION_FIRST on): the default is chosen there by the one-standard-
+              error rule (choose_sampling), then scored on the held-out identities like every row
   weight-space  the two weight spaces of identity-loras on the first 500 training identities: the
               world's own (free: A and B trained, canonical form and gauge) and shared-down (one frozen
               A, only B trained), each with its own LAE and DiT; the shared-down held-out LoRAs are
@@ -23,6 +26,7 @@ Ablation runs live in WORLD/study/<name>/ and resume like the build's stages.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -40,7 +44,7 @@ from .render import Identity, caption, sample_identities
 
 log = logging.getLogger("difflora_toyworld")
 
-PARTS = ("baselines", "sampling", "photos", "ablations", "weight-space")
+PARTS = ("baselines", "sampling", "photos", "ablations", "validation", "weight-space")
 # name -> (LAE overrides or None for the world's LAE, DiT overrides)
 ABLATIONS = {
     "face-only": (None, {"sources": "face", "p_no_face": 0.0}),
@@ -50,7 +54,13 @@ ABLATIONS = {
 }
 SAMPLING = [("ddim", 25, 3.0), ("ddim", 10, 3.0), ("ddim", 5, 3.0), ("dpm++", 10, 3.0), ("dpm++", 5, 3.0),
             ("ddim", 25, 1.0), ("ddim", 25, 2.0), ("ddim", 25, 5.0)]
+# The grid the sampler default is chosen from, on the validation identities (not the held-out ones).
+VALIDATION_SAMPLING = [(sampler, steps, guidance) for guidance in (1.5, 2.0, 2.5, 3.0, 4.0)
+                       for sampler, steps in (("ddim", 25), ("ddim", 10), ("dpm++", 5))]
+VALIDATION_IDENTITIES = 32
 PHOTOS = (1, 3, 5)
+# The sampler setting of every row that is not about the sampler, fixed so rows of different runs compare.
+REFERENCE = {"sampler": "ddim", "steps": 25, "guidance": 3.0}
 RIDGE_COMPONENTS = (16, 64, 256)
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0)
 WEIGHT_SPACES = ("free", "shared-down")
@@ -61,7 +71,7 @@ WEIGHT_SPACE_IDENTITIES = 500  # training identities of each weight space's hype
 class HeldOut:
     name: str
     person: Identity
-    lora: Path
+    lora: Path | None  # None: a validation identity, which has photos but no trained LoRA
     photos: list[Path]
 
 
@@ -93,6 +103,12 @@ class Bench:
         self.scenes = [eval_scene(b, e) for b, e in EVAL_SCENES for _ in range(SEEDS_PER_SCENE)]
         self.prompts = [caption(s, TRIGGER) for s in self.scenes]
         self.seeds = [seed + i for i in range(len(self.scenes))]
+
+    def on(self, people: list[HeldOut]) -> "Bench":
+        """The same measurement (pipeline, classifier, scenes, seeds) on other people."""
+        other = copy.copy(self)
+        other.people = people
+        return other
 
     def score(self, loras: list[dict | None]) -> dict:
         """Identity and prompt accuracy of one LoRA per held-out identity (None: the base model)."""
@@ -252,6 +268,57 @@ def ablation_hypernet(world, cfg, name: str) -> Path:
     return hypernet
 
 
+def validation_people(world, cfg, n: int = VALIDATION_IDENTITIES) -> list[HeldOut]:
+    """n identities no model trained on and the results do not score (world.VALIDATION_FIRST on), their
+    photos rendered as the held-out ones' are (WORLD/study/validation/): settings are chosen on them."""
+    from .render import write_identity_folders
+    from .world import TRIGGER, VALIDATION_FIRST
+
+    root = world.root / "study" / "validation"
+    people = []
+    for i, person in enumerate(sample_identities(n, cfg.seed, first=VALIDATION_FIRST)):
+        name = f"id_{VALIDATION_FIRST + i:05d}"
+        if not (root / name / f"{cfg.lora_photos - 1:03d}.png").is_file():
+            write_identity_folders(root, 1, cfg.lora_photos, cfg.seed, subject=TRIGGER,
+                                   first_identity=VALIDATION_FIRST + i)
+        people.append(HeldOut(name, person, None, sorted((root / name).glob("*.png"))))
+    return people
+
+
+def cost(setting: tuple[str, int, float]) -> int:
+    """DiT evaluations of one sampler setting (guidance batches both branches into one)."""
+    return setting[1]
+
+
+def choose_sampling(rows: dict, settings, max_prompt_drop: float = 0.05) -> dict:
+    """The one-standard-error rule on the validation rows. Among the settings whose prompt accuracy is
+    at most `max_prompt_drop` below the base model's (the prompt target; all if none is), the best by
+    identity accuracy; then the cheapest one whose paired mean over the same identities is within one
+    paired standard error of it (ties: the higher accuracy)."""
+    floor = rows["val-base"]["prompt_accuracy"] - max_prompt_drop
+    eligible = [s for s in settings if rows[validation_key(*s)]["prompt_accuracy"] >= floor] or list(settings)
+    scored = {s: np.asarray(rows[validation_key(*s)]["per_identity"]) for s in eligible}
+    best = max(scored, key=lambda s: scored[s].mean())
+    near = []
+    for s, acc in scored.items():
+        diff = scored[best] - acc
+        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        if diff.mean() <= se:
+            near.append(s)
+    sampler, steps, guidance = min(near, key=lambda s: (cost(s), -scored[s].mean()))
+    return {"sampler": sampler, "steps": steps, "guidance": guidance, "best": list(best),
+            "identity_accuracy": float(scored[(sampler, steps, guidance)].mean()),
+            "best_identity_accuracy": float(scored[best].mean()), "eligible": len(eligible)}
+
+
+def validation_key(sampler: str, steps: int, guidance: float) -> str:
+    return f"val-{sampler}-{steps}-g{guidance:g}"
+
+
+def sampling_label(sampler: str, steps: int, guidance: float) -> str:
+    return f"{'DDIM' if sampler == 'ddim' else 'DPM-Solver++'} {steps} steps, guidance {guidance:g}"
+
+
 def _link(src: Path, dst: Path) -> None:
     if not dst.exists():
         dst.symlink_to(src.resolve(), target_is_directory=src.is_dir())
@@ -295,7 +362,11 @@ def weight_space_hypernet(world, cfg, space: str, n: int = WEIGHT_SPACE_IDENTITI
 
 
 def run_study(world_root, parts=PARTS, identities: int | None = None, device: str = "cpu",
-              out: str | os.PathLike | None = None, ablations=tuple(ABLATIONS)) -> Path:
+              out: str | os.PathLike | None = None, ablations=tuple(ABLATIONS),
+              hypernet: str | os.PathLike | None = None) -> Path:
+    """Score the rows of `parts` (kept rows are not scored again) into OUT/study.json and study.md.
+    `hypernet`: the one the main, baseline, sampling, photo and validation rows measure (default the
+    world's), e.g. an ablation's WORLD/study/<name>/hypernet.safetensors."""
     from difflora.hypernet_file import load_hypernet
     from safetensors.torch import load_file
     from .results import atomic_write_text, reconstruct
@@ -306,30 +377,36 @@ def run_study(world_root, parts=PARTS, identities: int | None = None, device: st
     path = out / "study.json"
     done = json.loads(path.read_text()) if path.is_file() else {}
     rows = done.get("rows", {})
-    hn = load_hypernet(bench.world.hypernet)
+    hn = load_hypernet(hypernet or bench.world.hypernet)
+    done["hypernet"] = str(hypernet or bench.world.hypernet)
 
-    def row(key: str, group: str, label: str, make):
+    def row(key: str, group: str, label: str, make, on: Bench = bench):
         """Score a row once; a rerun keeps rows already scored (delete study.json to redo them)."""
         if key in rows:
             return
         t0 = time.perf_counter()
         loras, extra = make()
-        rows[key] = {"group": group, "label": label, **bench.score(loras), **extra,
+        rows[key] = {"group": group, "label": label, **on.score(loras), **extra,
                      "seconds": time.perf_counter() - t0}
         log.info("%-28s identity %.3f ± %.3f, prompt %.3f", label, rows[key]["identity_accuracy"],
                  rows[key]["identity_accuracy_sem"], rows[key]["prompt_accuracy"])
-        atomic_write_text(path, json.dumps({"rows": rows, "identities": [p.name for p in bench.people]}, indent=1))
+        save()
+
+    def save():
+        atomic_write_text(path, json.dumps({**done, "rows": rows, "identities": [p.name for p in bench.people]},
+                                           indent=1))
 
     n = len(bench.people)
     row("base", "main", "base model", lambda: ([None] * n, {}))
     row("trained", "main", "trained identity LoRA", lambda: ([load_file(p.lora) for p in bench.people], {}))
     row("reconstructed", "main", "LAE reconstruction", lambda: ([reconstruct(hn, p.lora) for p in bench.people], {}))
 
-    def pred(h, **kw):
-        loras, seconds = predicted(h, bench, **kw)
+    def pred(h, on: Bench = bench, **kw):
+        loras, seconds = predicted(h, on, **kw)
         return loras, {"predict_seconds": seconds}
 
-    row("predicted", "main", "DiffLoRA (1 photo, DDIM 25, guidance 3)", lambda: pred(hn))
+    row("predicted", "main", "DiffLoRA (1 photo, DDIM 25, guidance 3)",
+        lambda: pred(hn, **REFERENCE))
     if "baselines" in parts:
         ts, refs = TrainingSet(bench.world, hn), first_photo_embeddings(hn, bench)
         row("mean-lora", "baselines", "mean training LoRA", lambda: (mean_lora(hn, ts, n), {}))
@@ -343,19 +420,36 @@ def run_study(world_root, parts=PARTS, identities: int | None = None, device: st
     if "sampling" in parts:
         for sampler, steps, guidance in SAMPLING:
             key = f"sample-{sampler}-{steps}-g{guidance:g}"
-            row(key, "sampling", f"{'DDIM' if sampler == 'ddim' else 'DPM-Solver++'} {steps} steps, guidance "
-                f"{guidance:g}", lambda s=sampler, k=steps, g=guidance: pred(hn, sampler=s, steps=k, guidance=g))
+            row(key, "sampling", sampling_label(sampler, steps, guidance),
+                lambda s=sampler, k=steps, g=guidance: pred(hn, sampler=s, steps=k, guidance=g))
     if "photos" in parts:
         for k in PHOTOS:
-            row(f"photos-{k}", "photos", f"{k} reference photo{'s' if k > 1 else ''}", lambda k=k: pred(hn, photos=k))
+            row(f"photos-{k}", "photos", f"{k} reference photo{'s' if k > 1 else ''}",
+                lambda k=k: pred(hn, photos=k, **REFERENCE))
     if "ablations" in parts:
         for name in ablations:
             lae_overrides = ABLATIONS[name][0]
             h = load_hypernet(ablation_hypernet(bench.world, bench.cfg, name))
-            row(f"ablation-{name}", "ablations", f"{name}: DiffLoRA (1 photo)", lambda h=h: pred(h))
+            row(f"ablation-{name}", "ablations", f"{name}: DiffLoRA (1 photo)",
+                lambda h=h: pred(h, **REFERENCE))
             if lae_overrides is not None:
                 row(f"ablation-{name}-recon", "ablations", f"{name}: LAE reconstruction",
                     lambda h=h: ([reconstruct(h, p.lora) for p in bench.people], {}))
+    if "validation" in parts:
+        grid = list(VALIDATION_SAMPLING)
+        k = VALIDATION_IDENTITIES if identities is None else min(identities, VALIDATION_IDENTITIES)
+        val = bench.on(validation_people(bench.world, bench.cfg, k))
+        row("val-base", "validation", "validation identities: base model", lambda: ([None] * len(val.people), {}),
+            on=val)
+        for setting in grid:
+            row(validation_key(*setting), "validation", f"validation identities: {sampling_label(*setting)}",
+                lambda s=setting: pred(hn, on=val, sampler=s[0], steps=s[1], guidance=s[2]), on=val)
+        done["validation_choice"] = choice = choose_sampling(rows, grid)
+        save()
+        log.info("chosen on the validation identities: %s", choice)
+        sampler, steps, guidance = choice["sampler"], choice["steps"], choice["guidance"]
+        row(f"sample-{sampler}-{steps}-g{guidance:g}", "sampling", sampling_label(sampler, steps, guidance),
+            lambda: pred(hn, sampler=sampler, steps=steps, guidance=guidance))
     if "weight-space" in parts:
         for space in WEIGHT_SPACES:
             h = load_hypernet(weight_space_hypernet(bench.world, bench.cfg, space))
@@ -367,13 +461,13 @@ def run_study(world_root, parts=PARTS, identities: int | None = None, device: st
             row(f"ws-{space}-recon", "weight space", f"{space} weight space: LAE reconstruction",
                 lambda h=h, own=own: ([reconstruct(h, f) for f in own], {}))
             row(f"ws-{space}-predicted", "weight space", f"{space} weight space: DiffLoRA (1 photo)",
-                lambda h=h: pred(h))
-    atomic_write_text(out / "study.md", markdown(rows, len(bench.people)))
+                lambda h=h: pred(h, **REFERENCE))
+    atomic_write_text(out / "study.md", markdown(rows, len(bench.people), done.get("validation_choice")))
     print((out / "study.md").read_text())
     return out
 
 
-def markdown(rows: dict, identities: int) -> str:
+def markdown(rows: dict, identities: int, choice: dict | None = None) -> str:
     base = rows["base"]["identity_accuracy"]
     gain = rows["trained"]["identity_accuracy"] - base
     lines = [f"# Toy world study ({identities} held-out identities)", "",
@@ -381,7 +475,14 @@ def markdown(rows: dict, identities: int) -> str:
              "| group | method | identity accuracy | share of the trained gain | prompt accuracy |",
              "| --- | --- | --- | --- | --- |"]
     for r in rows.values():
-        share = (r["identity_accuracy"] - base) / gain if gain > 0 else float("nan")
+        # Validation identities have no trained LoRAs: the held-out gain is not theirs to share.
+        share = "" if r["group"] == "validation" else f"{(r['identity_accuracy'] - base) / gain:.2f}" if gain > 0 \
+            else "nan"
         lines.append(f"| {r['group']} | {r['label']} | {r['identity_accuracy']:.3f} ± {r['identity_accuracy_sem']:.3f} "
-                     f"| {share:.2f} | {r['prompt_accuracy']:.3f} |")
+                     f"| {share} | {r['prompt_accuracy']:.3f} |")
+    if choice:
+        lines += ["", f"Chosen on the validation identities (one-standard-error rule, `study.choose_sampling`): "
+                      f"{sampling_label(choice['sampler'], choice['steps'], choice['guidance'])} "
+                      f"(validation identity {choice['identity_accuracy']:.3f}; the best, "
+                      f"{sampling_label(*choice['best'])}, {choice['best_identity_accuracy']:.3f})."]
     return "\n".join(lines) + "\n"

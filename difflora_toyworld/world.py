@@ -38,6 +38,7 @@ log = logging.getLogger("difflora_toyworld")
 
 TRAIN_FIRST = 20_000     # first identity index of the LoRA (hypernet training) identities
 HELDOUT_FIRST = 50_000   # first identity index of the held-out identities
+VALIDATION_FIRST = 60_000  # the study's validation identities: settings are chosen on them, not on the held-out
 TRIGGER = "a sks person"
 
 
@@ -397,9 +398,11 @@ def export_photos(dest: str | os.PathLike, seed: int = 0, n: int = PHOTOS) -> li
     return out
 
 
-def export_artifacts(world_root: str | os.PathLike, dest: str | os.PathLike) -> dict[str, Path]:
-    """The built world's shipped files: the base checkpoint as is; the hypernet, which carries its
-    two encoders, and the classifier in float16 (they load back as float32)."""
+def export_artifacts(world_root: str | os.PathLike, dest: str | os.PathLike,
+                     hypernet: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The built world's shipped files: the base checkpoint as is; the hypernet (the world's, or
+    `hypernet`, another trained on its LoRAs), which carries its two encoders, and the classifier in
+    float16 (they load back as float32)."""
     from difflora.hypernet_file import load_hypernet, save_hypernet
     from .attributes import load_classifier, save_classifier
 
@@ -411,6 +414,6 @@ def export_artifacts(world_root: str | os.PathLike, dest: str | os.PathLike) -> 
     tmp = out["checkpoint"].with_name(f".{out['checkpoint'].name}.tmp")
     shutil.copyfile(world.checkpoint, tmp)
     os.replace(tmp, out["checkpoint"])
-    save_hypernet(load_hypernet(world.hypernet), out["hypernet"], dtype=torch.float16)
+    save_hypernet(load_hypernet(hypernet or world.hypernet), out["hypernet"], dtype=torch.float16)
     save_classifier(load_classifier(world.classifier).half(), out["classifier"])
     return out

@@ -166,6 +166,27 @@ def test_sampling_honours_interrupt(pack):
             mm.interrupt_current_processing(False)
 
 
+def test_sampler_input_is_optional_and_picks_the_core_sampler(pack):
+    import sys
+
+    node = pack.n["DiffLoRASampleLoraLatent"]
+    pipeline = sys.modules[node.__module__].pipeline  # the pack's own core, as the node imported it
+    spec = node.GET_NODE_INFO_V1()["input"]["optional"]["sampler"]
+    assert spec[1]["default"] == pipeline.DEFAULT_SAMPLER and set(spec[1]["options"]) == {"ddim", "dpm++"}
+    with torch.inference_mode():
+        feats = pack.n["DiffLoRAEncodeMixedFeatures"].execute(
+            pack.hypernet, photo("Tom_Hanks_54745.png"), pack.clip_vision, pack.face).args[0]
+        default = node.execute(pack.hypernet, feats, seed=0, steps=5).args[0]
+        ddim = node.execute(pack.hypernet, feats, seed=0, steps=5, sampler="ddim").args[0]
+        dpm = node.execute(pack.hypernet, feats, seed=0, steps=5, sampler="dpm++").args[0]
+        core = pipeline.sample_lora_latent(pack.hypernet, feats, seed=0, steps=5, sampler="dpm++")
+    chosen = ddim if pipeline.DEFAULT_SAMPLER == "ddim" else dpm
+    assert torch.equal(default.latent, chosen.latent)
+    torch.testing.assert_close(dpm.latent, core.latent)
+    assert not torch.allclose(dpm.latent, ddim.latent)
+    assert dpm.settings["sampler"] == "dpm++" and "sampler" not in ddim.settings
+
+
 def test_apply_changes_the_image_and_strength_zero_is_bit_identical(pack):
     lora = predict(pack, photo("Tom_Hanks_54745.png"))
     apply = pack.n["DiffLoRAApplyLora"]

@@ -57,9 +57,11 @@ def test_basic_workflow_personalizes_held_out_identities(comfy_server):
     """The first six held-out identities, one photo each, the shipped graph as the demo runs it with a
     batch of four images: the mean identity accuracy of the personalized images beats the base model's
     (same seeds) by a clear margin, and the prompt is still followed about as well. Measured with the
-    shipped 3,000-LoRA hypernet: identity 0.398 against 0.287 (+0.111), prompt 0.729 against 0.625;
-    over all 32 held-out identities in docs/TOYWORLD.md the gain is +0.156 ± 0.013. The bounds keep
-    about one standard error of a 6-identity mean (~0.04) below the measured gain."""
+    shipped 3,000-LoRA hypernet at the pack's sampler defaults (DPM-Solver++ 5, guidance 2): identity
+    0.426 against 0.287 (+0.139), prompt 0.708 against 0.625; over all 32 held-out identities in
+    docs/TOYWORLD.md the gain is +0.165 ± 0.010. The identity bound keeps about one standard error of
+    a 6-identity mean (~0.04) below the measured gain; the prompt may fall no more than the 5 points
+    the toy world's target allows."""
     server = comfy_server
     # Under their own names (the session server's workflow names hold the tiny test models).
     models = harness_models.toy_models(server.base_dir / "toy_models")
@@ -87,5 +89,5 @@ def test_basic_workflow_personalizes_held_out_identities(comfy_server):
             scores[label].append((identity_accuracy(clf, imgs, identity), prompt_accuracy(clf, imgs, scene)))
     personalized, base = np.mean(scores["personalized"], 0), np.mean(scores["base"], 0)
     print(f"identity / prompt accuracy: personalized {personalized.round(3)}, base {base.round(3)}")
-    assert personalized[0] > base[0] + 0.07, scores
-    assert personalized[1] >= base[1] - 0.10, scores
+    assert personalized[0] > base[0] + 0.10, scores
+    assert personalized[1] >= base[1] - 0.05, scores

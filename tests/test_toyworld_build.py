@@ -136,18 +136,32 @@ def test_base_from_assets_fills_the_base_stages_or_refuses(comfy_path, tmp_path)
 
 
 @pytest.mark.slow
-def test_study_scores_every_row_and_keeps_them(smoke_world, tmp_path):
+def test_study_scores_every_row_and_keeps_them(smoke_world, tmp_path, monkeypatch):
     from difflora.hypernet_file import load_hypernet
+    from difflora_toyworld import study
     from difflora_toyworld.study import ABLATIONS, PHOTOS, SAMPLING, run_study
 
     root, _ = smoke_world
+    grid = [("ddim", 25, 3.0), ("dpm++", 5, 2.0)]
+    monkeypatch.setattr(study, "VALIDATION_SAMPLING", grid)  # two settings: the machinery, not the curve
     out = run_study(root, identities=1, out=tmp_path / "study")
-    rows = json.loads((out / "study.json").read_text())["rows"]
+    saved = json.loads((out / "study.json").read_text())
+    rows = saved["rows"]
     expected = {"base", "trained", "reconstructed", "predicted", "mean-lora", "nearest", "ridge"}
     expected |= {f"photos-{k}" for k in PHOTOS} | {f"ablation-{name}" for name in ABLATIONS}
     expected |= {"ws-free-recon", "ws-free-predicted", "ws-shared-down-trained", "ws-shared-down-recon",
                  "ws-shared-down-predicted"}
-    assert expected <= set(rows) and sum(k.startswith("sample-") for k in rows) == len(SAMPLING)
+    expected |= {"val-base", "val-ddim-25-g3", "val-dpm++-5-g2"}
+    assert expected <= set(rows)
+    # The validation part scores other people than the held-out rows, and its choice is scored held-out too.
+    validation = sorted(p.name for p in (root / "study" / "validation").iterdir() if p.is_dir())
+    assert len(validation) == 1 and validation[0] not in saved["identities"]
+    choice = saved["validation_choice"]
+    assert (choice["sampler"], choice["steps"], choice["guidance"]) in grid
+    chosen = f"sample-{choice['sampler']}-{choice['steps']}-g{choice['guidance']:g}"
+    assert chosen in rows and rows[chosen]["group"] == "sampling"
+    assert {k for k in rows if k.startswith("sample-")} == {f"sample-{s}-{k}-g{g:g}" for s, k, g in SAMPLING} | {chosen}
+    assert "Chosen on the validation identities" in (out / "study.md").read_text()
     for row in rows.values():
         assert 0 <= row["identity_accuracy"] <= 1 and 0 <= row["prompt_accuracy"] <= 1 and len(row["per_identity"]) == 1
     assert rows["ridge"]["ridge"]["components"] >= 1
@@ -167,3 +181,11 @@ def test_study_scores_every_row_and_keeps_them(smoke_world, tmp_path):
     assert read_metadata(held)[META_WEIGHT_SPACE] == "shared-down"
     run_study(root, identities=1, out=tmp_path / "study")  # a rerun scores nothing again
     assert json.loads((out / "study.json").read_text())["rows"] == rows
+    # An ablation's hypernet can be measured by results and shipped by export in the world's place.
+    from difflora_toyworld.results import write_results
+
+    other = root / "study" / "lae-64x" / "hypernet.safetensors"
+    res = json.loads((write_results(root, tmp_path / "r64", identities=1, hypernet=other) / "results.json").read_text())
+    assert res["settings"]["hypernet"] == str(other) and res["summary"]["identities"] == 1
+    files = export_artifacts(root, tmp_path / "assets", hypernet=other)
+    assert load_hypernet(files["hypernet"]).latent_shape[1] == 8

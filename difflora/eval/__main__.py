@@ -18,7 +18,9 @@ import logging
 import sys
 from pathlib import Path
 
+from ..diffusion import SAMPLERS
 from ..errors import DiffLoRAError
+from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from .layout import DEFAULT_PROMPTS, PAPER_PROTOCOL, EvalLayout
 from .layout import __doc__ as LAYOUT_DOC
 
@@ -57,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="SDXL sampling steps")
     p.add_argument("--cfg", type=float, default=5.0, help="SDXL guidance scale")
     p.add_argument("--size", type=int, default=1024, help="image width and height")
-    p.add_argument("--lora-steps", type=int, default=25, help="DDIM steps of the LoRA sampler")
-    p.add_argument("--lora-guidance", type=float, default=3.0, help="CFG of the LoRA sampler")
+    p.add_argument("--lora-sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help="the LoRA sampler")
+    p.add_argument("--lora-steps", type=int, default=DEFAULT_STEPS, help="steps of the LoRA sampler")
+    p.add_argument("--lora-guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG of the LoRA sampler")
     p.add_argument("--on-no-face", default="error", choices=("error", "image_only"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 method=ns.method, identities=layout.identities()[:ns.identities], num_prompts=ns.prompts,
                 images_per_prompt=ns.images_per_prompt, trigger=ns.trigger, steps=ns.steps, cfg=ns.cfg,
                 width=ns.size, height=ns.size, lora_steps=ns.lora_steps, lora_guidance=ns.lora_guidance,
+                lora_sampler=ns.lora_sampler,
                 on_no_face=ns.on_no_face, seed=ns.seed, device=ns.device, dtype=dtype)
             print(f"{len(timing)} identities; personalization {sum(timing.values()) / max(1, len(timing)):.2f} s "
                   f"each on average; images in {layout.method_dir(ns.method)}")

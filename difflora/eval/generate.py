@@ -17,7 +17,7 @@ import torch
 from ..encoders import load_face_encoder, load_image_encoder
 from ..errors import DiffLoRAError
 from ..hypernet_file import load_hypernet
-from ..pipeline import features_from_images, predict_lora
+from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, features_from_images, predict_lora
 from .layout import EvalLayout, fill, image_name
 
 log = logging.getLogger("difflora.eval")
@@ -37,8 +37,8 @@ def generate(layout: EvalLayout, *, hypernet: str, base: str, image_encoder: str
              insightface_root: str | None = None, method: str = "DiffLoRA", base_config: str = "",
              identities: list[str] | None = None, num_prompts: int | None = None, images_per_prompt: int = 1,
              trigger: str = "a photo of sks person", steps: int = 30, cfg: float = 5.0, width: int = 1024,
-             height: int = 1024, lora_steps: int = 25, lora_guidance: float = 3.0, on_no_face: str = "error",
-             seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:
+             height: int = 1024, lora_steps: int = DEFAULT_STEPS, lora_guidance: float = DEFAULT_GUIDANCE,
+             lora_sampler: str = DEFAULT_SAMPLER, on_no_face: str = "error", seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Write generated/<method>/<identity>/p<P>_k<K>.png and timing.json; returns the timings."""
     prompts = layout.prompts()[:num_prompts]
     ids = identities or layout.identities()
@@ -59,7 +59,7 @@ def generate(layout: EvalLayout, *, hypernet: str, base: str, image_encoder: str
         t0 = time.perf_counter()
         features = features_from_images(hn, [str(p) for p in layout.references(identity)], face_enc, image_enc,
                                         on_no_face=on_no_face)
-        lora = predict_lora(hn, features, steps=lora_steps, guidance=lora_guidance, seed=seed)
+        lora = predict_lora(hn, features, sampler=lora_sampler, steps=lora_steps, guidance=lora_guidance, seed=seed)
         pipe.load_lora_weights(lora, adapter_name=ADAPTER)
         pipe.fuse_lora(adapter_names=[ADAPTER])
         _sync(device)
