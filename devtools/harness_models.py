@@ -80,7 +80,8 @@ TOY_CLASSIFIER = "toy_classifier.safetensors"
 TOY_SCENE = ("blue", "smiling")
 
 # The shipped graphs on the toy world: its image size, a base-model sampler setting that suits it, and
-# prompts in its caption vocabulary (the LoRA sampler keeps the graphs' own settings, the pack's defaults) (node ids 10 / 11: the graphs' positive / negative prompt).
+# prompts in its caption vocabulary (node ids 10 / 11: the graphs' positive / negative prompt). The LoRA
+# sampler keeps the graphs' own settings, the pack's defaults.
 # The hypernet carries its encoders, so the face analysis and CLIP vision inputs are unused.
 TOY_RUN = {
     "DiffLoRAFaceAnalysisLoader": {"model": "dlib"},

@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     a, rest = ap.parse_known_args(argv)
     if a.command == "export":
         ex = argparse.ArgumentParser(prog="python -m devtools.toyworld export")
-        ex.add_argument("--hypernet", default="", help="ship this hypernet (trained on the world's LoRAs) instead "
-                                                       "of the world's own, e.g. WORLD/study/lae-64x/hypernet.safetensors")
+        ex.add_argument("--hypernet", default="",
+                        help="ship this hypernet (trained on the world's LoRAs) instead of the world's own, "
+                             "e.g. WORLD/study/lae-64x/hypernet.safetensors")
         export = ex.parse_args(rest)
     if a.command == "build":
         from .get_comfyui import get_comfyui

@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Metadata keys of a predicted LoRA file (written by Save Predicted LoRA, read by `python -m difflora inspect`).
 # The pack's LoRA-sampler defaults (Sample LoRA Latent, predict_lora, the eval CLI): chosen in the toy
 # world on validation identities, apart from the held-out ones that score it (docs/TOYWORLD.md,
 # "Sampler defaults").
@@ -43,6 +42,7 @@ DEFAULT_SAMPLER = "dpm++"
 DEFAULT_STEPS = 5
 DEFAULT_GUIDANCE = 2.0
 
+# Metadata keys of a predicted LoRA file (written by Save Predicted LoRA, read by `python -m difflora inspect`).
 META_HYPERNET = "difflora_hypernet"
 META_SPEC_HASH = "difflora_spec_hash"
 META_SETTING_PREFIX = "difflora_"  # + each sampler setting: seed, steps, guidance, eta

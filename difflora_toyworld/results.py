@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflora.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+
 from . import toy_sdxl
 from .render import Scene, caption, render, sample_identities
 from .train_base import reconstruct as reconstruct_photos
@@ -82,15 +84,15 @@ def _sync(device: str) -> None:
 
 
 def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int | None = None,
-             steps: int = 20, guidance: float = 4.0, lora_sampler: str | None = None, lora_steps: int | None = None,
-             lora_guidance: float | None = None, seed: int = 0, hypernet: str | os.PathLike | None = None) -> dict:
+             steps: int = 20, guidance: float = 4.0, lora_sampler: str = DEFAULT_SAMPLER,
+             lora_steps: int = DEFAULT_STEPS, lora_guidance: float = DEFAULT_GUIDANCE, seed: int = 0,
+             hypernet: str | os.PathLike | None = None) -> dict:
     """Scores of every method on the held-out identities; also keeps a few images for the grid.
     The LoRA sampler runs at the pack's defaults unless told; `hypernet` is another hypernet trained
     on this world's LoRAs (e.g. a study's WORLD/study/<name>/hypernet.safetensors), default the world's."""
     from difflora.encoders import load_image_file
     from difflora.hypernet_file import load_hypernet
-    from difflora.pipeline import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, features_from_images,
-                                   predict_lora)
+    from difflora.pipeline import features_from_images, predict_lora
     from .attributes import identity_accuracy, load_classifier, prompt_accuracy
     from .identity_encoder import load_encoder
     from .world import HELDOUT_FIRST, TRIGGER, World, WorldConfig
@@ -103,9 +105,6 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
     cfg = WorldConfig.from_dict(json.loads(world.config.read_text()))
     clf = load_classifier(world.classifier)
     pipe = toy_sdxl.load_pipeline(world.base, device)
-    lora_sampler = DEFAULT_SAMPLER if lora_sampler is None else lora_sampler
-    lora_steps = DEFAULT_STEPS if lora_steps is None else lora_steps
-    lora_guidance = DEFAULT_GUIDANCE if lora_guidance is None else lora_guidance
     hn = load_hypernet(hypernet or world.hypernet, device=device)
     # The world's own encoders, for a hypernet that carries none (the one it carries wins).
     face = None if hn.face_encoder else load_encoder(world.face)
@@ -246,7 +245,9 @@ def write_results(world_root, out: str | None = None, device: str = "cpu", ident
     t0 = time.perf_counter()
     res = evaluate(world_root, device=device, identities=identities, hypernet=hypernet)
     summary = summarize(res["rows"])
-    command = f"python -m difflora_toyworld results --world {world_root}" + (f" --hypernet {hypernet}" if hypernet else "")
+    command = f"python -m difflora_toyworld results --world {world_root}"
+    if hypernet:
+        command += f" --hypernet {hypernet}"
     payload = {"summary": summary, "settings": res["settings"], "identities": res["rows"],
                "seconds": time.perf_counter() - t0}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=1, default=str))

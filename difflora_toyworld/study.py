@@ -2,7 +2,7 @@
 paper's ablations in miniature, every row scored on the same held-out identities, scenes and seeds
 as `results.py` (docs/TOYWORLD.md, "The study").
 
-    python -m difflora_toyworld study --world WORLD [--parts baselines,sampling,photos,ablations,validation,weight-space]
+    python -m difflora_toyworld study --world WORLD [--parts baselines,sampling,photos,ablations,...]
 
 Rows, each a way to get one LoRA per held-out identity from what the training set offers:
   baselines   the mean training LoRA (no identity information); the training LoRA of the nearest
@@ -285,11 +285,6 @@ def validation_people(world, cfg, n: int = VALIDATION_IDENTITIES) -> list[HeldOu
     return people
 
 
-def cost(setting: tuple[str, int, float]) -> int:
-    """DiT evaluations of one sampler setting (guidance batches both branches into one)."""
-    return setting[1]
-
-
 def choose_sampling(rows: dict, settings, max_prompt_drop: float = 0.05) -> dict:
     """The one-standard-error rule on the validation rows. Among the settings whose prompt accuracy is
     at most `max_prompt_drop` below the base model's (the prompt target; all if none is), the best by
@@ -305,10 +300,15 @@ def choose_sampling(rows: dict, settings, max_prompt_drop: float = 0.05) -> dict
         se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
         if diff.mean() <= se:
             near.append(s)
-    sampler, steps, guidance = min(near, key=lambda s: (cost(s), -scored[s].mean()))
+    # Cost is the step count: one DiT call a step, guidance batching both branches into it.
+    sampler, steps, guidance = min(near, key=lambda s: (s[1], -scored[s].mean()))
     return {"sampler": sampler, "steps": steps, "guidance": guidance, "best": list(best),
             "identity_accuracy": float(scored[(sampler, steps, guidance)].mean()),
             "best_identity_accuracy": float(scored[best].mean()), "eligible": len(eligible)}
+
+
+def sampling_key(sampler: str, steps: int, guidance: float) -> str:
+    return f"sample-{sampler}-{steps}-g{guidance:g}"
 
 
 def validation_key(sampler: str, steps: int, guidance: float) -> str:
@@ -419,8 +419,7 @@ def run_study(world_root, parts=PARTS, identities: int | None = None, device: st
         row("ridge", "baselines", "ridge regression to the top principal components", ridge)
     if "sampling" in parts:
         for sampler, steps, guidance in SAMPLING:
-            key = f"sample-{sampler}-{steps}-g{guidance:g}"
-            row(key, "sampling", sampling_label(sampler, steps, guidance),
+            row(sampling_key(sampler, steps, guidance), "sampling", sampling_label(sampler, steps, guidance),
                 lambda s=sampler, k=steps, g=guidance: pred(hn, sampler=s, steps=k, guidance=g))
     if "photos" in parts:
         for k in PHOTOS:
@@ -448,7 +447,7 @@ def run_study(world_root, parts=PARTS, identities: int | None = None, device: st
         save()
         log.info("chosen on the validation identities: %s", choice)
         sampler, steps, guidance = choice["sampler"], choice["steps"], choice["guidance"]
-        row(f"sample-{sampler}-{steps}-g{guidance:g}", "sampling", sampling_label(sampler, steps, guidance),
+        row(sampling_key(sampler, steps, guidance), "sampling", sampling_label(sampler, steps, guidance),
             lambda: pred(hn, sampler=sampler, steps=steps, guidance=guidance))
     if "weight-space" in parts:
         for space in WEIGHT_SPACES:
@@ -476,8 +475,10 @@ def markdown(rows: dict, identities: int, choice: dict | None = None) -> str:
              "| --- | --- | --- | --- | --- |"]
     for r in rows.values():
         # Validation identities have no trained LoRAs: the held-out gain is not theirs to share.
-        share = "" if r["group"] == "validation" else f"{(r['identity_accuracy'] - base) / gain:.2f}" if gain > 0 \
-            else "nan"
+        if r["group"] == "validation":
+            share = ""
+        else:
+            share = f"{(r['identity_accuracy'] - base) / gain:.2f}" if gain > 0 else "nan"
         lines.append(f"| {r['group']} | {r['label']} | {r['identity_accuracy']:.3f} ± {r['identity_accuracy_sem']:.3f} "
                      f"| {share} | {r['prompt_accuracy']:.3f} |")
     if choice:

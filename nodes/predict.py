@@ -89,7 +89,8 @@ class SampleLoraLatent(io.ComfyNode):
                              tooltip="Seed of the LoRA sampler; the same seed gives the same LoRA."),
                 io.Int.Input("steps", default=pipeline.DEFAULT_STEPS, min=1, max=1000,
                              tooltip="Sampler steps. The default (DPM-Solver++ 5, guidance 2) was chosen in the toy "
-                                     "world: it predicts as well as DDIM 25 at a fifth of the cost (docs/TOYWORLD.md)."),
+                                     "world: it predicts as well as DDIM 25 at a fifth of the cost "
+                                     "(docs/TOYWORLD.md)."),
                 io.Float.Input("guidance", default=pipeline.DEFAULT_GUIDANCE, min=0.0, max=30.0, step=0.1,
                                tooltip="Classifier-free guidance on identity; 1.0 turns it off (and halves the cost)."),
                 io.Float.Input("eta", default=0.0, min=0.0, max=1.0, step=0.01,

@@ -38,7 +38,8 @@ def generate(layout: EvalLayout, *, hypernet: str, base: str, image_encoder: str
              identities: list[str] | None = None, num_prompts: int | None = None, images_per_prompt: int = 1,
              trigger: str = "a photo of sks person", steps: int = 30, cfg: float = 5.0, width: int = 1024,
              height: int = 1024, lora_steps: int = DEFAULT_STEPS, lora_guidance: float = DEFAULT_GUIDANCE,
-             lora_sampler: str = DEFAULT_SAMPLER, on_no_face: str = "error", seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:
+             lora_sampler: str = DEFAULT_SAMPLER, on_no_face: str = "error", seed: int = 0, device: str = "cpu",
+             dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Write generated/<method>/<identity>/p<P>_k<K>.png and timing.json; returns the timings."""
     prompts = layout.prompts()[:num_prompts]
     ids = identities or layout.identities()
