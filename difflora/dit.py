@@ -38,13 +38,6 @@ def dit_tiny(tokens, in_channels, cond_dim):
     return DiTConfig(tokens, in_channels, cond_dim, hidden=64, depth=2, heads=4)
 
 
-def dit_toy(tokens, in_channels, cond_dim):
-    # The toy world's hypernet: sized so that training fits minutes on a 2-core CPU and the shipped
-    # files fit 30 MB. Hidden 192 x depth 4 (10 MB fp16) predicted no better than the LAE allows
-    # (identity accuracy 0.384 vs the LAE's 0.391) while its validation loss rose with training.
-    return DiTConfig(tokens, in_channels, cond_dim, hidden=128, depth=3, heads=2)
-
-
 def dit_paper(tokens, in_channels, cond_dim):
     # The paper's size: 16 layers, hidden 1454. 1454 = 2 x 727, so 2 heads of dim 727 is the only
     # even split; such heads miss the fused GPU attention kernels (slow), hence the sizes below.
@@ -60,7 +53,8 @@ def dit_l(tokens, in_channels, cond_dim):
     return DiTConfig(tokens, in_channels, cond_dim, hidden=1472, depth=16, heads=23)
 
 
-DIT_CONFIGS = {"tiny": dit_tiny, "toy": dit_toy, "DiffLoRA-paper": dit_paper, "DiffLoRA-B": dit_b, "DiffLoRA-L": dit_l}
+# An open registry: a world with its own base adds its sizes when imported (difflora/plugins.py).
+DIT_CONFIGS = {"tiny": dit_tiny, "DiffLoRA-paper": dit_paper, "DiffLoRA-B": dit_b, "DiffLoRA-L": dit_l}
 
 
 def default_cond_dim(size: str) -> int:

@@ -58,12 +58,12 @@ class LAEConfig(ConfigDict):
 
 
 def lae_tiny(param_count: int) -> LAEConfig:
-    # Tests and toy specs: 32 entries per token, 4 channels -> 8x.
+    # Tests: 32 entries per token, 4 channels -> 8x.
     return LAEConfig(param_count, patch=8, strides=(2, 2), widths=(32, 64, 64), latent_channels=4)
 
 
 def lae_small(param_count: int) -> LAEConfig:
-    # Toy bases with SDXL's layer names but narrow shapes (~1M LoRA entries, the harness's tiny
+    # Small bases with SDXL's layer names but narrow shapes (~1M LoRA entries, the harness's tiny
     # SDXL): 2048 entries per token keeps the DiT under ~500 tokens (tiny at 8x gave 31k tokens
     # and 6 s per DiT step on CPU), C = 8 -> 256x.
     return LAEConfig(param_count, patch=128, strides=(4, 4), widths=(32, 48, 64), latent_channels=8)
@@ -79,18 +79,8 @@ def lae_sdxl_r4(param_count: int) -> LAEConfig:
                      latent_channels=40, res_blocks=2)
 
 
-def lae_toy(param_count: int) -> LAEConfig:
-    # The toy world's base (difflora_toyworld, 30,720 LoRA entries at rank 4): 512 entries per
-    # token, C = 4 -> 60 tokens, 128x.
-    return LAEConfig(param_count, patch=32, strides=(4, 4), widths=(64, 96, 128), latent_channels=4)
-
-
-def lae_toy_64x(param_count: int) -> LAEConfig:
-    # The toy LAE with twice the latent channels (C = 8 -> 64x): the compression ablation.
-    return LAEConfig(param_count, patch=32, strides=(4, 4), widths=(64, 96, 128), latent_channels=8)
-
-
-LAE_CONFIGS = {"tiny": lae_tiny, "toy": lae_toy, "toy-64x": lae_toy_64x, "small": lae_small, "sdxl-r4": lae_sdxl_r4}
+# An open registry: a world with its own base adds its sizes when imported (difflora/plugins.py).
+LAE_CONFIGS = {"tiny": lae_tiny, "small": lae_small, "sdxl-r4": lae_sdxl_r4}
 
 
 def _groups(width: int) -> int:

@@ -20,16 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflora.encoders.carried import ConvBackbone, NetConfig, batched, to_batch
 from difflora.errors import DiffLoRAError
 
+from .encoders import ConvBackbone, NetConfig, batched, to_batch
 from .render import make_dataset
 from .vocabulary import ALL_ATTRIBUTES, IDENTITY_ATTRIBUTES, SCENE_ATTRIBUTES, vocabulary_json
 
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- the network
-# The backbone is the one the toy encoders carried in hypernet files use (difflora.encoders.carried).
+# The backbone is the one the toy encoders carried in hypernet files use (encoders.py).
 
 class AttributeClassifier(nn.Module):
     """Backbone + one linear head per attribute. ``forward`` -> {name: logits (B, K)}."""

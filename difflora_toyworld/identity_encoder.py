@@ -1,6 +1,6 @@
 """Training of the toy world's encoders for Mixed Image Features: a "face-recognition" embedding
 and a general image embedding. The networks themselves, and how a hypernet file carries them,
-are the core's (difflora.encoders.carried); this module trains them on renderer labels.
+are in encoders.py; this module trains them on renderer labels.
 
 Both are the attribute backbone + a linear projection to a unit vector:
 
@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from difflora.encoders.carried import (KINDS, EmbeddingNet, EncoderConfig, ToyFaceEncoder, ToyImageEncoder,
-                                       load_carried_file, save_carried_file, wrap_net)
+from difflora.encoders.carried import load_carried_file, save_carried_file
 from difflora.errors import EncoderError
 
 from .attributes import TrainPool, multi_head_loss, render_pool, train_supervised
+from .encoders import KINDS, EmbeddingNet, EncoderConfig, ToyFaceEncoder, ToyImageEncoder, wrap_net
 from .vocabulary import ALL_ATTRIBUTES, IDENTITY_ATTRIBUTES, vocabulary_json
 
 log = logging.getLogger(__name__)

@@ -81,7 +81,7 @@ COMFY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": IMAGE_SIZ
                       "ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [],
                       "dropout": 0.0}
 
-# What a single-file checkpoint of this base carries (difflora.sdxl_checkpoint.ARCHITECTURE_KEY), so the
+# What a single-file checkpoint of this base carries (architecture.ARCHITECTURE_KEY), so the
 # pack's Load Toy World Base node builds it without teaching ComfyUI's detection anything.
 _COMFY_CLIP = {k: _CLIP_COMMON[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                             "num_attention_heads", "projection_dim")}
@@ -178,7 +178,9 @@ def export_checkpoint(folder: str | os.PathLike, path: str | os.PathLike, metada
     from safetensors.torch import load_file
 
     from difflora.safetensors_io import save_file_atomic
-    from difflora.sdxl_checkpoint import ARCHITECTURE_KEY, single_file_state_dict
+    from difflora.sdxl_checkpoint import single_file_state_dict
+
+    from .architecture import ARCHITECTURE_KEY
 
     folder = Path(folder)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)

@@ -1,7 +1,7 @@
 """The toy world in ComfyUI (docs/TOYWORLD.md): its base model and its reference photos, shipped with the pack.
 
 The toy base is SDXL's architecture at 64x64, which ComfyUI's model detection does not know. Its
-file carries its sizes (difflora.sdxl_checkpoint.ARCHITECTURE_KEY), and Load Toy World Base builds
+file carries its sizes (difflora_toyworld/architecture.py), and Load Toy World Base builds
 ComfyUI's own SDXL model, CLIP and VAE classes from them, the steps of ComfyUI's checkpoint loader
 with the model class given instead of detected: nothing in how ComfyUI loads any other model changes.
 """
@@ -24,7 +24,7 @@ import folder_paths
 from comfy_api.v0_0_2 import io, ui
 
 from ..difflora.errors import DiffLoRAError
-from ..difflora.sdxl_checkpoint import read_architecture
+from ..difflora_toyworld.architecture import read_architecture
 from .folders import TOY_BASE_FOLDER, missing_model_message, toy_photos
 from .types import CATEGORY
 

@@ -1,5 +1,6 @@
-"""The house is one-way: nodes/ -> difflora_toyworld/ is never needed, difflora_toyworld/ -> difflora/,
-and difflora/ imports none of them, nor ComfyUI; no package has an import circle.
+"""The house is one-way: nodes/ -> difflora/, nodes/toy_world.py (only) -> difflora_toyworld/ ->
+difflora/, and difflora/ imports none of them, nor ComfyUI, nor names the toy world's modules, sizes
+or encoders; no package has an import circle.
 
 Read from the source (every import statement, function-level ones too), so a lazy import
 inside a function counts as much as one at the top of a file.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import re
 import sys
 from pathlib import Path
 
@@ -93,6 +95,35 @@ def test_the_toy_world_depends_on_the_core_one_way():
            for m, p in MODULES.items() if m.startswith("difflora_toyworld")}
     assert not {m: v for m, v in bad.items() if v}
     assert any(t.startswith("difflora.") for m, ts in EDGES.items() if m.startswith("difflora_toyworld") for t in ts)
+
+
+def test_only_the_toy_world_nodes_import_the_toy_world():
+    importers = sorted(m for m, p in MODULES.items() if m.startswith("nodes")
+                       and any(t.split(".")[0] == "difflora_toyworld" for t in _imports(m, p)))
+    assert importers == ["nodes.toy_world"]
+
+
+# What the core must not name: the toy world's package, its LAE / DiT sizes and its encoders (kinds,
+# classes, files). Comments may still cite docs/TOYWORLD.md for a measurement. The one exception is
+# the metadata key files already shipped carry (encoders/carried.py MODEL_KEY).
+TOY_NAMES = re.compile(r"difflora_toyworld|\"toy\"|toy-64x|lae_toy|dit_toy|toy-face|toy-image|toy-encoder|"
+                       r"Toy[A-Z]\w*|toy_(face|image|sdxl|classifier)|EmbeddingNet|edge_share")
+SHIPPED_KEY = 'MODEL_KEY = "toyworld_model"'
+
+
+def test_the_core_names_no_toy_module_size_or_encoder():
+    hits = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+            for path in sorted((ROOT / "difflora").rglob("*.py"))
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+            if TOY_NAMES.search(line) and SHIPPED_KEY not in line]
+    assert not hits, "the toy world belongs in difflora_toyworld/:\n" + "\n".join(hits)
+
+
+def test_the_toy_name_check_sees_a_toy_name():
+    for line in ('LAE_CONFIGS = {"toy": lae_toy}', 'kind = "toy-face"', "from difflora_toyworld import x",
+                 "class ToyFaceEncoder:"):
+        assert TOY_NAMES.search(line), line
+    assert not TOY_NAMES.search("Measured in the toy world (docs/TOYWORLD.md)")
 
 
 def test_the_checker_sees_a_circle(tmp_path, monkeypatch):

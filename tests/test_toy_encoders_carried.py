@@ -19,7 +19,7 @@ from difflora.errors import DiffLoRAError, EncoderError, HypernetFileError
 from difflora.hypernet import EncoderSpec, Hypernet
 from difflora.hypernet_file import FORMAT_VERSION, load_hypernet, read_header, save_hypernet
 from difflora.pipeline import encode_features, resolve_encoders
-from difflora.encoders.carried import NetConfig, ToyFaceEncoder, ToyImageEncoder
+from difflora_toyworld.encoders import NetConfig, ToyFaceEncoder, ToyImageEncoder
 from difflora_toyworld.attributes import AttributeClassifier, save_classifier
 from difflora_toyworld.identity_encoder import encoder_config, load_encoder, new_net, save_encoder
 from difflora_toyworld.render import make_dataset
@@ -99,7 +99,7 @@ def test_load_face_encoder_toy_face_refusals(face, image, tmp_path):
         load_face_encoder("toy-face", root=image_file)
     clf = tmp_path / "classifier.safetensors"
     save_classifier(AttributeClassifier(TINY_NET), clf)
-    with pytest.raises(DiffLoRAError, match="classifier.safetensors holds a attribute-classifier model"):
+    with pytest.raises(DiffLoRAError, match="classifier.safetensors holds a model of kind .attribute-classifier."):
         load_face_encoder("toy-face", root=clf)
 
 
@@ -112,11 +112,11 @@ def test_load_image_encoder_recognizes_toy_image_by_metadata(face, image, photos
     face_file = tmp_path / "toy_face.safetensors"
     save_encoder(face, face_file)
     with pytest.raises(EncoderError, match=r"toy_face.safetensors holds the toy-face encoder, a face analysis.*"
-                                           r"toy_image.safetensors as the image encoder"):
+                                           r"give an image encoder here"):
         load_image_encoder(face_file)
     clf = tmp_path / "classifier.safetensors"
     save_classifier(AttributeClassifier(TINY_NET), clf)
-    with pytest.raises(EncoderError, match="classifier.safetensors holds the toy world's attribute-classifier"):
+    with pytest.raises(EncoderError, match="classifier.safetensors holds a model of kind 'attribute-classifier', not an encoder"):
         load_image_encoder(clf)
     # Anything else still goes to the CLIP loader, which names the file.
     other = tmp_path / "not_clip.safetensors"

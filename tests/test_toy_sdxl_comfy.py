@@ -1,11 +1,11 @@
-"""The toy world's base model (difflora_toyworld/toy_sdxl.py) in a real ComfyUI: stock nodes load
-its single-file checkpoint as an SDXL, and UNet, VAE and text encoders compute what diffusers
-computes from the same weights."""
+"""The toy world's base model (difflora_toyworld/toy_sdxl.py) in a real ComfyUI: the pack's Load Toy
+World Base builds its single-file checkpoint as ComfyUI's own SDXL from the sizes the file carries,
+and UNet, VAE and text encoders compute what diffusers computes from the same weights."""
 from __future__ import annotations
 
-import copy
 import importlib.util
 import logging
+import sys
 
 import pytest
 import torch
@@ -44,16 +44,15 @@ def toy_checkpoint(toy_folder):
 
 
 @pytest.fixture(scope="module")
-def toy_comfy(comfy_inprocess, toy_checkpoint):
-    """(model, clip, vae, warnings logged while loading) from stock CheckpointLoaderSimple."""
-    c = comfy_inprocess
-    c.add_model_file("checkpoints", toy_checkpoint, TOY_CHECKPOINT_NAME)
+def toy_comfy(pack_nodes, toy_checkpoint):
+    """(model, clip, vae, warnings logged while loading) from the pack's toy-base loader."""
+    load_toy_base = sys.modules[pack_nodes["DiffLoRAToyWorldBaseLoader"].__module__].load_toy_base
     records = _Records()
     root = logging.getLogger()
     root.addHandler(records)
     try:
         with torch.inference_mode():
-            model, clip, vae = c.nodes.CheckpointLoaderSimple().load_checkpoint(TOY_CHECKPOINT_NAME)[:3]
+            model, clip, vae = load_toy_base(str(toy_checkpoint))
     finally:
         root.removeHandler(records)
     return model, clip, vae, records.messages
@@ -76,19 +75,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def test_registration_constants_match_toy_sdxl(comfy_inprocess):
-    reg = comfy_inprocess.tiny_sdxl
-    assert reg.TOY_UNET_CONFIG == toy_sdxl.COMFY_UNET_CONFIG
-    assert reg.TOY_VAE_DDCONFIG == toy_sdxl.COMFY_VAE_DDCONFIG
-    assert reg.TOY_VAE_EMBED_DIM == toy_sdxl.VAE_CONFIG["latent_channels"]
-    for name in ("CLIP_L_CONFIG", "CLIP_G_CONFIG"):
-        registered, built = getattr(reg, "TOY_" + name), getattr(toy_sdxl, name)
-        assert registered == {k: built[k] for k in registered}, name
-    assert reg.ToySDXL.latent_format.scale_factor == toy_sdxl.SDXL_LATENT_SCALE
-    assert reg.ToySDXL.latent_format.latent_channels == toy_sdxl.VAE_CONFIG["latent_channels"]
-
-
-def test_stock_loader_reads_toy_checkpoint_as_sdxl(comfy_inprocess, toy_checkpoint, toy_comfy):
+def test_pack_loader_reads_toy_checkpoint_as_sdxl(comfy_inprocess, toy_checkpoint, toy_comfy):
     c = comfy_inprocess
     import comfy.model_detection
     from comfy.ldm.models.autoencoder import AutoencoderKL
@@ -96,11 +83,13 @@ def test_stock_loader_reads_toy_checkpoint_as_sdxl(comfy_inprocess, toy_checkpoi
     sd = c.utils.load_torch_file(str(toy_checkpoint))
     detected = comfy.model_detection.detect_unet_config(sd, "model.diffusion_model.")
     assert {k: detected[k] for k in toy_sdxl.COMFY_UNET_CONFIG} == toy_sdxl.COMFY_UNET_CONFIG
-    assert type(comfy.model_detection.model_config_from_unet_config(detected, sd)) is c.tiny_sdxl.ToySDXL
+    # Nothing is registered: ComfyUI's own detection still knows no model of these sizes.
+    assert comfy.model_detection.model_config_from_unet_config(detected, sd) is None
 
     model, clip, vae, warnings = toy_comfy
     assert isinstance(model.model, c.model_base.SDXL)
-    assert type(model.model.model_config) is c.tiny_sdxl.ToySDXL
+    assert isinstance(model.model.model_config, c.supported_models.SDXL)
+    assert model.model.model_config.latent_format.scale_factor == toy_sdxl.SDXL_LATENT_SCALE
     assert model.model.model_type == c.model_base.ModelType.EPS
     assert not [w for w in warnings if "missing" in w.lower() or "unexpected" in w.lower()], warnings
     prefix = "model.diffusion_model."
@@ -212,10 +201,9 @@ def test_stock_nodes_generate_a_64px_image(comfy_inprocess, toy_comfy):
     assert torch.isfinite(image).all() and 0 <= image.min() and image.max() <= 1
 
 
-def test_real_sdxl_and_tiny_sdxl_are_not_captured(comfy_inprocess, tiny_sdxl_checkpoint):
+def test_real_sdxl_is_not_captured_by_the_harness_registration(comfy_inprocess, tiny_sdxl_checkpoint):
     c = comfy_inprocess
     import comfy.model_detection
-    from comfy.ldm.models.autoencoder import AutoencoderKL
 
     reg = c.tiny_sdxl
     real_sdxl = {  # what detect_unet_config reports for SDXL base 1.0
@@ -226,21 +214,8 @@ def test_real_sdxl_and_tiny_sdxl_are_not_captured(comfy_inprocess, tiny_sdxl_che
         "use_linear_in_transformer": True, "use_temporal_attention": False,
     }
     assert type(comfy.model_detection.model_config_from_unet_config(real_sdxl)) is c.supported_models.SDXL
-    near_miss = {**reg.TOY_UNET_CONFIG, "model_channels": 128}
-    assert not isinstance(comfy.model_detection.model_config_from_unet_config(near_miss), reg.ToySDXL)
 
-    # The VAE hook takes exactly the toy VAE: not SD/SDXL's (ch 128), not a one-shape variant.
-    with torch.device("meta"):
-        stock_vae = AutoencoderKL(ddconfig={**reg.TOY_VAE_DDCONFIG, "ch": 128, "resolution": 256,
-                                            "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2}, embed_dim=4)
-        toy_vae = AutoencoderKL(ddconfig=copy.deepcopy(reg.TOY_VAE_DDCONFIG), embed_dim=4)
-    assert not reg.is_toy_vae(stock_vae.state_dict())
-    toy_sd = toy_vae.state_dict()
-    assert reg.is_toy_vae(toy_sd)
-    assert not reg.is_toy_vae({**toy_sd, "decoder.conv_out.weight": torch.empty(3, 64, 3, 3, device="meta")})
-    assert not reg.is_toy_vae({k: v for k, v in toy_sd.items() if k != "post_quant_conv.bias"})
-
-    # TinySDXL (the harness's own tiny model, TAESD VAE) loads as before.
+    # TinySDXL (the harness's own tiny model, TAESD VAE) loads through the stock loader.
     sd = c.utils.load_torch_file(str(tiny_sdxl_checkpoint))
     detected = comfy.model_detection.detect_unet_config(sd, "model.diffusion_model.")
     assert type(comfy.model_detection.model_config_from_unet_config(detected, sd)) is reg.TinySDXL
@@ -257,8 +232,7 @@ def test_registration_is_idempotent_across_imports(comfy_inprocess):
 
     reg = c.tiny_sdxl
     vae_init, clipvision = comfy.sd.VAE.__init__, comfy.clip_vision.load_clipvision_from_sd
-    assert reg.register() is reg.TinySDXL and reg.register_toy() is reg.ToySDXL
-    reg.register_toy_vae()
+    assert reg.register() is reg.TinySDXL
     reg.register_clip_vision()
     # ComfyUI's server imports the same file again as a custom node, under another name.
     spec = importlib.util.spec_from_file_location("difflora_test_second_copy", reg.__file__)
@@ -266,5 +240,4 @@ def test_registration_is_idempotent_across_imports(comfy_inprocess):
 
     models = c.supported_models.models
     assert sum(getattr(m, "difflora_tiny_sdxl", False) for m in models) == 1
-    assert sum(getattr(m, "difflora_toy_sdxl", False) for m in models) == 1
     assert comfy.sd.VAE.__init__ is vae_init and comfy.clip_vision.load_clipvision_from_sd is clipvision

@@ -1,5 +1,5 @@
-"""The toy world inside the pack: Load Toy World Base builds what ComfyUI's own (registered) loader
-builds, without registering anything; Toy World Photo gives the shipped photos; and a stock ComfyUI
+"""The toy world inside the pack: Load Toy World Base builds ComfyUI's own SDXL classes from the sizes
+the file carries, without registering anything; Toy World Photo gives the shipped photos; and a stock ComfyUI
 with only this pack installed runs the toy-world template to a personalized image over HTTP."""
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def pack(comfy_inprocess, pack_nodes):
     return comfy_inprocess, pack_nodes
 
 
-def test_toy_base_loads_as_the_registered_loader_would_and_registers_nothing(pack):
+def test_toy_base_loads_as_sdxl_and_registers_nothing(pack):
+    """Its numerics against diffusers are tests/test_toy_sdxl_comfy.py's; here: the node's outputs are
+    ComfyUI's own SDXL classes, and ComfyUI's model list and VAE are left as they were."""
     c, nodes = pack
     import comfy.sd
     import comfy.supported_models
@@ -36,7 +38,8 @@ def test_toy_base_loads_as_the_registered_loader_would_and_registers_nothing(pac
     with torch.inference_mode():
         model, clip, vae = nodes["DiffLoRAToyWorldBaseLoader"].execute("toy_sdxl.safetensors").args
         c.add_model_file("checkpoints", TOY_BASE, "toy_base_stock.safetensors")
-        ref_model, ref_clip, ref_vae = c.nodes.CheckpointLoaderSimple().load_checkpoint("toy_base_stock.safetensors")[:3]
+        with pytest.raises(RuntimeError, match="(?i)could not detect model type"):
+            c.nodes.CheckpointLoaderSimple().load_checkpoint("toy_base_stock.safetensors")
     assert comfy.supported_models.models == models_before and comfy.sd.VAE.__init__ is vae_init
     assert isinstance(model.model, c.model_base.SDXL)
 
@@ -44,16 +47,12 @@ def test_toy_base_loads_as_the_registered_loader_would_and_registers_nothing(pac
     x, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 64, generator=g)
     y = torch.randn(1, 1568, generator=g)
     with torch.inference_mode():
-        ours = model.model.diffusion_model(x, torch.tensor([500.0]), context=context, y=y)
-        ref = ref_model.model.diffusion_model(x, torch.tensor([500.0]), context=context, y=y)
-        torch.testing.assert_close(ours, ref)
-        torch.testing.assert_close(vae.decode(x), ref_vae.decode(x))
-        tokens = clip.tokenize("a photo of a sks person, blue background, smiling")
-        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-        ref_cond, ref_pooled = ref_clip.encode_from_tokens(ref_clip.tokenize("a photo of a sks person, blue "
-                                                                               "background, smiling"), return_pooled=True)
-        torch.testing.assert_close(cond, ref_cond)
-        torch.testing.assert_close(pooled, ref_pooled)
+        eps = model.model.diffusion_model(x, torch.tensor([500.0]), context=context, y=y)
+        image = vae.decode(x)
+        cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a sks person"), return_pooled=True)
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+    assert image.shape == (1, 64, 64, 3)
+    assert cond.shape == (1, 77, 64) and pooled.shape == (1, 32)
 
 
 def test_a_checkpoint_without_its_architecture_is_refused_with_a_sentence(pack, tiny_sdxl_checkpoint):

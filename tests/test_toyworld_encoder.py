@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from difflora.encoders.base import FaceEncoder, ImageEncoder, encode_references
-from difflora.encoders.carried import EncoderConfig, NetConfig, ToyFaceEncoder, ToyImageEncoder
+from difflora_toyworld.encoders import EncoderConfig, NetConfig, ToyFaceEncoder, ToyImageEncoder
 from difflora_toyworld.attributes import render_pool
 from difflora_toyworld.identity_encoder import (encoder_config, load_encoder, new_net, save_encoder,
                                                 similarity_stats, supcon_loss, train_encoder)

@@ -11,22 +11,16 @@ Tiny VAE: nothing to register. The checkpoint stores TAESD weights (`taesd_*`, `
 0.13025, `vae_shift` 0), which ComfyUI's stock `comfy.sd.VAE` detects, and the stock SDXL
 latent format matches that scale.
 
-It also registers `ToySDXL`, the toy world's base (difflora_toyworld/toy_sdxl.py: 64x64
-images, a 2-level UNet, the same tiny CLIPs) the same way. Its VAE is a real, narrow
-AutoencoderKL (ch 32) that ComfyUI's stock VAE detection would build at ch 128, so
-`comfy.sd.VAE.__init__` is wrapped to recognise exactly that VAE's keys and shapes and pass
-the matching config; every other VAE goes through the stock code unchanged.
+This registration stands in for what a user has: a real SDXL that stock loaders detect, so the
+shipped SDXL workflows run unchanged. The toy world's base is not registered here: it carries its
+sizes and the pack's own Load Toy World Base builds it (nodes/toy_world.py), the one way the pack
+teaches ComfyUI a small base.
 """
-import copy
-import inspect
 import json
 import os
 
-import torch
 
 import comfy.clip_vision
-import comfy.diffusers_convert
-import comfy.sd
 import comfy.sdxl_clip
 import comfy.supported_models
 import comfy.supported_models_base
@@ -81,90 +75,6 @@ def register() -> type:
     return _register_model(TinySDXL, "difflora_tiny_sdxl")
 
 
-# --- the toy world's base (difflora_toyworld/toy_sdxl.py) -------------------------------------
-# Literals, kept in sync with toy_sdxl.py (this file must import inside ComfyUI without the
-# pack); tests/test_toy_sdxl_comfy.py checks they agree.
-TOY_UNET_CONFIG = {
-    "model_channels": 64, "in_channels": 4, "out_channels": 4,
-    "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-    "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
-    "transformer_depth_middle": 1, "context_dim": 64, "adm_in_channels": 1568,
-    "use_linear_in_transformer": True, "use_temporal_attention": False,
-}
-TOY_CLIP_L_CONFIG = {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 3,
-                     "num_attention_heads": 2, "projection_dim": 32, "hidden_act": "quick_gelu"}
-TOY_CLIP_G_CONFIG = {**TOY_CLIP_L_CONFIG, "hidden_act": "gelu"}
-TOY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3,
-                    "ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [],
-                    "dropout": 0.0}
-TOY_VAE_EMBED_DIM = 4
-
-
-class ToySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
-    def __init__(self, device="cpu", dtype=None, model_options={}):
-        model_options = {**model_options,
-                         "clip_l_model_config": TOY_CLIP_L_CONFIG,
-                         "clip_g_model_config": TOY_CLIP_G_CONFIG}
-        super().__init__(device=device, dtype=dtype, model_options=model_options)
-
-
-class ToySDXL(comfy.supported_models.SDXL):
-    unet_config = TOY_UNET_CONFIG
-    difflora_toy_sdxl = True
-
-    def clip_target(self, state_dict={}):
-        return comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, ToySDXLClipModel)
-
-
-def register_toy() -> type:
-    """Put ToySDXL first in ComfyUI's model list (idempotent); returns the registered class."""
-    return _register_model(ToySDXL, "difflora_toy_sdxl")
-
-
-_TOY_VAE_SHAPES = None  # {ldm key: shape}, built on first use
-
-
-def _toy_vae_shapes() -> dict:
-    global _TOY_VAE_SHAPES
-    if _TOY_VAE_SHAPES is None:
-        from comfy.ldm.models.autoencoder import AutoencoderKL
-        with torch.device("meta"):  # shapes only, no allocation
-            vae = AutoencoderKL(ddconfig=copy.deepcopy(TOY_VAE_DDCONFIG), embed_dim=TOY_VAE_EMBED_DIM)
-        _TOY_VAE_SHAPES = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    return _TOY_VAE_SHAPES
-
-
-def is_toy_vae(sd) -> bool:
-    """Exactly the toy VAE (diffusers or ldm names): the same keys with the same shapes."""
-    conv_in = sd.get("encoder.conv_in.weight")  # the same name in both namings
-    if conv_in is None or conv_in.ndim != 4 or conv_in.shape[0] != TOY_VAE_DDCONFIG["ch"]:
-        return False  # cheap reject: every stock VAE goes no further
-    if "decoder.up_blocks.0.resnets.0.norm1.weight" in sd:  # as comfy.sd.VAE decides it
-        sd = comfy.diffusers_convert.convert_vae_state_dict(sd)
-    return {k: tuple(v.shape) for k, v in sd.items()} == _toy_vae_shapes()
-
-
-def _toy_aware_vae_init(stock):
-    signature = inspect.signature(stock)
-
-    def __init__(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        sd = bound.arguments.get("sd")
-        if bound.arguments.get("config") is None and isinstance(sd, dict) and is_toy_vae(sd):
-            bound.arguments["config"] = {"params": {"ddconfig": copy.deepcopy(TOY_VAE_DDCONFIG),
-                                                    "embed_dim": TOY_VAE_EMBED_DIM}}
-        return stock(*bound.args, **bound.kwargs)
-
-    __init__.difflora_toy = True
-    __init__.__wrapped__ = stock
-    return __init__
-
-
-def register_toy_vae() -> None:
-    if not getattr(comfy.sd.VAE.__init__, "difflora_toy", False):
-        comfy.sd.VAE.__init__ = _toy_aware_vae_init(comfy.sd.VAE.__init__)
-
-
 _TINY_CLIP_VISION_JSON = os.path.join(os.path.dirname(__file__), "tiny_clip_vision.json")
 with open(_TINY_CLIP_VISION_JSON) as _f:
     _TINY_CLIP_VISION_HIDDEN = json.load(_f)["hidden_size"]
@@ -195,8 +105,6 @@ def register_clip_vision() -> None:
 
 
 register()
-register_toy()
 register_clip_vision()
-register_toy_vae()
 
 NODE_CLASS_MAPPINGS = {}

@@ -6,10 +6,12 @@ open_clip are imported only when an encoder that needs them is built.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EncoderError
+from ..plugins import load_plugins
 from .base import (
     DetectedFace,
     FaceEncoder,
@@ -20,11 +22,32 @@ from .base import (
     encode_references,
 )
 from .cache import FolderEmbeddings, encode_folder
-from .carried import CARRIED_MODELS, MODEL_KEY, load_carried_file
+from .carried import is_carried_model_file, load_carried_file
 from .images import FolderReport, iter_image_folder, load_image_file, to_rgb_uint8
 
-FACE_ENCODER_KINDS = ("dlib", "antelopev2", "buffalo_l", "toy-face")
-TOY_FACE_FILE = "toy_face.safetensors"  # the toy world's face model file (docs/TOYWORLD.md)
+
+def _load_dlib(root=None, provider="auto") -> FaceEncoder:
+    from .dlib_face import DlibFaceEncoder
+
+    return DlibFaceEncoder()
+
+
+def _insightface_loader(name: str) -> Callable[..., FaceEncoder]:
+    def load(root=None, provider="auto") -> FaceEncoder:
+        if root is None:
+            raise EncoderError(f"The {name} face analysis needs the insightface model root "
+                               f"(the folder holding models/{name}/).")
+        from .insightface_face import InsightFaceEncoder
+
+        return InsightFaceEncoder(name=name, root=root, providers=provider)
+    return load
+
+
+# Face analysis kinds -> loader(root, provider). An open registry: a package that brings its own
+# face analysis adds it when imported (difflora/plugins.py); the CLIs offer what is registered.
+FACE_ENCODER_KINDS: dict[str, Callable[..., FaceEncoder]] = {
+    "dlib": _load_dlib, "antelopev2": _insightface_loader("antelopev2"),
+    "buffalo_l": _insightface_loader("buffalo_l")}
 
 
 def load_face_encoder(kind: str, root: str | Path | None = None,
@@ -33,25 +56,15 @@ def load_face_encoder(kind: str, root: str | Path | None = None,
 
     ``kind``: "dlib" (offline, 128-d) or an insightface pack "antelopev2" / "buffalo_l"
     (512-d ArcFace, files under ``<root>/models/<kind>/``, e.g. root = ComfyUI's
-    models/insightface). ``provider``: "auto", "cpu" or "cuda" (insightface only).
-    "toy-face" is the toy world's (docs/TOYWORLD.md): ``root`` is its ``toy_face.safetensors``
-    file, or a folder holding exactly one file of that name.
+    models/insightface), or a kind a plugin registered (its ``root`` is what that kind reads).
+    ``provider``: "auto", "cpu" or "cuda" (insightface only).
     """
-    if kind == "dlib":
-        from .dlib_face import DlibFaceEncoder
-
-        return DlibFaceEncoder()
-    if kind in ("antelopev2", "buffalo_l"):
-        if root is None:
-            raise EncoderError(f"The {kind} face analysis needs the insightface model root "
-                               "(the folder holding models/" + kind + "/).")
-        from .insightface_face import InsightFaceEncoder
-
-        return InsightFaceEncoder(name=kind, root=root, providers=provider)
-    if kind == "toy-face":
-        return _load_toy_face(root)
-    raise EncoderError(f"Unknown face analysis {kind!r}: use one of "
-                       f"{', '.join(FACE_ENCODER_KINDS)}.")
+    if kind not in FACE_ENCODER_KINDS:
+        load_plugins()
+    if kind not in FACE_ENCODER_KINDS:
+        raise EncoderError(f"Unknown face analysis {kind!r}: use one of "
+                           f"{', '.join(FACE_ENCODER_KINDS)}.")
+    return FACE_ENCODER_KINDS[kind](root, provider)
 
 
 @dataclass(frozen=True)
@@ -64,36 +77,6 @@ class AutoFaceEncoder:
 
     def load(self, kind: str) -> FaceEncoder:
         return load_face_encoder(kind, root=None if kind == "dlib" else self.root, provider=self.provider)
-
-
-def _toy_face_file(root: str | Path | None) -> Path:
-    if root is None or str(root) == "":
-        raise EncoderError(f"The toy-face face analysis needs its model file: give the {TOY_FACE_FILE} "
-                           "written by `python -m difflora_toyworld.identity_encoder --kind toy-face "
-                           "--out FILE` (or a folder holding it) as its root.")
-    root = Path(root)
-    if root.is_file():
-        return root
-    if not root.is_dir():
-        raise EncoderError(f"Toy face model not found: {root} is neither a {TOY_FACE_FILE} file nor a "
-                           "folder holding one.")
-    found = [root / TOY_FACE_FILE] if (root / TOY_FACE_FILE).is_file() else \
-        sorted(root.rglob(TOY_FACE_FILE))
-    if len(found) != 1:
-        what = "none" if not found else f"{len(found)} ({', '.join(str(f) for f in found[:3])})"
-        raise EncoderError(f"{root} should hold exactly one {TOY_FACE_FILE}, it holds {what}: give the "
-                           "file itself.")
-    return found[0]
-
-
-def _load_toy_face(root: str | Path | None) -> FaceEncoder:
-    path = _toy_face_file(root)
-    encoder = load_carried_file(path)
-    if encoder.kind != "toy-face":
-        raise EncoderError(f"{path} holds the {encoder.kind} encoder, an image encoder, not a face "
-                           "analysis: give the toy-face file (toy_face.safetensors) here and this one "
-                           "as the image encoder.")
-    return encoder
 
 
 def _safetensors_metadata(path: str | Path) -> dict[str, str]:
@@ -111,20 +94,15 @@ def _safetensors_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load_image_encoder(path: str | Path, device: str = "cpu") -> ImageEncoder:
-    """CLIP vision from a ComfyUI clip_vision ``.safetensors`` or a transformers folder, or the
-    toy world's ``toy_image.safetensors`` (recognized by its metadata; it runs on the CPU)."""
-    meta = _safetensors_metadata(path)
-    if meta.get(MODEL_KEY) in CARRIED_MODELS:
+    """CLIP vision from a ComfyUI clip_vision ``.safetensors`` or a transformers folder, or an image
+    encoder a file carries (difflora/encoders/carried.py; recognized by its metadata, runs on the CPU)."""
+    if is_carried_model_file(_safetensors_metadata(path)):
         encoder = load_carried_file(path)
-        if encoder.kind == "toy-image":
+        if isinstance(encoder, ImageEncoder):
             return encoder
         raise EncoderError(f"{path} holds the {encoder.kind} encoder, a face analysis, not an image "
                            f"encoder: use it as the face encoder ({encoder.kind}, with this file as its "
-                           "root) and give toy_image.safetensors as the image encoder.")
-    if MODEL_KEY in meta:
-        raise EncoderError(f"{path} holds the toy world's {meta[MODEL_KEY]}, not an image encoder: "
-                           "give toy_image.safetensors (python -m difflora_toyworld.identity_encoder "
-                           "--kind toy-image --out FILE) or a CLIP vision model.")
+                           "root) and give an image encoder here: a CLIP vision model, or the image-encoder file that goes with it.")
     from .clip_image import ClipImageEncoder
 
     return ClipImageEncoder.load(path, device=device)

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ..errors import DiffLoRAError
+from ..plugins import load_plugins
 from .config import (AllConfig, AugmentConfig, DiTTrainConfig, ExportConfig, IdentityLoraConfig, LAETrainConfig, LoopConfig,
                      add_options, build, given, read_config_file)
 
@@ -132,6 +133,7 @@ def stage_configs_for_all(ns, file_values: dict) -> tuple[AllConfig, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    load_plugins()  # installed plugins add face analysis kinds and model sizes that options accept
     ns = build_parser().parse_args(argv)
     _setup_logging(ns.verbose)
     try:

@@ -126,8 +126,6 @@ def augment_identities(cfg: AugmentConfig, generator=None, face_encoder: FaceEnc
     folders = identity_folders(data)
     prompts = read_prompts(cfg.prompts)
     if face_encoder is None:
-        if cfg.face_encoder == "toy-face" and not cfg.insightface_root:
-            raise DiffLoRAError("--face-encoder toy-face needs --insightface-root pointing at its toy_face.safetensors.")
         face_encoder = load_face_encoder(cfg.face_encoder, root=cfg.insightface_root or None)
     generator = generator or make_generator(cfg, face_encoder)
     (out / WORK).mkdir(parents=True, exist_ok=True)

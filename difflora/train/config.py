@@ -26,6 +26,20 @@ from .multi_lora import WEIGHT_SPACES
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
+class _OrEmpty:
+    """Choices of an optional face analysis: "" or a registered kind, read when checked (the
+    registry is open: plugins add kinds after this module is imported)."""
+
+    def __contains__(self, value):
+        return value == "" or value in FACE_ENCODER_KINDS
+
+    def __iter__(self):
+        return iter(("", *FACE_ENCODER_KINDS))
+
+
+FACE_ENCODER_CHOICES = _OrEmpty()
+
+
 def opt(default: Any, help: str, choices: list | tuple | None = None, path: bool = False, metavar: str | None = None,
         at_least: float | None = None, above: float | None = None, at_most: float | None = None,
         below: float | None = None):
@@ -75,9 +89,9 @@ class IdentityLoraConfig(Checked):
     face_encoder: str = opt("antelopev2", "Face analysis for filtering and the face embeddings; the hypernet is "
                                           "then used with the same one.", choices=FACE_ENCODER_KINDS)
     insightface_root: str = opt("", "Folder holding models/<antelopev2|buffalo_l>/ (e.g. ComfyUI/models/insightface); "
-                                    "for toy-face, its toy_face.safetensors file.", metavar="PATH")
+                                    "for a face analysis a plugin adds, the file it reads.", metavar="PATH")
     image_encoder: str = opt("", "CLIP vision model for the image embeddings: a transformers folder or a ComfyUI "
-                                 "clip_vision .safetensors (or the toy world's toy_image.safetensors).", metavar="PATH")
+                                 "clip_vision .safetensors (or an image encoder's own carried-encoder file).", metavar="PATH")
     rank: int = opt(4, "LoRA rank of the spec (docs/METHOD.md: 4).", at_least=1)
     alpha: float = opt(0.0, "LoRA alpha; 0 means alpha = rank (scale 1).", at_least=0)
     steps: int = opt(500, "Optimizer steps per identity (DreamBooth-LoRA: 500-1000 at lr 1e-4).", at_least=1)
@@ -105,7 +119,7 @@ class IdentityLoraConfig(Checked):
                                                         "Use its trigger word with the predicted LoRAs.")
     min_images: int = opt(3, "Identities with fewer usable images are skipped and reported.", at_least=1)
     min_face_similarity: float = opt(-1.0, "Cosine similarity to the reference face an image needs; -1: the "
-                                           "encoder's default (dlib 0.91, ArcFace 0.35, toy-face 0.8).",
+                                           "encoder's default (dlib 0.91, ArcFace 0.35; a plugin's face analysis brings its own).",
                                      at_least=-1, at_most=1)
     class_data: str = opt("", "Prior preservation (off when empty): a folder of generic photos of the class.", metavar="PATH")
     class_prompt: str = opt("a photo of a person", "Prompt of the prior-preservation images.")
@@ -151,7 +165,7 @@ class AugmentConfig(Checked):
                                   "says how to convert it).", metavar="PATH")
     faceid_face_encoder: str = opt("", "--backend diffusers: face analysis whose embedding drives FaceID (ArcFace: "
                                        "antelopev2 or buffalo_l); empty: --face-encoder.",
-                                   choices=("",) + FACE_ENCODER_KINDS)
+                                   choices=FACE_ENCODER_CHOICES)
     steps: int = opt(30, "--backend diffusers: sampling steps.", at_least=1)
     guidance: float = opt(5.0, "--backend diffusers: classifier-free guidance scale (1: off).", at_least=1)
     ip_adapter_scale: float = opt(1.0, "--backend diffusers: strength of the face (0: the base model alone).",
@@ -170,10 +184,10 @@ class AugmentConfig(Checked):
     timeout: float = opt(600.0, "Seconds one prompt may take on the server.", above=0)
     face_encoder: str = opt("antelopev2", "Face analysis that decides whether a generated photo shows the same person "
                                           "(use identity-loras' one).", choices=FACE_ENCODER_KINDS)
-    insightface_root: str = opt("", "Folder holding models/<antelopev2|buffalo_l>/; for toy-face, its "
-                                    "toy_face.safetensors file.", metavar="PATH")
+    insightface_root: str = opt("", "Folder holding models/<antelopev2|buffalo_l>/; for a face analysis a "
+                                    "plugin adds, the file it reads.", metavar="PATH")
     min_face_similarity: float = opt(-1.0, "Cosine similarity to the reference face a generated photo needs; -1: "
-                                           "the encoder's default (dlib 0.91, ArcFace 0.35, toy-face 0.8).")
+                                           "the encoder's default (dlib 0.91, ArcFace 0.35; a plugin's face analysis brings its own).")
     seed: int = opt(0, "Seed: photo k of an identity always uses the same seed and prompt.")
     progress: bool = opt(True, "Show progress bars.")
 
@@ -210,7 +224,7 @@ class LoopConfig(Checked):
 class LAETrainConfig(LoopConfig):
     """lae: the LoRA autoencoder on normalized canonical LoRAs (docs/METHOD.md section 2)."""
 
-    size: str = opt("tiny", "LAE size from the registry (sdxl-r4: ~300x for SDXL rank 4).", choices=list(LAE_CONFIGS))
+    size: str = opt("tiny", "LAE size from the registry (sdxl-r4: ~300x for SDXL rank 4).", choices=LAE_CONFIGS)
     val_fraction: float = opt(0.1, "Share of identities held out for validation (at least one when there are 2+); "
                                    "the dit stage keeps the same split.", at_least=0, below=1)
     lam: float = opt(1.0, "Weight-preserved loss lambda (0: plain MSE, the ablation).", at_least=0)
@@ -226,7 +240,7 @@ class DiTTrainConfig(LoopConfig):
     """dit: the DiT + Mixed Image Features on LAE latents (docs/METHOD.md sections 3-4)."""
 
     lae: str = opt("", "The LAE stage's lae_final.safetensors.", path=True)
-    size: str = opt("tiny", "DiT size from the registry.", choices=list(DIT_CONFIGS))
+    size: str = opt("tiny", "DiT size from the registry.", choices=DIT_CONFIGS)
     cond_dim: int = opt(0, "Width of the mixed features; 0: the size's default (64 for tiny, else 768).", at_least=0)
     p_uncond: float = opt(0.1, "Condition dropout for classifier-free guidance.", at_least=0, below=1)
     sources: str = opt("both", "What the mixed features are made of: both (the gate mixes face and image "

@@ -16,14 +16,14 @@ import torch
 from ..encoders import encode_folder
 from ..encoders.base import FaceEncoder, ImageEncoder, l2_normalize
 from ..encoders.cache import cached_folder_embeddings
+from ..plugins import load_plugins
 
 log = logging.getLogger("difflora.train")
 
 # Same-person cosine similarity of L2-normalized embeddings. dlib: its documented 0.6 distance
 # on raw descriptors (norm ~1.45 on real photos) is cos ~0.91. ArcFace: the usual ~0.35.
-# toy-face (docs/TOYWORLD.md): same-person pairs measured >= 0.795 (1st percentile 0.856),
-# only 0.15% of other-person pairs above 0.8, nearly all look-alikes.
-DEFAULT_SIMILARITY = {"dlib": 0.91, "antelopev2": 0.35, "buffalo_l": 0.35, "toy-face": 0.8}
+# Open: a package that registers a face analysis kind adds its threshold (difflora/plugins.py).
+DEFAULT_SIMILARITY = {"dlib": 0.91, "antelopev2": 0.35, "buffalo_l": 0.35}
 REFERENCE_STEM = "reference"
 
 
@@ -63,6 +63,8 @@ def single_face_embeddings(folder: Path, encoder: FaceEncoder, cache_path: Path 
 
 
 def similarity_threshold(kind: str, configured: float) -> float:
+    if configured < 0 and kind not in DEFAULT_SIMILARITY:
+        load_plugins()
     return configured if configured >= 0 else DEFAULT_SIMILARITY.get(kind, 0.5)
 
 

@@ -308,9 +308,6 @@ def train_identity_loras(cfg: IdentityLoraConfig, face_encoder=None, image_encod
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if face_encoder is None:
-        if cfg.face_encoder == "toy-face" and not cfg.insightface_root:
-            raise DiffLoRAError("--face-encoder toy-face needs --insightface-root pointing at its toy_face.safetensors "
-                                "file (python -m difflora_toyworld.identity_encoder --kind toy-face --out FILE).")
         provider = "cuda" if accelerator.device.type == "cuda" else "cpu"
         face_encoder = load_face_encoder(cfg.face_encoder, root=cfg.insightface_root or None, provider=provider)
     if image_encoder is None:
