@@ -28,7 +28,7 @@ from devtools.augment_workflow import NODES, install_toy_world, toy_augment_work
 from devtools.comfy_server import ComfyServer  # noqa: E402
 from devtools.get_comfyui import get_comfyui  # noqa: E402
 from difflora.hypernet_file import load_hypernet  # noqa: E402
-from difflora.train.augment import augment_identities  # noqa: E402
+from difflora.photos.augment import augment_identities  # noqa: E402
 from difflora.train.config import AugmentConfig, IdentityLoraConfig  # noqa: E402
 from difflora.train.identity_loras import train_identity_loras  # noqa: E402
 from difflora_toyworld import toy_sdxl  # noqa: E402

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import folder_paths
 
-from ..difflora.model_files import MissingFile, missing_files_message
+from .model_files import MissingFile, missing_files_message
 
 HYPERNET_FOLDER = "difflora"
 INSIGHTFACE_FOLDER = "insightface"

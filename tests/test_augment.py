@@ -18,10 +18,10 @@ from PIL import Image
 from devtools.comfy_server import free_port
 from difflora.encoders.base import DetectedFace, FaceEncoder
 from difflora.errors import DiffLoRAError, GeneratorError
-from difflora.train import augment
-from difflora.train.augment import augment_identities
+from difflora.photos import augment
+from difflora.photos.augment import augment_identities
 from difflora.train.config import AugmentConfig
-from difflora.train.generators import ComfyUIGenerator
+from difflora.photos.generators import ComfyUIGenerator
 
 RED, BLUE = (200, 30, 30), (30, 30, 200)
 

@@ -15,9 +15,9 @@ from PIL import Image
 from devtools import harness_models
 from devtools.augment_workflow import NODES, install_toy_world, toy_augment_workflow, toy_prompts
 from difflora.hypernet_file import load_hypernet
-from difflora.train.augment import augment_identities
+from difflora.photos.augment import augment_identities
 from difflora.train.config import AugmentConfig, IdentityLoraConfig
-from difflora.train.generators import ComfyUIGenerator
+from difflora.photos.generators import ComfyUIGenerator
 from difflora.train.identity_loras import train_identity_loras
 from difflora_toyworld.render import write_identity_folders
 from difflora_toyworld.toy_sdxl import pipeline_folder_from_checkpoint

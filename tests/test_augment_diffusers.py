@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 
 from difflora.encoders.base import DetectedFace, FaceEncoder
 from difflora.errors import GeneratorError
-from difflora.train.augment import augment_identities
+from difflora.photos.augment import augment_identities
 from difflora.train.base_model import load_sdxl
 from difflora.train.config import AugmentConfig
-from difflora.train.faceid_generator import FaceIDGenerator, check_faceid_fits, read_faceid_weights
+from difflora.photos.faceid_generator import FaceIDGenerator, check_faceid_fits, read_faceid_weights
 from tests.support.train_data import tiny_base
 
 FACE_DIM = 8

@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 from difflora.encoders import AutoFaceEncoder
-from difflora.model_files import MissingFile, describe, missing_files_message
 from difflora.pipeline import resolve_encoders
 from tests.support.tiny_models import tiny_hypernet
+
+
+def _load_model_files():
+    """nodes/model_files.py imports nothing of ComfyUI's or the pack's, so it is read from its file: the
+    name `nodes` belongs to ComfyUI in this process."""
+    path = Path(__file__).resolve().parent.parent / "nodes" / "model_files.py"
+    spec = importlib.util.spec_from_file_location("difflora_pack_model_files", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+_model_files = _load_model_files()
+MissingFile, describe, missing_files_message = (_model_files.MissingFile, _model_files.describe,
+                                                _model_files.missing_files_message)
 
 
 def test_missing_files_are_described_from_the_manifest():

@@ -166,7 +166,7 @@ def _run(ns) -> int:
            "export": ExportConfig}[ns.command]
     cfg = build(cls, file_values, given(ns), ns.command)
     if ns.command == "augment":
-        from .augment import augment_identities
+        from ..photos.augment import augment_identities
 
         reports = augment_identities(cfg)
         return EXIT_INTERRUPTED if any(r.status == "interrupted" for r in reports) else 0

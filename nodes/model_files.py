@@ -1,4 +1,5 @@
 """The model files a user places, as weights_manifest.json describes them: what a missing one is for.
+(Plain Python, no ComfyUI import: tests read it from its file.)
 
 A graph should not fail on its files one Run at a time, nor with a bare "not in list". Each of the
 pack's loaders checks its file at validation (ComfyUI's own loaders check theirs in the same pass, so

@@ -31,10 +31,10 @@ from ..encoders import load_face_encoder
 from ..encoders.base import FaceEncoder, l2_normalize
 from ..encoders.images import list_image_files
 from ..errors import DiffLoRAError, GeneratorError
-from .config import AugmentConfig
-from .data import identity_folders
-from .identity_filter import REFERENCE_STEM, FaceMatches, face_matches
-from .loop import StopRequest, step_seed
+from ..train.config import AugmentConfig
+from ..train.data import identity_folders
+from ..train.identity_filter import REFERENCE_STEM, FaceMatches, face_matches
+from ..train.loop import StopRequest, step_seed
 
 log = logging.getLogger("difflora.train")
 

@@ -156,7 +156,7 @@ class FaceIDGenerator:
 def faceid_generator(cfg, face_encoder: FaceEncoder | None = None) -> FaceIDGenerator:
     """The diffusers backend from augment's options (--base, --faceid-weights, ...)."""
     from ..encoders import load_face_encoder
-    from .base_model import load_sdxl
+    from ..train.base_model import load_sdxl
 
     if not cfg.base:
         raise GeneratorError("augment --backend diffusers needs --base (a local SDXL: diffusers folder or "
