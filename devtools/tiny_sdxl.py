@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from difflora.sdxl_checkpoint import (clip_text_state_dict, diffusers_to_sgm,  # noqa: F401 (re-exported)
-                                     hf_clip_to_open_clip as _to_open_clip, single_file_state_dict)
+from difflora.sdxl_checkpoint import clip_text_state_dict, single_file_state_dict
 
 SDXL_CHANNELS = (32, 64, 128)      # model_channels * channel_mult [1, 2, 4]
 CONTEXT_DIM = 64                   # CLIP-L hidden 32 + CLIP-G hidden 32, concatenated

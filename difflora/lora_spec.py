@@ -18,6 +18,7 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from .errors import LoraSpecMismatch
+from .unet_names import sgm_to_diffusers_name
 
 TARGET_ATTNS = ("attn1", "attn2")
 TARGET_PROJS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -41,38 +42,6 @@ def layer_order_key(name: str) -> tuple[int, ...]:
         raise ValueError(f"{name!r} is not a transformer-block attention projection")
     group, block, attn_idx, tb, attn, proj = m.groups()
     return (_GROUP_RANK[group], int(block or 0), int(attn_idx), int(tb), int(attn), _PROJ_RANK[proj])
-
-
-def sgm_to_diffusers_key(key: str, layers_per_block: int = 2) -> str | None:
-    """Map an SGM/LDM key inside a transformer (`input_blocks.4.1.…`) to diffusers naming.
-
-    Returns None for keys outside the attention sub-blocks. Inside them both namings agree,
-    only the prefix changes (as in diffusers' `convert_ldm_unet_checkpoint`).
-    """
-    n = layers_per_block + 1
-    m = re.match(r"^(input_blocks|output_blocks)\.(\d+)\.1\.(.+)$", key)
-    if m:
-        kind, i, rest = m.group(1), int(m.group(2)), m.group(3)
-        if kind == "input_blocks":
-            return f"down_blocks.{(i - 1) // n}.attentions.{(i - 1) % n}.{rest}"
-        return f"up_blocks.{i // n}.attentions.{i % n}.{rest}"
-    if key.startswith("middle_block.1."):
-        return "mid_block.attentions.0." + key[len("middle_block.1.") :]
-    return None
-
-
-def diffusers_to_sgm_key(key: str, layers_per_block: int = 2) -> str | None:
-    """Inverse of `sgm_to_diffusers_key` (diffusers has no diffusers -> LDM UNet converter)."""
-    n = layers_per_block + 1
-    m = re.match(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.(.+)$", key)
-    if m:
-        kind, b, a, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
-        if kind == "down_blocks":
-            return f"input_blocks.{b * n + a + 1}.1.{rest}"
-        return f"output_blocks.{b * n + a}.1.{rest}"
-    if key.startswith("mid_block.attentions.0."):
-        return "middle_block.1." + key[len("mid_block.attentions.0.") :]
-    return None
 
 
 def sdxl_unet_config() -> dict[str, Any]:
@@ -338,6 +307,7 @@ class LoraSpec:
             stripped[key] = value
         if layers_per_block is None:
             layers_per_block = _infer_layers_per_block(stripped)
+        levels = _infer_levels(stripped, layers_per_block)
 
         found: dict[str, LoraLayer] = {}
         for key, value in stripped.items():
@@ -345,7 +315,7 @@ class LoraSpec:
                 continue
             name = key[: -len(".weight")]
             if name.startswith(("input_blocks.", "middle_block.", "output_blocks.")):
-                name = sgm_to_diffusers_key(name, layers_per_block) or name
+                name = sgm_to_diffusers_name(name, layers_per_block, levels) or name
             if not _LAYER_RE.match(name):
                 continue
             out_f, in_f = tuple(value.shape)
@@ -373,6 +343,12 @@ def _infer_layers_per_block(sd: Mapping[str, Any]) -> int:
     # In SGM naming the first downsampler sits at input_blocks.{layers_per_block + 1}.0.op.
     ops = [int(m.group(1)) for k in sd if (m := re.match(r"^input_blocks\.(\d+)\.0\.op\.", k))]
     return min(ops) - 1 if ops else 2
+
+
+def _infer_levels(sd: Mapping[str, Any], layers_per_block: int) -> int:
+    # input_blocks: the stem, then (layers_per_block + 1) per level; SDXL has 3 levels.
+    blocks = [int(m.group(1)) for k in sd if (m := re.match(r"^input_blocks\.(\d+)\.", k))]
+    return max(3, (max(blocks, default=0) - 1) // (layers_per_block + 1) + 1)
 
 
 @lru_cache(maxsize=1)

@@ -4,65 +4,14 @@ Single-file SDXL checkpoints (what ComfyUI's CheckpointLoaderSimple reads) name 
 SGM/ldm style under `model.diffusion_model.`, keep CLIP-L in Hugging Face naming and CLIP-G in
 open_clip naming under `conditioner.embedders.{0,1}.`, and the VAE under `first_stage_model.`
 (ComfyUI also accepts diffusers VAE names there and converts them itself). diffusers reads
-such files but has no writer; these are the renames, for any SDXL-style UNet config.
+such files but has no writer; these are the renames, for any SDXL-style UNet config (the UNet's
+in unet_names.py, the one diffusers <-> SGM map).
 """
 from __future__ import annotations
 
 import torch
 
-# --- diffusers UNet names -> SGM/ldm names (what single-file SDXL checkpoints use) ---------
-
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_BASIC = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-          "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-          "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-
-
-def _module_map(config: dict) -> dict[str, str]:
-    """diffusers module prefix -> SGM module prefix, for an SDXL-style UNet config."""
-    n_res = config["layers_per_block"]
-    levels = len(config["block_out_channels"])
-    m = dict(_BASIC)
-    for lvl in range(levels):  # input_blocks: 1 + (n_res + 1) per level
-        for i in range(n_res):
-            n = 1 + (n_res + 1) * lvl + i
-            m[f"down_blocks.{lvl}.resnets.{i}"] = f"input_blocks.{n}.0"
-            m[f"down_blocks.{lvl}.attentions.{i}"] = f"input_blocks.{n}.1"
-        if lvl < levels - 1:
-            m[f"down_blocks.{lvl}.downsamplers.0.conv"] = f"input_blocks.{(n_res + 1) * (lvl + 1)}.0.op"
-    m["mid_block.resnets.0"] = "middle_block.0"
-    m["mid_block.attentions.0"] = "middle_block.1"
-    m["mid_block.resnets.1"] = "middle_block.2"
-    for up, block_type in enumerate(config["up_block_types"]):  # output_blocks: n_res + 1 per level
-        for i in range(n_res + 1):
-            n = (n_res + 1) * up + i
-            m[f"up_blocks.{up}.resnets.{i}"] = f"output_blocks.{n}.0"
-            m[f"up_blocks.{up}.attentions.{i}"] = f"output_blocks.{n}.1"
-        if up < levels - 1:  # the upsampler follows the attention, if the level has one
-            slot = 2 if block_type.startswith("CrossAttn") else 1
-            m[f"up_blocks.{up}.upsamplers.0.conv"] = f"output_blocks.{(n_res + 1) * up + n_res}.{slot}.conv"
-    return m
-
-
-def diffusers_to_sgm(unet_sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """Rename a diffusers UNet state dict to SGM names (no `model.diffusion_model.` prefix)."""
-    mapping = _module_map(config)
-    out = {}
-    for key, value in unet_sd.items():
-        parts = key.split(".")
-        for cut in range(len(parts) - 1, 0, -1):  # longest known module prefix wins
-            prefix = ".".join(parts[:cut])
-            if prefix in mapping:
-                rest = parts[cut:]
-                if ".resnets." in prefix and rest[0] in _RESNET:
-                    rest = [_RESNET[rest[0]], *rest[1:]]
-                out[".".join([mapping[prefix], *rest])] = value
-                break
-        else:
-            raise KeyError(f"no SGM name for diffusers key {key!r}")
-    return out
-
+from .unet_names import diffusers_to_sgm
 
 # --- text encoders ------------------------------------------------------------------------
 

@@ -204,7 +204,8 @@ def pipeline_folder_from_checkpoint(checkpoint: str | os.PathLike, folder: str |
     from safetensors.torch import load_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from difflora.sdxl_checkpoint import diffusers_to_sgm, hf_clip_names, hf_clip_to_open_clip
+    from difflora.sdxl_checkpoint import hf_clip_names, hf_clip_to_open_clip
+    from difflora.unet_names import diffusers_to_sgm
 
     sd = {k: v.float() for k, v in load_file(str(checkpoint)).items()}
     target = Path(folder)

@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 from difflora.errors import DiffLoRAError, LoraSpecMismatch
 from difflora.lora_format import (detect_format, from_kohya, from_peft, load_lora_file,
                                   load_lora_state_dict, to_kohya)
-from difflora.lora_spec import LoraSpec, diffusers_to_sgm_key
+from difflora.lora_spec import LoraSpec, sdxl_unet_config
+from difflora.unet_names import diffusers_to_sgm
 from difflora.lora_weights import delta_weight, random_lora_layers
 
 # Tiny UNet with SDXL's block layout, for the tests that go through diffusers / peft models.
@@ -92,11 +93,11 @@ def test_alpha_written_and_rescaled(sdxl, sdxl_layers):
 def test_kohya_with_sgm_block_names(sdxl, sdxl_layers):
     sd = to_kohya(LoraSpec.sdxl(alpha=2.0), sdxl_layers)
     names = {layer.kohya_name: layer.name for layer in sdxl.layers}
+    sgm_name = dict(zip(names.values(), diffusers_to_sgm(dict.fromkeys(names.values()), sdxl_unet_config())))
     sgm = {}
     for key, value in sd.items():  # rename the way kohya-ss names SDXL LoRAs
         stem, suffix = key.split(".", 1)
-        name = names[stem]
-        sgm["lora_unet_" + diffusers_to_sgm_key(name).replace(".", "_") + "." + suffix] = value
+        sgm["lora_unet_" + sgm_name[names[stem]].replace(".", "_") + "." + suffix] = value
     for real_key in ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight",
                      "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k.lora_up.weight",
                      "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_out_0.alpha",

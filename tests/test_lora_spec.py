@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from difflora.errors import LoraSpecMismatch
-from difflora.lora_spec import (LoraLayer, LoraSpec, diffusers_to_sgm_key, layer_order_key,
-                                sdxl_unet_config, sgm_to_diffusers_key)
+from difflora.lora_spec import LoraLayer, LoraSpec, layer_order_key, sdxl_unet_config
+from difflora.unet_names import diffusers_to_sgm, sgm_to_diffusers_name
 
 # Tiny UNet with SDXL's block layout (DownBlock2D first, cross-attention levels, text_time).
 TINY = dict(
@@ -40,13 +40,9 @@ def unet():
 
 
 def to_sgm(sd, prefix, layers_per_block=2):
-    """Diffusers UNet state dict -> SGM naming, attention sub-blocks only."""
-    out = {}
-    for k, v in sd.items():
-        sgm = diffusers_to_sgm_key(k, layers_per_block)
-        if sgm is not None:
-            out[prefix + sgm] = v
-    return out
+    """Diffusers UNet state dict (TINY's layout, `layers_per_block` resnets a level) -> SGM naming."""
+    config = {**TINY, "layers_per_block": layers_per_block}
+    return {prefix + k: v for k, v in diffusers_to_sgm(sd, config).items()}
 
 
 def test_sdxl_counts_on_meta_device():
@@ -101,12 +97,13 @@ def test_sgm_mapping_agrees_with_diffusers_converter(unet):
     for i in (0, 2):
         ldm[f"model.diffusion_model.middle_block.{i}.placeholder"] = torch.zeros(1)
     back = convert_ldm_unet_checkpoint(ldm, {"layers_per_block": 2})
+    sgm_names = dict(zip(sd, diffusers_to_sgm(sd, TINY)))  # the renames keep the order
     assert len(sd) > 100
     for k, v in sd.items():
         assert back[k] is v, k
-        assert sgm_to_diffusers_key(diffusers_to_sgm_key(k)) == k
+        assert sgm_to_diffusers_name(sgm_names[k]) == k
     # The kohya-style example from real SDXL LoRAs.
-    assert (sgm_to_diffusers_key("input_blocks.4.1.transformer_blocks.0.attn1.to_q")
+    assert (sgm_to_diffusers_name("input_blocks.4.1.transformer_blocks.0.attn1.to_q")
             == "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
 
 
