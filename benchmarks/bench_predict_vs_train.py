@@ -98,7 +98,7 @@ def main(argv=None):
         defaults = IdentityLoraConfig()
         target = a.train_steps or defaults.steps
         if a.base is None:
-            from devtools.tiny_diffusers_sdxl import build_tiny_diffusers_sdxl
+            from devtools.tiny_sdxl import build_tiny_diffusers_sdxl
 
             a.base = build_tiny_diffusers_sdxl(tmp / "tiny_sdxl")
         if a.hypernet is None:

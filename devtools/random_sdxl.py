@@ -4,7 +4,7 @@
 slow CPU initializers, no uninitialized memory that may hold NaN or denormals).
 `random_sdxl_pipeline()` is a `StableDiffusionXLPipeline` shaped exactly like SDXL base 1.0
 (UNet 2.57B, CLIP-L, OpenCLIP-G, the SDXL VAE) with the byte-level tokenizer of
-devtools/tiny_diffusers_sdxl.py, in memory: nothing to download, nothing kept on disk.
+devtools/tiny_sdxl.py, in memory: nothing to download, nothing kept on disk.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import tempfile
 
 import torch
 
+from devtools.tiny_sdxl import VOCAB_SIZE
 from difflora.lora_spec import sdxl_unet_config
 
-VOCAB_SIZE = 49408
 # text_encoder / text_encoder_2 of stabilityai/stable-diffusion-xl-base-1.0 (CLIP-L, OpenCLIP-G).
 SDXL_CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
                "projection_dim": 768, "hidden_act": "quick_gelu"}
@@ -56,12 +56,12 @@ def _clip_text(config: dict, projection: bool):
 
 def random_sdxl_pipeline(size: str = "full"):
     """SDXL base 1.0's architecture with random fp32 weights on the CPU (about 14 GB); size
-    "tiny": the same parts at devtools/tiny_diffusers_sdxl.py's shapes (for --tiny runs)."""
+    "tiny": the same parts at devtools/tiny_sdxl.py's shapes (for --tiny runs)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
-    from devtools.tiny_diffusers_sdxl import SDXL_SCHEDULER, tiny_vae, write_tokenizer
-    from devtools.tiny_sdxl import TINY_CLIP_G_CONFIG, TINY_CLIP_L_CONFIG, tiny_sdxl_unet_config
+    from devtools.tiny_sdxl import (SDXL_SCHEDULER, TINY_CLIP_G_CONFIG, TINY_CLIP_L_CONFIG, tiny_sdxl_unet_config,
+                                    tiny_vae, write_tokenizer)
 
     if size not in ("full", "tiny"):
         raise ValueError(f"size must be 'full' or 'tiny', not {size!r}")

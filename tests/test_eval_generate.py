@@ -18,7 +18,7 @@ TOM = importlib.resources.files("insightface") / "data" / "images" / "Tom_Hanks_
 
 
 def test_generate_writes_the_layout_and_fuses_then_removes_the_lora(tmp_path, monkeypatch):
-    from devtools.tiny_diffusers_sdxl import build_tiny_diffusers_sdxl
+    from devtools.tiny_sdxl import build_tiny_diffusers_sdxl
 
     base = build_tiny_diffusers_sdxl(tmp_path / "sdxl")
     hypernet = build_tiny_hypernet(tmp_path / "hn.safetensors")

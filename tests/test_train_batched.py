@@ -13,7 +13,7 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors import safe_open
 
-from devtools.tiny_diffusers_sdxl import SDXL_SCHEDULER
+from devtools.tiny_sdxl import SDXL_SCHEDULER
 from devtools.tiny_sdxl import build_tiny_unet
 from difflora.errors import DiffLoRAError
 from difflora.lora_format import load_lora_file

@@ -24,7 +24,7 @@ def build_tiny_clip(folder, seed: int = 0):
     """A CLIPModel folder (config.json, model.safetensors) with a byte-level CLIP tokenizer."""
     from transformers import CLIPConfig, CLIPModel
 
-    from devtools.tiny_diffusers_sdxl import write_tokenizer
+    from devtools.tiny_sdxl import write_tokenizer
 
     torch.manual_seed(seed)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

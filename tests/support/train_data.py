@@ -74,7 +74,7 @@ def group_photo(size: int = 640) -> Image.Image:
 
 def tiny_base(tmp_path_factory) -> Path:
     """The tiny diffusers-format SDXL folder, built once per session (~8 s)."""
-    from devtools.tiny_diffusers_sdxl import build_tiny_diffusers_sdxl
+    from devtools.tiny_sdxl import build_tiny_diffusers_sdxl
 
     return cached("tiny_base", lambda: build_tiny_diffusers_sdxl(tmp_path_factory.mktemp("tiny_base") / "sdxl"))
 
