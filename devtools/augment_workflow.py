@@ -25,8 +25,8 @@ NODES = {"image_node": "Reference photo", "prompt_node": "Positive prompt", "see
 
 
 def install_toy_world(server) -> dict[str, str]:
-    """The committed toy checkpoint and hypernet under their own names, plus the tiny CLIP vision the
-    graph's loader needs (its output goes unused); returns {model folder: name in the graph}."""
+    """The committed toy hypernet under its own name, plus the tiny CLIP vision the graph's loader needs
+    (its output goes unused); returns {model folder: name in the graph}. The toy base is the pack's own."""
     models = harness_models.toy_models(server.base_dir / "toy_models")
     names = {folder: server.add_model(folder, models[folder]) for folder in harness_models.TOY_MODELS}
     server.add_model("clip_vision", models["clip_vision"], harness_models.MODELS["clip_vision"][0])
@@ -39,9 +39,9 @@ def toy_augment_workflow(server, names: dict[str, str], sampler_steps: int | Non
     run = dict(harness_models.TOY_RUN)
     if sampler_steps:
         run["KSampler"] = {**run["KSampler"], "steps": sampler_steps}
-    prompt = ui_to_api(workflow, server.object_info(), class_overrides=run,
-                       overrides={**harness_models.TOY_PROMPTS, "1": {"ckpt_name": names["checkpoints"]},
-                                  "5": {"hypernet_name": names["difflora"]}})
+    prompt = harness_models.on_toy_base(ui_to_api(
+        workflow, server.object_info(), class_overrides=run,
+        overrides={**harness_models.TOY_PROMPTS, "5": {"hypernet_name": names["difflora"]}}))
     titles = {str(n.id): n.title or n.type for n in graphs()["difflora_basic"][0]}
     return {k: {**v, "_meta": {"title": titles[k]}} for k, v in prompt.items()
             if v["class_type"] != "DiffLoRASaveLora"}

@@ -5,7 +5,9 @@ model and hypernet, docs/TOYWORLD.md), and reports how much of that identity the
     python -m devtools.demo [--out out/demo] [--identity 0] [--workflow workflows/difflora_basic.json]
 
 The graph runs twice with the same seeds: as shipped, and with Apply Predicted LoRA at strength 0
-(the base model alone), so the identity accuracy of the personalized image has its baseline.
+(the base model alone), so the identity accuracy of the personalized image has its baseline. Its Load
+Checkpoint is replaced by the pack's Load Toy World Base (the toy base is not an SDXL that ComfyUI's
+own detection knows; the pack's loader builds it from the sizes the file carries).
 """
 
 from __future__ import annotations
@@ -68,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             results = {}
             for label, strength in (("personalized", 1.0), ("base", 0.0)):
                 classes = {**run, "DiffLoRAApplyLora": {"strength": strength}}
-                prompt = ui_to_api(workflow, server.object_info(), overrides=harness_models.TOY_PROMPTS,
-                                   class_overrides=classes)
+                prompt = harness_models.on_toy_base(ui_to_api(workflow, server.object_info(),
+                                                              overrides=harness_models.TOY_PROMPTS,
+                                                              class_overrides=classes))
                 if label == "base":  # the base image only: do not save a second LoRA
                     prompt = {k: v for k, v in prompt.items() if v["class_type"] != "DiffLoRASaveLora"}
                 outputs = server.run(prompt, timeout=900)

@@ -74,8 +74,11 @@ def reference_photos(folder: str | Path) -> list[Path]:
 REPO = Path(__file__).resolve().parent.parent
 TOY_ASSETS = REPO / "assets" / "toyworld"
 # ComfyUI model folder -> (name in the workflows, committed file)
-TOY_MODELS = {"checkpoints": (CKPT, "checkpoints/toy_sdxl.safetensors"),
-              "difflora": (HYPERNET, "difflora/difflora_toy.safetensors")}
+TOY_MODELS = {"difflora": (HYPERNET, "difflora/difflora_toy.safetensors")}
+# The shipped SDXL graphs run on the toy base through the pack's own Load Toy World Base (the one way
+# ComfyUI is taught the toy base): it takes the place of Load Checkpoint, with the same outputs.
+TOY_BASE_FILE = "checkpoints/toy_sdxl.safetensors"
+TOY_BASE_LOADER = "DiffLoRAToyWorldBaseLoader"
 TOY_CLASSIFIER = "toy_classifier.safetensors"
 TOY_SCENE = ("blue", "smiling")
 
@@ -117,9 +120,17 @@ def toy_asset(name: str) -> Path:
     return path
 
 
+def on_toy_base(prompt: dict) -> dict:
+    """An API prompt of a shipped SDXL graph with each Load Checkpoint replaced by the pack's Load
+    Toy World Base on the toy base the pack ships (its own assets folder: nothing to install)."""
+    toy_asset(TOY_BASE_FILE)  # checked against the manifest, as every toy file the run uses
+    loader = {"class_type": TOY_BASE_LOADER, "inputs": {"ckpt_name": Path(TOY_BASE_FILE).name}}
+    return {k: {**v, **loader} if v["class_type"] == "CheckpointLoaderSimple" else v for k, v in prompt.items()}
+
+
 def toy_models(folder: str | Path) -> dict[str, Path]:
-    """{model folder: file} for a toy-world run: the committed checkpoint and hypernet, plus the
-    tiny CLIP vision the graphs' CLIPVisionLoader needs to load (its output goes unused)."""
+    """{model folder: file} for a toy-world run: the committed hypernet, plus the tiny CLIP vision the
+    graphs' CLIPVisionLoader needs to load (its output goes unused)."""
     models = {folder_: toy_asset(file) for folder_, (_, file) in TOY_MODELS.items()}
     models["clip_vision"] = build_models(folder)["clip_vision"]
     return models

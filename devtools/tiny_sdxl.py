@@ -24,34 +24,23 @@ import torch
 
 from difflora.sdxl_checkpoint import clip_text_state_dict, single_file_state_dict
 
-SDXL_CHANNELS = (32, 64, 128)      # model_channels * channel_mult [1, 2, 4]
-CONTEXT_DIM = 64                   # CLIP-L hidden 32 + CLIP-G hidden 32, concatenated
-POOLED_DIM = 32                    # CLIP-G projection
+# The sizes ComfyUI's detection reports, shared with the harness's registration (comfy_tiny_sdxl).
+_SIZES = json.loads((Path(__file__).parent / "comfy_tiny_sdxl" / "tiny_sdxl.json").read_text())
+COMFY_UNET_CONFIG = _SIZES["unet"]
+SDXL_CHANNELS = tuple(COMFY_UNET_CONFIG["model_channels"] * m for m in COMFY_UNET_CONFIG["channel_mult"])
+CONTEXT_DIM = COMFY_UNET_CONFIG["context_dim"]  # CLIP-L hidden + CLIP-G hidden, concatenated
+POOLED_DIM = _SIZES["clip_g"]["projection_dim"]
 ADM_IN_CHANNELS = POOLED_DIM + 6 * 256
+assert ADM_IN_CHANNELS == COMFY_UNET_CONFIG["adm_in_channels"]
 TAESDXL_SCALE = 0.13025            # SDXL latent scale; ComfyUI's taesdxl uses the same
 CHECKPOINT_NAME = "tiny_sdxl.safetensors"  # the name the test fixtures give it in models/checkpoints
-
-# What ComfyUI's model_detection.detect_unet_config reports for this UNet (see comfy_tiny_sdxl).
-COMFY_UNET_CONFIG = {
-    "model_channels": 32, "in_channels": 4, "out_channels": 4,
-    "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
-    "transformer_depth": [0, 0, 2, 2, 10, 10],
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-    "transformer_depth_middle": 10, "context_dim": CONTEXT_DIM,
-    "adm_in_channels": ADM_IN_CHANNELS, "use_linear_in_transformer": True,
-    "use_temporal_attention": False,
-}
+VOCAB_SIZE = 49408
 
 
 def _clip_config(kind: str) -> dict:
-    """HF-style CLIP text config; ComfyUI overlays it on its clip_l/clip_g json configs."""
-    return {
-        "hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 3,
-        "num_attention_heads": 2, "projection_dim": POOLED_DIM,
-        "hidden_act": "quick_gelu" if kind == "l" else "gelu",
-        "max_position_embeddings": 77, "vocab_size": 49408,
-        "eos_token_id": 49407, "bos_token_id": 0, "pad_token_id": 1,
-    }
+    """HF-style CLIP text config; ComfyUI overlays the same sizes on its clip_l/clip_g json configs."""
+    return {**_SIZES[f"clip_{kind}"], "max_position_embeddings": 77, "vocab_size": VOCAB_SIZE,
+            "eos_token_id": 49407, "bos_token_id": 0, "pad_token_id": 1}
 
 
 TINY_CLIP_L_CONFIG = _clip_config("l")
@@ -146,7 +135,6 @@ def build_tiny_sdxl_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
 # end-of-word forms, filler up to CLIP's 49408 ids, and CLIP's special ids 49406 / 49407;
 # VAE: a tiny AutoencoderKL with SDXL's 8x downsampling; scheduler: SDXL's Euler config.
 
-VOCAB_SIZE = 49408
 SDXL_SCHEDULER = {  # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
     "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",

@@ -68,7 +68,7 @@ def test_basic_workflow_personalizes_held_out_identities(comfy_server):
     names = {folder: server.add_model(folder, models[folder]) for folder in harness_models.TOY_MODELS}
     # The graph's CLIP vision loader needs its file (the tiny test one, as test_workflows installs).
     server.add_model("clip_vision", models["clip_vision"], harness_models.MODELS["clip_vision"][0])
-    loaders = {"1": {"ckpt_name": names["checkpoints"]}, "5": {"hypernet_name": names["difflora"]}}
+    loaders = {"5": {"hypernet_name": names["difflora"]}}
     clf = load_classifier(harness_models.toy_asset(harness_models.TOY_CLASSIFIER))
     scene = eval_scene(*harness_models.TOY_SCENE)
     workflow = json.loads((REPO / "workflows" / "difflora_basic.json").read_text())
@@ -76,11 +76,11 @@ def test_basic_workflow_personalizes_held_out_identities(comfy_server):
     for index in range(6):
         ref, identity = harness_models.toy_reference(server.input_dir, index, name=f"toy_reference_{index}.png")
         for label, strength in (("personalized", 1.0), ("base", 0.0)):
-            prompt = ui_to_api(workflow, server.object_info(),
-                               overrides={**harness_models.TOY_PROMPTS, **loaders, "2": {"image": ref.name}},
-                               class_overrides={**harness_models.TOY_RUN, "DiffLoRAApplyLora": {"strength": strength},
-                                                "EmptyLatentImage": {**harness_models.TOY_RUN["EmptyLatentImage"],
-                                                                     "batch_size": 4}})
+            prompt = harness_models.on_toy_base(ui_to_api(
+                workflow, server.object_info(),
+                overrides={**harness_models.TOY_PROMPTS, **loaders, "2": {"image": ref.name}},
+                class_overrides={**harness_models.TOY_RUN, "DiffLoRAApplyLora": {"strength": strength},
+                                 "EmptyLatentImage": {**harness_models.TOY_RUN["EmptyLatentImage"], "batch_size": 4}}))
             prompt = {k: v for k, v in prompt.items() if v["class_type"] != "DiffLoRASaveLora"}
             images = server.output_paths(server.run(prompt, timeout=300))
             assert len(images) == 4

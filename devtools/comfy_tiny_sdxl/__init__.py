@@ -19,26 +19,16 @@ teaches ComfyUI a small base.
 import json
 import os
 
-
 import comfy.clip_vision
 import comfy.sdxl_clip
 import comfy.supported_models
 import comfy.supported_models_base
 
-# Kept in sync with devtools/tiny_sdxl.py (which must not import ComfyUI); the test
-# `test_tiny_registration_matches_builder` checks the two agree.
-TINY_UNET_CONFIG = {
-    "model_channels": 32, "in_channels": 4, "out_channels": 4,
-    "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
-    "transformer_depth": [0, 0, 2, 2, 10, 10],
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-    "transformer_depth_middle": 10, "context_dim": 64, "adm_in_channels": 1568,
-    "use_linear_in_transformer": True, "use_temporal_attention": False,
-}
-_CLIP_COMMON = {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 3,
-                "num_attention_heads": 2, "projection_dim": 32}
-TINY_CLIP_L_CONFIG = {**_CLIP_COMMON, "hidden_act": "quick_gelu"}
-TINY_CLIP_G_CONFIG = {**_CLIP_COMMON, "hidden_act": "gelu"}
+# The tiny SDXL's sizes as ComfyUI takes them; devtools/tiny_sdxl.py builds the model from the same
+# file (it must not import ComfyUI, and this file must load inside ComfyUI without the harness).
+with open(os.path.join(os.path.dirname(__file__), "tiny_sdxl.json")) as _f:
+    _TINY = json.load(_f)
+TINY_UNET_CONFIG, TINY_CLIP_L_CONFIG, TINY_CLIP_G_CONFIG = _TINY["unet"], _TINY["clip_l"], _TINY["clip_g"]
 
 
 class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
