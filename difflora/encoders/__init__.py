@@ -102,7 +102,8 @@ def load_image_encoder(path: str | Path, device: str = "cpu") -> ImageEncoder:
             return encoder
         raise EncoderError(f"{path} holds the {encoder.kind} encoder, a face analysis, not an image "
                            f"encoder: use it as the face encoder ({encoder.kind}, with this file as its "
-                           "root) and give an image encoder here: a CLIP vision model, or the image-encoder file that goes with it.")
+                           "root) and give an image encoder here: a CLIP vision model, or the image-encoder "
+                           "file that goes with it.")
     from .clip_image import ClipImageEncoder
 
     return ClipImageEncoder.load(path, device=device)

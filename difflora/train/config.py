@@ -91,7 +91,8 @@ class IdentityLoraConfig(Checked):
     insightface_root: str = opt("", "Folder holding models/<antelopev2|buffalo_l>/ (e.g. ComfyUI/models/insightface); "
                                     "for a face analysis a plugin adds, the file it reads.", metavar="PATH")
     image_encoder: str = opt("", "CLIP vision model for the image embeddings: a transformers folder or a ComfyUI "
-                                 "clip_vision .safetensors (or the file of an image encoder that a hypernet can carry).", metavar="PATH")
+                                 "clip_vision .safetensors (or the file of an image encoder that a hypernet can "
+                                 "carry).", metavar="PATH")
     rank: int = opt(4, "LoRA rank of the spec (docs/METHOD.md: 4).", at_least=1)
     alpha: float = opt(0.0, "LoRA alpha; 0 means alpha = rank (scale 1).", at_least=0)
     steps: int = opt(500, "Optimizer steps per identity (DreamBooth-LoRA: 500-1000 at lr 1e-4).", at_least=1)
