@@ -34,7 +34,8 @@ ASSETS = REPO / "assets" / "toyworld"
 def main(argv=None) -> None:
     from devtools.get_comfyui import get_comfyui
     from difflora.hypernet_file import load_hypernet
-    from difflora.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, features_from_images, predict_lora
+    from difflora.diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+    from difflora.pipeline import features_from_images, predict_lora
     from difflora.train.identity_loras import train_identity_loras
     from difflora_toyworld.identity_encoder import load_encoder
     from difflora_toyworld.render import write_identity_folders

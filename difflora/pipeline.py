@@ -1,7 +1,7 @@
 """From reference photos to a LoRA, each step callable on its own.
 
     features = features_from_images(hn, photos, face_encoder, image_encoder)  # the one way in
-    latent   = sample_lora_latent(hn, features, seed=0)       # DiT + DDIM
+    latent   = sample_lora_latent(hn, features, seed=0)       # DiT + sampler (DPM-Solver++ 5 by default)
     flat     = decode_lora(hn, latent)                        # LAE decoder, de-normalized
     lora     = lora_state_dict(hn, flat)                      # kohya keys, canonical form
     meta     = lora_metadata(hn, latent)                      # what a saved LoRA file records
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .diffusion import SAMPLERS, make_sampler, sample_latent
+from .diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, make_sampler, sample_latent
 from .errors import DiffLoRAError, HypernetFileError
 from .hypernet import Hypernet
 from .lora_format import to_kohya
@@ -34,13 +34,6 @@ if TYPE_CHECKING:
     from .encoders.base import FaceEncoder, ImageEncoder
 
 log = logging.getLogger(__name__)
-
-# The pack's LoRA-sampler defaults (Sample LoRA Latent, predict_lora, the eval CLI): chosen in the toy
-# world on validation identities, apart from the held-out ones that score it (docs/TOYWORLD.md,
-# "Sampler defaults").
-DEFAULT_SAMPLER = "dpm++"
-DEFAULT_STEPS = 5
-DEFAULT_GUIDANCE = 2.0
 
 # Metadata keys of a predicted LoRA file (written by Save Predicted LoRA, read by `python -m difflora inspect`).
 META_HYPERNET = "difflora_hypernet"
@@ -210,8 +203,8 @@ def sample_lora_latent(
     callback: Callable[[int, int], None] | None = None,
     sampler: str = DEFAULT_SAMPLER,
 ) -> LoraLatent:
-    """Sampling of the clean LoRA latent (DDIM, or DPM-Solver++ with sampler="dpm++"); deterministic
-    for a seed on CPU.
+    """Sampling of the clean LoRA latent (DPM-Solver++ or DDIM; every default is diffusion.DEFAULT_*);
+    deterministic for a seed on CPU.
 
     `callback(step, total)` runs after each step; raising in it stops sampling (the nodes use
     this for ComfyUI's progress bar and interrupt)."""
@@ -219,7 +212,7 @@ def sample_lora_latent(
         raise DiffLoRAError(f"steps must be at least 1, got {steps}.")
     for name, value in (("guidance", guidance), ("eta", eta)):
         if not math.isfinite(value):  # NaN would otherwise surface as "the hypernet file may be damaged"
-            raise DiffLoRAError(f"{name} is {value}; give a finite number (guidance ~3, eta 0..1).")
+            raise DiffLoRAError(f"{name} is {value}; give a finite number (guidance ~{DEFAULT_GUIDANCE:g}, eta 0..1).")
     if sampler not in SAMPLERS:
         raise DiffLoRAError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}.")
     own = hypernet_identity(hn)

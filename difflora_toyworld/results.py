@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflora.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from difflora.diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 
 from . import toy_sdxl
 from .render import Scene, caption, render, sample_identities

@@ -8,7 +8,7 @@ import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from ..difflora import pipeline
-from ..difflora.diffusion import SAMPLERS
+from ..difflora.diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from ..difflora.encoders import ImageEncoder
 from ..difflora.user_inputs import require_finite
 from .types import CATEGORY, FaceAnalysis, Hypernet, LoraLatent, LoraModel, MixedFeatures
@@ -87,16 +87,16 @@ class SampleLoraLatent(io.ComfyNode):
                 MixedFeatures.Input("features", tooltip="From Encode Mixed Features."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the LoRA sampler; the same seed gives the same LoRA."),
-                io.Int.Input("steps", default=pipeline.DEFAULT_STEPS, min=1, max=1000,
+                io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=1000,
                              tooltip="Sampler steps. The default (DPM-Solver++ 5, guidance 2) was chosen in the toy "
                                      "world: it predicts as well as DDIM 25 at a fifth of the cost "
                                      "(docs/TOYWORLD.md)."),
-                io.Float.Input("guidance", default=pipeline.DEFAULT_GUIDANCE, min=0.0, max=30.0, step=0.1,
+                io.Float.Input("guidance", default=DEFAULT_GUIDANCE, min=0.0, max=30.0, step=0.1,
                                tooltip="Classifier-free guidance on identity; 1.0 turns it off (and halves the cost)."),
                 io.Float.Input("eta", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="DDIM eta: 0 is deterministic, 1 adds DDPM-like noise (DPM-Solver++ "
                                        "ignores it)."),
-                io.Combo.Input("sampler", options=list(SAMPLERS), default=pipeline.DEFAULT_SAMPLER, optional=True,
+                io.Combo.Input("sampler", options=list(SAMPLERS), default=DEFAULT_SAMPLER, optional=True,
                                tooltip="ddim, or dpm++ (diffusers' second-order DPM-Solver++: as good in fewer "
                                        "steps)."),
             ],
@@ -106,8 +106,8 @@ class SampleLoraLatent(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, hypernet, features, seed=0, steps=pipeline.DEFAULT_STEPS, guidance=pipeline.DEFAULT_GUIDANCE,
-                eta=0.0, sampler=pipeline.DEFAULT_SAMPLER) -> io.NodeOutput:
+    def execute(cls, hypernet, features, seed=0, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE,
+                eta=0.0, sampler=DEFAULT_SAMPLER) -> io.NodeOutput:
         require_finite(guidance=guidance, eta=eta)
         bar = comfy.utils.ProgressBar(steps)
 

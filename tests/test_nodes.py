@@ -171,8 +171,9 @@ def test_sampler_input_is_optional_and_picks_the_core_sampler(pack):
 
     node = pack.n["DiffLoRASampleLoraLatent"]
     pipeline = sys.modules[node.__module__].pipeline  # the pack's own core, as the node imported it
+    default_sampler = sys.modules[node.__module__].DEFAULT_SAMPLER
     spec = node.GET_NODE_INFO_V1()["input"]["optional"]["sampler"]
-    assert spec[1]["default"] == pipeline.DEFAULT_SAMPLER and set(spec[1]["options"]) == {"ddim", "dpm++"}
+    assert spec[1]["default"] == default_sampler and set(spec[1]["options"]) == {"ddim", "dpm++"}
     with torch.inference_mode():
         feats = pack.n["DiffLoRAEncodeMixedFeatures"].execute(
             pack.hypernet, photo("Tom_Hanks_54745.png"), pack.clip_vision, pack.face).args[0]
@@ -180,7 +181,7 @@ def test_sampler_input_is_optional_and_picks_the_core_sampler(pack):
         ddim = node.execute(pack.hypernet, feats, seed=0, steps=5, sampler="ddim").args[0]
         dpm = node.execute(pack.hypernet, feats, seed=0, steps=5, sampler="dpm++").args[0]
         core = pipeline.sample_lora_latent(pack.hypernet, feats, seed=0, steps=5, sampler="dpm++")
-    chosen = ddim if pipeline.DEFAULT_SAMPLER == "ddim" else dpm
+    chosen = ddim if default_sampler == "ddim" else dpm
     assert torch.equal(default.latent, chosen.latent)
     torch.testing.assert_close(dpm.latent, core.latent)
     assert not torch.allclose(dpm.latent, ddim.latent)

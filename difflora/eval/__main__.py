@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..diffusion import SAMPLERS
 from ..errors import DiffLoRAError
-from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from ..diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from .layout import DEFAULT_PROMPTS, PAPER_PROTOCOL, EvalLayout
 from .layout import __doc__ as LAYOUT_DOC
 

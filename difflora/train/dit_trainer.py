@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..diffusion import diffusion_loss, make_train_scheduler, sample_latent
+from ..diffusion import diffusion_loss, make_sampler, make_train_scheduler, sample_latent
 from ..dit import DIT_CONFIGS, DiTConfig, LoraDiT, default_cond_dim
 from ..errors import DiffLoRAError
 from ..lae import dw_relative_error
@@ -112,7 +112,7 @@ class DiTStage:
         face, image = self._cond_inputs(items, None, device)
         cond = model.mif(face, image)
         z = sample_latent(model.dit, cond, model.mif.null, steps=self.cfg.eval_sample_steps,
-                          guidance=self.cfg.eval_guidance, seed=0)
+                          guidance=self.cfg.eval_guidance, seed=0, scheduler=make_sampler("ddim"))
         flat = self.norm.denormalize(self.lae.to(device).decode(z).float().cpu())
         return float(dw_relative_error(flat, self.data.rows(items), self.spec).mean())
 
