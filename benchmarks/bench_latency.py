@@ -30,8 +30,7 @@ from difflora.dit import LoraDiT
 from difflora.hypernet import EncoderSpec, Hypernet
 from difflora.lora_spec import LoraSpec
 from difflora.pipeline import decode_lora, encode_features, lora_state_dict, sample_lora_latent
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from difflora.validation import DTYPES
 
 
 # CLIP ViT-H/14, the paper's image encoder (random weights: same cost as the real one).

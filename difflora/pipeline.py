@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -28,6 +27,7 @@ from .errors import DiffLoRAError, HypernetFileError
 from .hypernet import Hypernet
 from .lora_format import to_kohya
 from .lora_weights import canonicalize_layers, unflatten
+from .validation import require_finite
 
 if TYPE_CHECKING:
     from .encoders import AutoFaceEncoder
@@ -210,9 +210,9 @@ def sample_lora_latent(
     this for ComfyUI's progress bar and interrupt)."""
     if steps < 1:
         raise DiffLoRAError(f"steps must be at least 1, got {steps}.")
-    for name, value in (("guidance", guidance), ("eta", eta)):
-        if not math.isfinite(value):  # NaN would otherwise surface as "the hypernet file may be damaged"
-            raise DiffLoRAError(f"{name} is {value}; give a finite number (guidance ~{DEFAULT_GUIDANCE:g}, eta 0..1).")
+    # The one finite check of these (the node relies on it): NaN would otherwise surface as "the
+    # hypernet file may be damaged", and ComfyUI's min/max check lets NaN through.
+    require_finite(guidance=guidance, eta=eta)
     if sampler not in SAMPLERS:
         raise DiffLoRAError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}.")
     own = hypernet_identity(hn)

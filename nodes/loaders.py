@@ -12,7 +12,7 @@ from comfy_api.v0_0_2 import io
 from ..difflora.encoders import AutoFaceEncoder, load_face_encoder
 from ..difflora.hypernet_file import load_hypernet
 from ..difflora.model_files import MissingFile, missing_files_message
-from ..difflora.user_inputs import DTYPES, parse_dtype
+from ..difflora.validation import DTYPES, parse_dtype
 from .folders import (HYPERNET_FOLDER, INSIGHTFACE_FOLDER, insightface_pack_installed, insightface_root,
                       missing_model_message)
 from .types import CATEGORY, FaceAnalysis, Hypernet

@@ -11,7 +11,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..difflora.errors import LoraSpecMismatch
 from ..difflora.lora_file import save_lora_numbered
-from ..difflora.user_inputs import require_finite
+from ..difflora.validation import require_finite
 from .types import CATEGORY, LoraModel
 
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")

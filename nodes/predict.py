@@ -10,7 +10,6 @@ from comfy_api.v0_0_2 import io
 from ..difflora import pipeline
 from ..difflora.diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from ..difflora.encoders import ImageEncoder
-from ..difflora.user_inputs import require_finite
 from .types import CATEGORY, FaceAnalysis, Hypernet, LoraLatent, LoraModel, MixedFeatures
 
 
@@ -108,7 +107,6 @@ class SampleLoraLatent(io.ComfyNode):
     @classmethod
     def execute(cls, hypernet, features, seed=0, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE,
                 eta=0.0, sampler=DEFAULT_SAMPLER) -> io.NodeOutput:
-        require_finite(guidance=guidance, eta=eta)
         bar = comfy.utils.ProgressBar(steps)
 
         def on_step(step: int, total: int) -> None:

@@ -104,7 +104,7 @@ def test_features_remember_their_hypernet(tmp_path):
 def test_nan_guidance_or_eta_is_blamed_on_that_input(name):
     hn = tiny_hypernet().eval()
     feats = encode_features(hn, *_embeddings(1, 0))
-    with pytest.raises(DiffLoRAError, match=f"^{name} is nan; give a finite number"):
+    with pytest.raises(DiffLoRAError, match=f"^{name}=nan: not a finite number; set it to a number"):
         sample_lora_latent(hn, feats, steps=2, **{name: float("nan")})
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config_bounds import check_sizes
+from ..validation import check_sizes
 from ..config_dict import ConfigDict
 from ..errors import EncoderError
 from .base import DetectedFace, FaceEncoder, ImageEncoder
