@@ -5,6 +5,7 @@
     flat     = decode_lora(hn, latent)                        # LAE decoder, de-normalized
     lora     = lora_state_dict(hn, flat)                      # kohya keys, canonical form
     meta     = lora_metadata(hn, latent)                      # what a saved LoRA file records
+    lora     = decode_predicted_lora(hn, latent)              # all three: PredictedLora(state_dict, metadata)
 
 `features_from_images` picks the encoders (those the hypernet file carries win), checks their
 sizes before any image work, embeds the photos and mixes them (`encode_features`, which also
@@ -27,6 +28,7 @@ from .errors import DiffLoRAError, HypernetFileError
 from .hypernet import Hypernet
 from .lora_format import to_kohya
 from .lora_weights import canonicalize_layers, unflatten
+from .predicted_lora import PredictedLora
 from .validation import require_finite
 
 if TYPE_CHECKING:
@@ -265,6 +267,12 @@ def lora_metadata(hn: Hypernet, latent: LoraLatent) -> dict[str, str]:
     """What a predicted LoRA's file records of how it was made: hypernet file, spec, sampler settings."""
     return {META_HYPERNET: hn.source_file, META_SPEC_HASH: hn.spec.hash,
             **{f"{META_SETTING_PREFIX}{k}": str(v) for k, v in latent.settings.items()}}
+
+
+def decode_predicted_lora(hn: Hypernet, latent: LoraLatent) -> PredictedLora:
+    """A sampled latent -> the predicted LoRA: kohya weights (canonical form) and the metadata of
+    how it was made, which its weights remember (predicted_lora.metadata_of)."""
+    return PredictedLora(lora_state_dict(hn, decode_lora(hn, latent)), lora_metadata(hn, latent))
 
 
 def predict_lora(hn: Hypernet, features: MixedFeatures, **sample_kwargs) -> dict[str, torch.Tensor]:

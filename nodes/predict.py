@@ -118,12 +118,6 @@ class SampleLoraLatent(io.ComfyNode):
         return io.NodeOutput(latent)
 
 
-class PredictedLora(dict):
-    """A kohya-keyed state dict (core's LORA_MODEL) that remembers how it was made."""
-
-    metadata: dict
-
-
 class DecodeLora(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -143,7 +137,5 @@ class DecodeLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, hypernet, lora_latent) -> io.NodeOutput:
-        flat = pipeline.decode_lora(hypernet, lora_latent)
-        lora = PredictedLora(pipeline.lora_state_dict(hypernet, flat))
-        lora.metadata = pipeline.lora_metadata(hypernet, lora_latent)
-        return io.NodeOutput(lora)
+        # A plain state dict, as core's LORA_MODEL nodes take; its weights remember the metadata.
+        return io.NodeOutput(pipeline.decode_predicted_lora(hypernet, lora_latent).state_dict)

@@ -58,6 +58,13 @@ def predict(pack, images, seed=0, **encode_kwargs):
         return n["DiffLoRADecodeLora"].execute(pack.hypernet, latent).args[0]
 
 
+def pack_metadata_of(pack, lora) -> dict:
+    """predicted_lora.metadata_of as the pack imported it (its own copy of the core)."""
+    import sys
+
+    return sys.modules[pack.n["DiffLoRASaveLora"].__module__].metadata_of(lora)
+
+
 def sample(pack, model, seed=3) -> torch.Tensor:
     nodes = pack.c.nodes
     with torch.inference_mode():
@@ -105,8 +112,9 @@ def test_full_chain_gives_a_kohya_lora_for_every_sdxl_layer(pack):
     lora = predict(pack, photo("Tom_Hanks_54745.png"))
     assert len(lora) == 3 * 560
     assert all(torch.isfinite(v).all() for v in lora.values())
-    assert lora.metadata["difflora_hypernet"] == "tiny_difflora.safetensors"
-    assert lora.metadata["difflora_seed"] == "0"
+    assert type(lora) is dict  # core's LORA_MODEL: a plain state dict
+    metadata = pack_metadata_of(pack, lora)
+    assert metadata["difflora_hypernet"] == "tiny_difflora.safetensors" and metadata["difflora_seed"] == "0"
     # Same seed, same LoRA; another photo, another LoRA.
     again = predict(pack, photo("Tom_Hanks_54745.png"))
     key = next(iter(lora))
@@ -233,6 +241,20 @@ def test_save_writes_numbered_files_that_loraloader_loads(pack):
     assert len(model.patches) == 560
     with pytest.raises(Exception, match="not allowed"):
         save.execute(lora, "../escape")
+
+
+def test_saved_metadata_survives_a_copy_of_the_lora_and_leaves_with_changed_weights(pack):
+    """Another node that copies the LORA_MODEL dict keeps the metadata; one that changes the weights
+    gets a file without it (it would no longer describe them), never a silently wrong one."""
+    lora = predict(pack, photo("Tom_Hanks_54745.png"), seed=5)
+    save = pack.n["DiffLoRASaveLora"]
+    copied = save.execute(dict(reversed(list(lora.items()))), "copies/copied").args[0]
+    changed = save.execute({k: v * 2 for k, v in lora.items()}, "copies/changed").args[0]
+    folder = Path(pack.c.folder_paths.get_folder_paths("loras")[0])
+    with safe_open(str(folder / copied), framework="pt") as f:
+        assert f.metadata()["difflora_seed"] == "5"
+    with safe_open(str(folder / changed), framework="pt") as f:
+        assert not any(k.startswith("difflora_") for k in f.metadata())
 
 
 def test_core_lora_nodes_accept_decode_output(pack):
