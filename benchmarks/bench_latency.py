@@ -123,7 +123,7 @@ def build_hypernet(a, spec, lae: str, dit: str, encoders) -> Hypernet:
         for p in hn.dit.parameters():
             p.normal_(0, 0.02)
     hn = hn.to(a.device, DTYPES[a.dtype])
-    hn.norm.float()
+    hn.weight_normalizer.float()
     return hn
 
 

@@ -251,7 +251,7 @@ def decode_lora(hn: Hypernet, latent: LoraLatent | torch.Tensor) -> torch.Tensor
         raise DiffLoRAError(f"latent shape {tuple(latent.shape)} does not match this hypernet's {hn.latent_shape}.")
     param = next(hn.lae.parameters())
     flat = hn.lae.decode(latent.to(param.device, param.dtype)).float()
-    flat = hn.norm.denormalize(flat.to(hn.norm.mean.device))
+    flat = hn.weight_normalizer.denormalize(flat.to(hn.weight_normalizer.mean.device))
     if not torch.isfinite(flat).all():
         raise DiffLoRAError("decoded LoRA weights are not finite; the hypernet file may be damaged.")
     return flat[0].cpu() if flat.ndim == 2 else flat.cpu()

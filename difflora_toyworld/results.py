@@ -74,7 +74,8 @@ def reconstruct(hn, lora_path: Path) -> dict:
     flat = flatten(hn.spec, layers).float()
     param = next(hn.lae.parameters())
     with torch.no_grad():
-        z = hn.lae.encode(hn.norm.normalize(flat[None].to(hn.norm.mean.device)).to(param.device, param.dtype))
+        normalizer = hn.weight_normalizer
+        z = hn.lae.encode(normalizer.normalize(flat[None].to(normalizer.mean.device)).to(param.device, param.dtype))
     return lora_state_dict(hn, decode_lora(hn, z))
 
 

@@ -161,7 +161,8 @@ class TrainingSet:
         data = load_lora_dataset(world.loras / "train", hn.spec, embeddings=True)
         self.names, self.folder = data.names, world.loras / "train"
         with torch.no_grad():
-            self.x = torch.cat([hn.norm.normalize(c) for c in data.chunks(range(len(data.names)), 256)])  # (N, P)
+            chunks = data.chunks(range(len(data.names)), 256)
+            self.x = torch.cat([hn.weight_normalizer.normalize(c) for c in chunks])  # (N, P)
         self.face_mean = torch.stack([average_references(f) for f in data.face])                         # (N, Df)
         self.photo_face = data.face                                                                     # (n_i, Df)
         self.photo_image = data.image                                                                   # (n_i, Di)
@@ -170,7 +171,7 @@ class TrainingSet:
 def mean_lora(hn, ts: TrainingSet, n: int) -> list[dict]:
     from difflora.pipeline import lora_state_dict
 
-    flat = hn.norm.denormalize(ts.x.mean(0))
+    flat = hn.weight_normalizer.denormalize(ts.x.mean(0))
     return [lora_state_dict(hn, flat)] * n
 
 
@@ -245,7 +246,8 @@ def fit_ridge(ts: TrainingSet, seed: int = 0, val_fraction: float = 0.1) -> dict
 def ridge_loras(hn, model: dict, refs) -> list[dict]:
     from difflora.pipeline import lora_state_dict
 
-    return [lora_state_dict(hn, hn.norm.denormalize(model["predict"](model, face, image)[0])) for face, image in refs]
+    return [lora_state_dict(hn, hn.weight_normalizer.denormalize(model["predict"](model, face, image)[0]))
+            for face, image in refs]
 
 
 def ablation_hypernet(world, cfg, name: str) -> Path:
