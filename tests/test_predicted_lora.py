@@ -7,9 +7,9 @@ import copy
 
 import torch
 
-from tests.support.tiny_models import tiny_hypernet
 from difflora.pipeline import decode_predicted_lora, encode_features, lora_metadata, sample_lora_latent
 from difflora.predicted_lora import PredictedLora, metadata_of
+from tests.support.tiny_models import tiny_hypernet
 
 
 def _lora(seed: int = 0) -> PredictedLora:
