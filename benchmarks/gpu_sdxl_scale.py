@@ -6,8 +6,8 @@ harness's tiny shapes on the CPU (fp32) in about a minute, so the script stays w
 
 1. photo -> merged model, the `DiffLoRA-paper` hypernet on the SDXL rank-4 spec: face encoder
    (dlib, CPU), image encoder (CLIP ViT-H/14 architecture), Mixed Image Features, DiT sampling
-   with guidance at 25 DDIM steps and at 10 (DDIM is the core's only sampler; 10 is the fewest it
-   is run at here), LAE decode, kohya state dict, ComfyUI `load_lora_for_models` and the merge
+   with guidance at 25 DDIM steps and at 10 (10 is the fewest run here; DPM-Solver++, the pack's
+   default, makes one DiT call a step as DDIM does), LAE decode, kohya state dict, ComfyUI `load_lora_for_models` and the merge
    (`patch_model` on the GPU) into ComfyUI's full-size SDXL UNet (bench_latency.py's phases).
 2. KSampler (euler, CFG) per-step time of that UNet at 1024x1024, with and without the predicted
    LoRA, alternating in one process; two step counts, so the slope excludes per-prompt costs
