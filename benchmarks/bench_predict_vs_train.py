@@ -29,9 +29,9 @@ import torch
 from common import describe, device_info, fit_fixed_per_step, print_table, time_it, write_json
 from PIL import Image
 
+from difflora.diffusion import DEFAULT_SAMPLER
 from difflora.encoders import load_face_encoder, load_image_encoder
 from difflora.hypernet_file import load_hypernet
-from difflora.diffusion import DEFAULT_SAMPLER
 from difflora.pipeline import features_from_images, predict_lora
 
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..validation import check_sizes
 from ..config_dict import ConfigDict
 from ..errors import EncoderError
+from ..validation import check_sizes
 from .base import DetectedFace, FaceEncoder, ImageEncoder
 from .images import split_batch, to_rgb_uint8
 

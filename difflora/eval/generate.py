@@ -14,10 +14,10 @@ import time
 
 import torch
 
+from ..diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..encoders import load_face_encoder, load_image_encoder
 from ..errors import DiffLoRAError
 from ..hypernet_file import load_hypernet
-from ..diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..pipeline import features_from_images, predict_lora
 from .layout import EvalLayout, fill, image_name
 

@@ -25,6 +25,7 @@ from ..encoders import choose_face, load_image_file
 from ..encoders.base import FaceEncoder, l2_normalize
 from ..errors import GeneratorError
 from ..validation import DTYPES
+
 PROJ_KEYS = ("proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.weight", "norm.bias")
 
 
