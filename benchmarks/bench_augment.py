@@ -48,7 +48,6 @@ def main(argv=None) -> int:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoders": UNet-only LoRAs, by design
-    world = WORLD_SIZES["default"]
     root = Path(a.out or tempfile.mkdtemp(prefix="bench-augment-"))
     comfy = get_comfyui()
     base = toy_sdxl.pipeline_folder_from_checkpoint(harness_models.toy_asset("checkpoints/toy_sdxl.safetensors"), root / "base",
@@ -58,7 +57,15 @@ def main(argv=None) -> int:
     first = HELDOUT_FIRST + 100  # held-out people no model saw (nor the hypernet's own measurement)
     data = {"a": write_identity_folders(root / "a_12_rendered", a.identities, 12, 0, first_identity=first),
             "b": write_identity_folders(root / "b_1_photo", a.identities, 1, 0, first_identity=first)}
+    data["c"] = _augment(comfy, data["b"], root, face, a.similarity, a.identities)
+    rows = _score_loras(root, base, data, face, image, sample_identities(a.identities, 0, first=first), a.similarity)
+    _print_table(rows)
+    print(f"folders: {root}")
+    return 0
 
+
+def _augment(comfy, photos: Path, root: Path, face, similarity: float, identities: int) -> Path:
+    """(c): the one-photo data set augmented through the toy world's ComfyUI workflow; prints what was kept."""
     t0 = time.perf_counter()
     with ComfyServer(comfy) as server:
         names = install_toy_world(server)
@@ -66,21 +73,29 @@ def main(argv=None) -> int:
         workflow.write_text(json.dumps(toy_augment_workflow(server, names)))
         prompts = root / "prompts.txt"
         prompts.write_text("\n".join(toy_prompts()) + "\n")
-        cfg = AugmentConfig(data=str(data["b"]), out=str(root / "c_augmented"), server=server.url,
+        cfg = AugmentConfig(data=str(photos), out=str(root / "c_augmented"), server=server.url,
                             workflow=str(workflow), prompts=str(prompts), target_images=12, concurrency=2,
-                            face_encoder="toy-face", min_face_similarity=a.similarity, progress=False, **NODES)
+                            face_encoder="toy-face", min_face_similarity=similarity, progress=False, **NODES)
         reports = augment_identities(cfg, face_encoder=face)
     augment_s = time.perf_counter() - t0
-    data["c"] = root / "c_augmented"
     sims = [p["similarity"] for r in reports for p in r.photos if p["similarity"] is not None]
     print(f"augment: {sum(r.kept for r in reports)} kept of {sum(r.generated for r in reports)} generated "
-          f"({a.identities} identities, threshold {a.similarity}) in {augment_s:.0f} s; similarity to the reference "
+          f"({identities} identities, threshold {similarity}) in {augment_s:.0f} s; similarity to the reference "
           f"of generated photos: median {np.median(sims):.3f}, quartiles {np.percentile(sims, 25):.3f} / "
           f"{np.percentile(sims, 75):.3f}")
+    return root / "c_augmented"
 
+
+def _score_loras(root: Path, base: Path, data: dict, face, image, people, similarity: float) -> dict:
+    """label -> (identity accuracies, prompt accuracies, photos per identity): the base model, then
+    an identity LoRA trained from each data set, in the toy world's measurement."""
+    from safetensors.torch import load_file
+
+    from difflora.train.data import read_metadata
+
+    world = WORLD_SIZES["default"]
     clf = load_classifier(harness_models.toy_asset(harness_models.TOY_CLASSIFIER))
     pipe = toy_sdxl.load_pipeline(base)
-    people = sample_identities(a.identities, 0, first=first)
     scenes = [eval_scene(b, e) for b, e in EVAL_SCENES for _ in range(SEEDS_PER_SCENE)]
     prompts_eval = [caption(s, TRIGGER) for s in scenes]
     seeds = list(range(len(scenes)))
@@ -90,13 +105,9 @@ def main(argv=None) -> int:
         lora_cfg = IdentityLoraConfig(data=str(data[key]), out=str(root / f"loras_{key}"), base=str(base),
                                       face_encoder="toy-face", rank=4, steps=world.lora_steps,
                                       batch_size=world.lora_batch, lr=world.lora_lr, resolution=64, min_images=1,
-                                      min_face_similarity=a.similarity if key == "c" else -1.0,
+                                      min_face_similarity=similarity if key == "c" else -1.0,
                                       mixed_precision="no", seed=world.seed, progress=False)
         results = train_identity_loras(lora_cfg, face_encoder=face, image_encoder=image)
-        from safetensors.torch import load_file
-
-        from difflora.train.data import read_metadata
-
         ident, prompt, photos = [], [], []
         for person, r in zip(people, results):
             lora = root / f"loras_{key}" / f"{r.name}.safetensors"
@@ -105,16 +116,18 @@ def main(argv=None) -> int:
             prompt.append(prompt_accuracy(clf, imgs, scenes))
             photos.append(int(read_metadata(lora)["difflora_images"]))
         rows[label] = (ident, prompt, photos)
-    print(f"\n| LoRA trained from | photos per identity | identity accuracy | prompt accuracy |")
+    return rows
+
+
+def _print_table(rows: dict) -> None:
+    print("\n| LoRA trained from | photos per identity | identity accuracy | prompt accuracy |")
     print("| --- | --- | --- | --- |")
     for label, (ident, prompt, photos) in rows.items():
         se = np.std(ident, ddof=1) / np.sqrt(len(ident))
         print(f"| {label} | {np.mean(photos) if photos else '-'} | {np.mean(ident):.3f} ± {se:.3f} | "
               f"{np.mean(prompt) if prompt else float('nan'):.3f} |")
-    print(f"\nper identity (a / b / c): " + "; ".join(
+    print("\nper identity (a / b / c): " + "; ".join(
         f"{x:.2f} / {y:.2f} / {z:.2f}" for x, y, z in zip(*(rows[k][0] for k in list(rows)[1:]))))
-    print(f"folders: {root}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -66,33 +66,12 @@ def main(argv=None):
     t0 = time.perf_counter()
     train, held = synthetic_loras(spec, a.train, a.k, seed=1), synthetic_loras(spec, a.held_out, a.k, seed=2)
     print(f"  {a.train} + {a.held_out} synthetic LoRAs in {time.perf_counter() - t0:.1f} s", flush=True)
-    norm = WeightNormalizer.fit(train, per="layer", spec=spec)
+    normalizer = WeightNormalizer.fit(train, per="layer", spec=spec)
     lae = LoraAutoencoder(cfg).to(a.device)
-    opt = torch.optim.AdamW(lae.parameters(), lr=a.lr)
-    xs, hs = norm.normalize(train).to(a.device), norm.normalize(held).to(a.device)
-
-    def held_out_errors() -> dict:
-        lae.eval()
-        with torch.no_grad():
-            rec = torch.cat([lae(hs[i:i + 2])[0] for i in range(0, len(hs), 2)])
-        lae.train()
-        return errors(norm.denormalize(rec.float().cpu()), held, spec)
-
-    before = held_out_errors()
-    gen, losses = torch.Generator().manual_seed(0), []
-    t1 = time.perf_counter()
-    with PeakMemory(a.device) as mem:
-        for step in range(a.steps):
-            idx = torch.randint(0, len(xs), (a.batch,), generator=gen)
-            x_hat, _ = lae(xs[idx])
-            loss = weight_preserved_loss(x_hat, xs[idx], lam=a.lam, x_raw=train[idx].to(a.device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            print(f"  step {step + 1}/{a.steps}: loss {loss.item():.4f}", flush=True)
-    train_s = time.perf_counter() - t1
-    after = held_out_errors()
+    xs, hs = normalizer.normalize(train).to(a.device), normalizer.normalize(held).to(a.device)
+    before = held_out_errors(lae, hs, normalizer, held, spec)
+    losses, train_s, mem = train_lae(lae, xs, train, a)
+    after = held_out_errors(lae, hs, normalizer, held, spec)
     mean_lora = train.mean(0, keepdim=True).expand_as(held)
     baselines = {"zero": errors(torch.zeros_like(held), held, spec), "train_mean": errors(mean_lora, held, spec)}
     result = {
@@ -105,6 +84,38 @@ def main(argv=None):
                      "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                      **mem.result()},
     }
+    print_summary(result, before, after, baselines, train_s, mem, a)
+    write_json({"benchmark": "lae", "info": info, **result}, a.out, "lae")
+
+
+def held_out_errors(lae, hs: torch.Tensor, normalizer, held: torch.Tensor, spec: LoraSpec) -> dict:
+    """errors() of the LAE's reconstruction of the held-out LoRAs (normalized `hs`, raw `held`)."""
+    lae.eval()
+    with torch.no_grad():
+        rec = torch.cat([lae(hs[i:i + 2])[0] for i in range(0, len(hs), 2)])
+    lae.train()
+    return errors(normalizer.denormalize(rec.float().cpu()), held, spec)
+
+
+def train_lae(lae, xs: torch.Tensor, train: torch.Tensor, a) -> tuple[list[float], float, PeakMemory]:
+    """a.steps AdamW steps of the weight-preserved loss on random batches: (losses, seconds, peak memory)."""
+    opt = torch.optim.AdamW(lae.parameters(), lr=a.lr)
+    gen, losses = torch.Generator().manual_seed(0), []
+    t1 = time.perf_counter()
+    with PeakMemory(a.device) as mem:
+        for step in range(a.steps):
+            idx = torch.randint(0, len(xs), (a.batch,), generator=gen)
+            x_hat, _ = lae(xs[idx])
+            loss = weight_preserved_loss(x_hat, xs[idx], lam=a.lam, x_raw=train[idx].to(a.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            print(f"  step {step + 1}/{a.steps}: loss {loss.item():.4f}", flush=True)
+    return losses, time.perf_counter() - t1, mem
+
+
+def print_summary(result: dict, before: dict, after: dict, baselines: dict, train_s: float, mem, a) -> None:
     c = result["compression"]
     print(f"\nLoRA {c['lora_params']:,} params ({c['layers']} layers) -> latent {c['latent_shape'][0]} x "
           f"{c['latent_shape'][1]} = {c['latent_size']:,}: {c['ratio']:.1f}x; LAE {c['lae_params'] / 1e6:.1f}M params")
@@ -114,7 +125,6 @@ def main(argv=None):
     print_table(rows, ["held-out (synthetic)", "weight rel. err", "dW rel. err"])
     print(f"training: {train_s:.1f} s ({train_s / max(1, a.steps):.2f} s/step, batch {a.batch}); "
           f"peak RSS {mem.result()['peak_rss_gb']:.2f} GB")
-    write_json({"benchmark": "lae", "info": info, **result}, a.out, "lae")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ from difflora.dit import LoraDiT
 from difflora.hypernet import EncoderSpec, Hypernet
 from difflora.lora_spec import LoraSpec
 from difflora.pipeline import decode_lora, encode_features, lora_state_dict, sample_lora_latent
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from difflora.validation import DTYPES
 
 
 # CLIP ViT-H/14, the paper's image encoder (random weights: same cost as the real one).
@@ -124,7 +123,7 @@ def build_hypernet(a, spec, lae: str, dit: str, encoders) -> Hypernet:
         for p in hn.dit.parameters():
             p.normal_(0, 0.02)
     hn = hn.to(a.device, DTYPES[a.dtype])
-    hn.norm.float()
+    hn.weight_normalizer.float()
     return hn
 
 
@@ -145,6 +144,28 @@ def bench_hypernet(a, results, info, spec=None, lae: str = "sdxl-r4", dit: str =
     measure("mixed_features", lambda: encode_features(hn, face, image), a, results)
     feats = encode_features(hn, face, image)
 
+    step_floor = dit_step_floor(hn, a, info, rates)
+    measure_sampling(hn, feats, a, results, step_floor)
+    latent = sample_lora_latent(hn, feats, steps=1)
+    measure("decode", lambda: decode_lora(hn, latent), a, results)
+    flat = decode_lora(hn, latent)
+    measure("to_kohya", lambda: lora_state_dict(hn, flat), a, results, device="cpu",
+            note=f"canonical SVD form, {spec.num_layers} layers, CPU")
+    lora = lora_state_dict(hn, flat)
+    if rates:
+        with_floor(results["mixed_features"], count_flops(lambda: encode_features(hn, face, image)),
+                   param_bytes(hn.mif), rates)
+        with_floor(results["decode"], count_flops(lambda: decode_lora(hn, latent)),
+                   param_bytes(hn.lae) + 4 * spec.num_params, rates)
+        with_floor(results["to_kohya"], 0, 4 * spec.num_params * 2, cpu_rates or rates,
+                   f"bandwidth floor only: {spec.num_layers} small QR + SVD factorizations, each a Python call, "
+                   "are latency-bound")
+    del hn
+    return lora
+
+
+def dit_step_floor(hn, a, info: dict, rates: dict | None) -> float:
+    """The floor of one sampling step in seconds (recorded in `info` with its FLOPs and matmul rate)."""
     # FLOPs of one sampling step (cond + null rows in one batch), counted on the meta device.
     T, C = hn.latent_shape
     with torch.device("meta"):
@@ -155,8 +176,13 @@ def bench_hypernet(a, results, info, spec=None, lae: str = "sdxl-r4", dit: str =
     info.update(dit_flops_per_step=flops, matmul_flops_per_s=rate, floor_per_step_s=flops / rate)
     print(f"  DiT: {flops / 1e9:.1f} GFLOP per step; matmul rate {rate / 1e9:.0f} GFLOP/s -> floor "
           f"{flops / rate:.4f} s/step", flush=True)
-    step_floor = floor_s(flops, param_bytes(hn.dit), rates) if rates else flops / rate
+    return floor_s(flops, param_bytes(hn.dit), rates) if rates else flops / rate
 
+
+def measure_sampling(hn, feats, a, results: dict, step_floor: float) -> None:
+    """Sampling at each of a.steps: the full sampler (GPU, --sampling full), or one CFG step timed and
+    multiplied; every entry gets its floor and ratio."""
+    T, C = hn.latent_shape
     full = a.sampling == "full" or (a.sampling == "auto" and a.device.startswith("cuda"))
     if full:
         for steps in a.steps:
@@ -176,22 +202,6 @@ def bench_hypernet(a, results, info, spec=None, lae: str = "sdxl-r4", dit: str =
     for name, entry in results.items():
         if name.startswith(("sampling_", "dit_step")):
             entry["ratio_to_floor"] = entry["median_s"] / entry["floor_s"]
-    latent = sample_lora_latent(hn, feats, steps=1)
-    measure("decode", lambda: decode_lora(hn, latent), a, results)
-    flat = decode_lora(hn, latent)
-    measure("to_kohya", lambda: lora_state_dict(hn, flat), a, results, device="cpu",
-            note=f"canonical SVD form, {spec.num_layers} layers, CPU")
-    lora = lora_state_dict(hn, flat)
-    if rates:
-        with_floor(results["mixed_features"], count_flops(lambda: encode_features(hn, face, image)),
-                   param_bytes(hn.mif), rates)
-        with_floor(results["decode"], count_flops(lambda: decode_lora(hn, latent)),
-                   param_bytes(hn.lae) + 4 * spec.num_params, rates)
-        with_floor(results["to_kohya"], 0, 4 * spec.num_params * 2, cpu_rates or rates,
-                   f"bandwidth floor only: {spec.num_layers} small QR + SVD factorizations, each a Python call, "
-                   "are latency-bound")
-    del hn
-    return lora
 
 
 def comfy_sdxl_patcher(unet_config: dict, device: str = "cpu", random_init: bool = False,

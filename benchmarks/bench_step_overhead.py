@@ -84,7 +84,7 @@ def per_step_summary(times: dict, steps: tuple[int, int]) -> dict:
             "medians": med, "pair_ratios": pair_ratios}
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=8, help="timed pairs per step count (after one warm-up pair)")
     ap.add_argument("--steps", type=int, nargs=2, default=[4, 20], metavar=("LOW", "HIGH"))
@@ -95,7 +95,11 @@ def main(argv=None):
     ap.add_argument("--face", default="dlib", help="face analysis of the hypernet (tiny: dlib)")
     ap.add_argument("--gpu", action="store_true", help="run ComfyUI on the GPU (default --cpu)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/step_overhead.json)")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     try:
         from devtools.tiny_clip_vision import build_tiny_clip_vision
@@ -114,41 +118,51 @@ def main(argv=None):
             photo = importlib.resources.files("insightface") / "data" / "images" / "Tom_Hanks_54745.png"
             shutil.copy(photo, server.input_dir / "reference.png")
             chain = lora_chain(hn.name, cv.name, "reference.png", a.face)
-            times = {(arm, s): [] for arm in ("base", "lora") for s in a.steps}
-            cached_chain = []
             t0 = time.perf_counter()
-            for i in range(a.pairs + 1):  # pair 0 is the warm-up (loads models, computes the LoRA once)
-                for steps in a.steps:
-                    seed = 1000 * i + steps
-                    order = ("base", "lora") if i % 2 == 0 else ("lora", "base")
-                    for arm in order:
-                        t, cached = execution_time(server, graph(arm, ckpt.name, chain, seed, steps, a.size))
-                        if i > 0:
-                            times[(arm, steps)].append(t)
-                            if arm == "lora":
-                                cached_chain.append(all(n in cached for n in ("14", "15", "16", "17")))
-                print(f"  pair {i}{' (warm-up)' if i == 0 else ''}: " + ", ".join(
-                    f"{arm}@{s} {times[(arm, s)][-1]:.3f}s" for arm in ("base", "lora") for s in a.steps
-                    if i > 0), flush=True)
+            times, cached_chain = timed_pairs(server, chain, ckpt.name, a)
             wall = time.perf_counter() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = per_step_summary(times, a.steps)
-    lo, hi = a.steps
     med, per_step, pair_ratios = summary.pop("medians"), summary["per_step_s"], summary.pop("pair_ratios")
     info = {**device_info("cuda" if a.gpu else "cpu"), "comfyui": "0.3.75 (harness)", "pairs": a.pairs,
             "steps": a.steps, "size": a.size, "model": ckpt.name, "hypernet": hn.name, "wall_s": wall}
     summary["lora_chain_served_from_cache"] = all(cached_chain)
+    print_report(info, summary, med, per_step, pair_ratios, times, a)
+    write_json({"benchmark": "step_overhead", "info": info, "summary": summary,
+                "times_s": {f"{arm}@{s}": v for (arm, s), v in times.items()}}, a.out, "step_overhead")
+
+
+def timed_pairs(server, chain: dict, checkpoint: str, a) -> tuple[dict, list[bool]]:
+    """({(arm, steps): execution seconds}, whether each LoRA prompt found the LoRA chain cached): base and
+    LoRA prompts in alternating order, a.pairs times after one warm-up pair (loads models, computes the LoRA)."""
+    times = {(arm, s): [] for arm in ("base", "lora") for s in a.steps}
+    cached_chain = []
+    for i in range(a.pairs + 1):
+        for steps in a.steps:
+            seed = 1000 * i + steps
+            order = ("base", "lora") if i % 2 == 0 else ("lora", "base")
+            for arm in order:
+                t, cached = execution_time(server, graph(arm, checkpoint, chain, seed, steps, a.size))
+                if i > 0:
+                    times[(arm, steps)].append(t)
+                    if arm == "lora":
+                        cached_chain.append(all(n in cached for n in ("14", "15", "16", "17")))
+        print(f"  pair {i}{' (warm-up)' if i == 0 else ''}: " + ", ".join(
+            f"{arm}@{s} {times[(arm, s)][-1]:.3f}s" for arm in ("base", "lora") for s in a.steps
+            if i > 0), flush=True)
+    return times, cached_chain
+
+
+def print_report(info: dict, summary: dict, med: dict, per_step: dict, pair_ratios: list, times: dict, a) -> None:
     rows = [[f"{arm} @ {s} steps", f"{med[(arm, s)]:.3f}", f"{min(times[(arm, s)]):.3f}", f"{max(times[(arm, s)]):.3f}"]
             for arm in ("base", "lora") for s in a.steps]
-    print(f"\ndevice: {describe(info)}; model {ckpt.name}, {a.size}x{a.size}")
+    print(f"\ndevice: {describe(info)}; model {info['model']}, {a.size}x{a.size}")
     print_table(rows, ["prompt", "median s", "min s", "max s"])
     print(f"\nper step: base {per_step['base'] * 1000:.2f} ms, lora {per_step['lora'] * 1000:.2f} ms, "
           f"ratio {summary['per_step_ratio']:.3f} (per-pair median {summary['per_step_ratio_pairs']['median']:.3f}, "
           f"range {min(pair_ratios):.3f}..{max(pair_ratios):.3f})")
     print("per prompt ratio: " + ", ".join(f"{s} steps {r:.3f}" for s, r in summary["per_prompt_ratio"].items()))
-    write_json({"benchmark": "step_overhead", "info": info, "summary": summary,
-                "times_s": {f"{arm}@{s}": v for (arm, s), v in times.items()}}, a.out, "step_overhead")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ harness's tiny shapes on the CPU (fp32) in about a minute, so the script stays w
 
 1. photo -> merged model, the `DiffLoRA-paper` hypernet on the SDXL rank-4 spec: face encoder
    (dlib, CPU), image encoder (CLIP ViT-H/14 architecture), Mixed Image Features, DiT sampling
-   with guidance at 25 DDIM steps and at 10 (DDIM is the core's only sampler; 10 is the fewest it
-   is run at here), LAE decode, kohya state dict, ComfyUI `load_lora_for_models` and the merge
+   with guidance at 25 DDIM steps and at 10 (10 is the fewest run here; DPM-Solver++, the pack's
+   default, makes one DiT call a step as DDIM does), LAE decode, kohya state dict, ComfyUI `load_lora_for_models` and the merge
    (`patch_model` on the GPU) into ComfyUI's full-size SDXL UNet (bench_latency.py's phases).
 2. KSampler (euler, CFG) per-step time of that UNet at 1024x1024, with and without the predicted
    LoRA, alternating in one process; two step counts, so the slope excludes per-prompt costs
@@ -359,20 +359,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (the test's run)")
     ap.add_argument("--out", required=True, help="folder for sdxl_scale.json and sdxl_scale.md")
     ap.add_argument("--phases", default="1,2,3,4", help="comma-separated subset of 1,2,3,4 (2 needs 1)")
     ap.add_argument("--extra-site", help="folder of carried packages, appended to sys.path (read before import)")
     ap.add_argument("--max-batch", type=int, help="phase 4's largest batch tried")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
     s = dict(SETTINGS["tiny" if a.tiny else "full"])
     if a.max_batch:
         s["max_batch"] = a.max_batch
     if s["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run with --tiny on a CPU.")
-    phases = set(a.phases.split(","))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[s["dtype"]]
     t0 = time.perf_counter()
     rates = device_rates(s["device"], dtype)
@@ -384,6 +387,22 @@ def main(argv=None) -> dict:
           f"TFLOP/s, copy {rates['copy_bytes_per_s'] / 1e9:.3g} GB/s", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    run_phases(set(a.phases.split(",")), s, rates, cpu_rates, report, a.tiny)
+    report["info"]["wall_s"] = time.perf_counter() - t0
+    for p in report["phases"].values():
+        for k, v in p.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                p[k] = None  # JSON has no inf / NaN
+    (out / "sdxl_scale.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    (out / "sdxl_scale.md").write_text(markdown(report), encoding="utf-8")
+    print("\n" + markdown(report))
+    print(f"wrote {out / 'sdxl_scale.json'} and {out / 'sdxl_scale.md'}")
+    return report
+
+
+def run_phases(phases: set[str], s: dict, rates: dict, cpu_rates: dict, report: dict, tiny: bool) -> None:
+    """The chosen phases in order, each timed; one that fails is recorded in report["skipped"] and the
+    others still run."""
     with tempfile.TemporaryDirectory(prefix="sdxl-scale-") as tmp:
         report["_tmp"] = Path(tmp)
 
@@ -399,7 +418,7 @@ def main(argv=None) -> dict:
             report["info"][f"phase_{label.split()[0]}_wall_s"] = time.perf_counter() - t
             return result
 
-        merged = phase("1 photo -> merged model", photo_to_merged, s, rates, cpu_rates, report, a.tiny) \
+        merged = phase("1 photo -> merged model", photo_to_merged, s, rates, cpu_rates, report, tiny) \
             if "1" in phases else None
         if "2" in phases:
             if merged is None:
@@ -415,23 +434,13 @@ def main(argv=None) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         if "3" in phases:
-            phase("3 identity-LoRA training", identity_phase, s, rates, report, a.tiny)
+            phase("3 identity-LoRA training", identity_phase, s, rates, report, tiny)
         if "4" in phases:
             for stage in ("lae", "dit"):
                 r = phase(f"4 {stage} training", largest_batch, stage, s, rates)
                 if r is not None:
                     report["phases"][f"4.{stage}_training_{s['size']}"] = r
         del report["_tmp"]
-    report["info"]["wall_s"] = time.perf_counter() - t0
-    for p in report["phases"].values():
-        for k, v in p.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                p[k] = None  # JSON has no inf / NaN
-    (out / "sdxl_scale.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
-    (out / "sdxl_scale.md").write_text(markdown(report), encoding="utf-8")
-    print("\n" + markdown(report))
-    print(f"wrote {out / 'sdxl_scale.json'} and {out / 'sdxl_scale.md'}")
-    return report
 
 
 if __name__ == "__main__":

@@ -37,5 +37,6 @@ def build_tiny_hypernet(path: str | Path, seed: int = 0, lora_std: float = 0.02)
         # predicted LoRA depends on the reference photo.
         for p in hn.dit.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-        hn.norm = WeightNormalizer(torch.zeros(spec.num_params), torch.full((spec.num_params,), lora_std))
+        hn.weight_normalizer = WeightNormalizer(torch.zeros(spec.num_params),
+                                                torch.full((spec.num_params,), lora_std))
     return save_hypernet(hn, path, extra_metadata={"note": "untrained tiny hypernet for tests and the demo"})

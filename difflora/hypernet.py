@@ -38,8 +38,13 @@ class EncoderSpec(ConfigDict):
 
 
 
+# The file's tensor prefix of the weight normalizer's statistics ("norm.", as shipped files have it).
+NORMALIZER_FILE_PREFIX = "norm."
+
+
 class Hypernet(nn.Module):
-    """Spec + normalizer + LAE + DiT + MIF. Sub-module names are the file's tensor prefixes."""
+    """Spec + weight normalizer + LAE + DiT + MIF. Sub-module names are the file's tensor prefixes,
+    except `weight_normalizer`, stored as `norm.` (NORMALIZER_FILE_PREFIX) by the state dict hooks."""
 
     def __init__(
         self,
@@ -63,7 +68,11 @@ class Hypernet(nn.Module):
         self.spec = spec
         self.encoders = encoders
         self.lae_config, self.dit_config, self.mif_config = lae_config, dit_config, mif_config
-        self.norm = normalizer if normalizer is not None else WeightNormalizer.identity(spec.num_params)
+        # The training LoRAs' statistics (normalize / denormalize), not a LayerNorm.
+        self.weight_normalizer = (normalizer if normalizer is not None
+                                  else WeightNormalizer.identity(spec.num_params))
+        self.register_state_dict_post_hook(_normalizer_keys_to_file)
+        self.register_load_state_dict_pre_hook(_normalizer_keys_from_file)
         self.lae = LoraAutoencoder(lae_config)
         self.dit = LoraDiT(dit_config)
         self.mif = MixedImageFeatures(mif_config)
@@ -117,3 +126,21 @@ class Hypernet(nn.Module):
             "lora_spec": self.spec.to_dict(),
             "encoders": self.encoders.to_dict(),
         }
+
+
+def _renamed_keys(state_dict, prefix: str, old: str, new: str) -> None:
+    """Rename `prefix + old...` keys to `prefix + new...` in place, keeping the order."""
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        renamed = key.startswith(prefix + old)
+        state_dict[prefix + new + key[len(prefix + old):] if renamed else key] = value
+
+
+def _normalizer_keys_to_file(module, state_dict, prefix, local_metadata) -> None:
+    _renamed_keys(state_dict, prefix, "weight_normalizer.", NORMALIZER_FILE_PREFIX)
+
+
+def _normalizer_keys_from_file(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                               error_msgs) -> None:
+    _renamed_keys(state_dict, prefix, NORMALIZER_FILE_PREFIX, "weight_normalizer.")

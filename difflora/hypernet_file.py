@@ -23,7 +23,7 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 
-from .config_bounds import check_lora_spec_sizes, check_sizes
+from .validation import check_lora_spec_sizes, check_sizes
 from .dit import DiTConfig
 from .safetensors_io import save_file_atomic
 from .errors import HypernetFileError, LoraSpecMismatch
@@ -149,7 +149,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _check_config_sizes(path: Path, meta: dict) -> None:
-    """Every size the configs declare is a sane positive number (config_bounds), before any is used."""
+    """Every size the configs declare is a sane positive number (validation.check_sizes), before any is used."""
     try:
         check_lora_spec_sizes(meta["lora_spec"])
         for key in ("lae_config", "dit_config", "mif_config", "encoders"):
@@ -210,7 +210,7 @@ def _check_tensors(path: Path, model: Hypernet, shapes: dict[str, tuple[int, ...
 
 def check_hypernet(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[int, ...]]]:
     """Every check `load_hypernet` makes, reading no tensor data and allocating nothing of the
-    model: the header (read_header), the sizes the configs declare (config_bounds), the tensors'
+    model: the header (read_header), the sizes the configs declare (validation.check_sizes), the tensors'
     names and shapes against a skeleton built on the meta device, the carried encoders' likewise.
     Returns read_header's (meta, shapes); raises HypernetFileError naming the file and the fault."""
     from .encoders.carried import check_carried_shapes

@@ -1,10 +1,11 @@
 """From reference photos to a LoRA, each step callable on its own.
 
     features = features_from_images(hn, photos, face_encoder, image_encoder)  # the one way in
-    latent   = sample_lora_latent(hn, features, seed=0)       # DiT + DDIM
+    latent   = sample_lora_latent(hn, features, seed=0)       # DiT + sampler (DPM-Solver++ 5 by default)
     flat     = decode_lora(hn, latent)                        # LAE decoder, de-normalized
     lora     = lora_state_dict(hn, flat)                      # kohya keys, canonical form
     meta     = lora_metadata(hn, latent)                      # what a saved LoRA file records
+    lora     = decode_predicted_lora(hn, latent)              # all three: PredictedLora(state_dict, metadata)
 
 `features_from_images` picks the encoders (those the hypernet file carries win), checks their
 sizes before any image work, embeds the photos and mixes them (`encode_features`, which also
@@ -17,30 +18,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .diffusion import SAMPLERS, make_sampler, sample_latent
+from .diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, make_sampler, sample_latent
 from .errors import DiffLoRAError, HypernetFileError
 from .hypernet import Hypernet
 from .lora_format import to_kohya
 from .lora_weights import canonicalize_layers, unflatten
+from .predicted_lora import PredictedLora
+from .validation import require_finite
 
 if TYPE_CHECKING:
     from .encoders import AutoFaceEncoder
     from .encoders.base import FaceEncoder, ImageEncoder
 
 log = logging.getLogger(__name__)
-
-# The pack's LoRA-sampler defaults (Sample LoRA Latent, predict_lora, the eval CLI): chosen in the toy
-# world on validation identities, apart from the held-out ones that score it (docs/TOYWORLD.md,
-# "Sampler defaults").
-DEFAULT_SAMPLER = "dpm++"
-DEFAULT_STEPS = 5
-DEFAULT_GUIDANCE = 2.0
 
 # Metadata keys of a predicted LoRA file (written by Save Predicted LoRA, read by `python -m difflora inspect`).
 META_HYPERNET = "difflora_hypernet"
@@ -210,16 +205,16 @@ def sample_lora_latent(
     callback: Callable[[int, int], None] | None = None,
     sampler: str = DEFAULT_SAMPLER,
 ) -> LoraLatent:
-    """Sampling of the clean LoRA latent (DDIM, or DPM-Solver++ with sampler="dpm++"); deterministic
-    for a seed on CPU.
+    """Sampling of the clean LoRA latent (DPM-Solver++ or DDIM; every default is diffusion.DEFAULT_*);
+    deterministic for a seed on CPU.
 
     `callback(step, total)` runs after each step; raising in it stops sampling (the nodes use
     this for ComfyUI's progress bar and interrupt)."""
     if steps < 1:
         raise DiffLoRAError(f"steps must be at least 1, got {steps}.")
-    for name, value in (("guidance", guidance), ("eta", eta)):
-        if not math.isfinite(value):  # NaN would otherwise surface as "the hypernet file may be damaged"
-            raise DiffLoRAError(f"{name} is {value}; give a finite number (guidance ~3, eta 0..1).")
+    # The one finite check of these (the node relies on it): NaN would otherwise surface as "the
+    # hypernet file may be damaged", and ComfyUI's min/max check lets NaN through.
+    require_finite(guidance=guidance, eta=eta)
     if sampler not in SAMPLERS:
         raise DiffLoRAError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}.")
     own = hypernet_identity(hn)
@@ -256,7 +251,7 @@ def decode_lora(hn: Hypernet, latent: LoraLatent | torch.Tensor) -> torch.Tensor
         raise DiffLoRAError(f"latent shape {tuple(latent.shape)} does not match this hypernet's {hn.latent_shape}.")
     param = next(hn.lae.parameters())
     flat = hn.lae.decode(latent.to(param.device, param.dtype)).float()
-    flat = hn.norm.denormalize(flat.to(hn.norm.mean.device))
+    flat = hn.weight_normalizer.denormalize(flat.to(hn.weight_normalizer.mean.device))
     if not torch.isfinite(flat).all():
         raise DiffLoRAError("decoded LoRA weights are not finite; the hypernet file may be damaged.")
     return flat[0].cpu() if flat.ndim == 2 else flat.cpu()
@@ -272,6 +267,12 @@ def lora_metadata(hn: Hypernet, latent: LoraLatent) -> dict[str, str]:
     """What a predicted LoRA's file records of how it was made: hypernet file, spec, sampler settings."""
     return {META_HYPERNET: hn.source_file, META_SPEC_HASH: hn.spec.hash,
             **{f"{META_SETTING_PREFIX}{k}": str(v) for k, v in latent.settings.items()}}
+
+
+def decode_predicted_lora(hn: Hypernet, latent: LoraLatent) -> PredictedLora:
+    """A sampled latent -> the predicted LoRA: kohya weights (canonical form) and the metadata of
+    how it was made, which its weights remember (predicted_lora.metadata_of)."""
+    return PredictedLora(lora_state_dict(hn, decode_lora(hn, latent)), lora_metadata(hn, latent))
 
 
 def predict_lora(hn: Hypernet, features: MixedFeatures, **sample_kwargs) -> dict[str, torch.Tensor]:

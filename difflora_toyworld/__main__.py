@@ -20,8 +20,8 @@ import torch
 from difflora.errors import DiffLoRAError
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .world import WORLD_SIZES, build_world
+def build_parser() -> argparse.ArgumentParser:
+    from .world import WORLD_SIZES
 
     ap = argparse.ArgumentParser(prog="python -m difflora_toyworld", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -55,40 +55,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated: baselines, sampling, photos, ablations, validation, weight-space")
     st.add_argument("--ablations", default="", help="comma-separated ablations to train and score (default: all "
                                                     "of study.ABLATIONS)")
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if a.command == "build":
-        import os
+    return ap
 
-        torch.set_num_threads(a.threads or os.cpu_count() or 1)
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if a.command == "build":
-            cfg = WORLD_SIZES[a.size]
-            if a.device:
-                import dataclasses
-
-                cfg = dataclasses.replace(cfg, device=a.device)
-            import os
-
-            processes = a.processes or min(4, os.cpu_count() or 1)
-            if a.base_from_assets:
-                from .world import seed_base_from_assets
-
-                seed_base_from_assets(a.world, cfg, a.tokenizer, a.base_from_assets)
-            build_world(a.world, cfg, a.tokenizer, processes=processes)
+            _build(a)
         elif a.command == "study":
-            from .study import ABLATIONS, PARTS, run_study
-
-            parts = [x for x in a.parts.split(",") if x]
-            unknown = sorted(set(parts) - set(PARTS))
-            if unknown:
-                raise DiffLoRAError(f"unknown --parts {', '.join(unknown)}: use {', '.join(PARTS)}")
-            ablations = [x for x in a.ablations.split(",") if x] or list(ABLATIONS)
-            unknown = sorted(set(ablations) - set(ABLATIONS))
-            if unknown:
-                raise DiffLoRAError(f"unknown --ablations {', '.join(unknown)}: use {', '.join(ABLATIONS)}")
-            run_study(a.world, parts, identities=a.identities or None, device=a.device, out=a.out or None,
-                      ablations=ablations, hypernet=a.hypernet or None)
+            _study(a)
         else:
             from .results import write_results
 
@@ -98,6 +75,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _build(a: argparse.Namespace) -> None:
+    import dataclasses
+    import os
+
+    from .world import WORLD_SIZES, build_world, seed_base_from_assets
+
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    cfg = WORLD_SIZES[a.size]
+    if a.device:
+        cfg = dataclasses.replace(cfg, device=a.device)
+    processes = a.processes or min(4, os.cpu_count() or 1)
+    if a.base_from_assets:
+        seed_base_from_assets(a.world, cfg, a.tokenizer, a.base_from_assets)
+    build_world(a.world, cfg, a.tokenizer, processes=processes)
+
+
+def _study(a: argparse.Namespace) -> None:
+    from .study import ABLATIONS, PARTS, run_study
+
+    parts = [x for x in a.parts.split(",") if x]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise DiffLoRAError(f"unknown --parts {', '.join(unknown)}: use {', '.join(PARTS)}")
+    ablations = [x for x in a.ablations.split(",") if x] or list(ABLATIONS)
+    unknown = sorted(set(ablations) - set(ABLATIONS))
+    if unknown:
+        raise DiffLoRAError(f"unknown --ablations {', '.join(unknown)}: use {', '.join(ABLATIONS)}")
+    run_study(a.world, parts, identities=a.identities or None, device=a.device, out=a.out or None,
+              ablations=ablations, hypernet=a.hypernet or None)
 
 
 if __name__ == "__main__":

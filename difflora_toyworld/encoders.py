@@ -24,14 +24,14 @@ from torch import nn
 # Inside ComfyUI this package is a sub-package of the pack and must extend the pack's own core;
 # headless, it is top level and the core is `difflora`.
 try:
-    from ..difflora.config_bounds import check_sizes
+    from ..difflora.validation import check_sizes
     from ..difflora.config_dict import ConfigDict
     from ..difflora.encoders.base import DetectedFace, FaceEncoder, ImageEncoder
     from ..difflora.encoders.carried import MODEL_KEY, load_carried_file
     from ..difflora.encoders.images import split_batch, to_rgb_uint8
     from ..difflora.errors import EncoderError
 except ImportError:
-    from difflora.config_bounds import check_sizes
+    from difflora.validation import check_sizes
     from difflora.config_dict import ConfigDict
     from difflora.encoders.base import DetectedFace, FaceEncoder, ImageEncoder
     from difflora.encoders.carried import MODEL_KEY, load_carried_file

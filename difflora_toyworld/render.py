@@ -220,9 +220,19 @@ def head_outline(shape: str, n_points: int = 48) -> list[tuple[float, float]]:
 
 
 def _draw_person(pt: _Painter, ident: Identity, expression: str) -> None:
+    """Back to front: shoulders, hair and head; eyes, brows and glasses; nose; mouth."""
+    skin = SKIN[ident.skin_tone]
+    skin_line = _shade(skin, 0.62)
+    _draw_head_and_hair(pt, ident, skin, skin_line)
+    _draw_eyes(pt, ident, expression, skin_line)
+    _draw_nose(pt, ident, skin)
+    _draw_mouth(pt, ident, expression, skin)
+
+
+def _draw_head_and_hair(pt: _Painter, ident: Identity, skin, skin_line) -> None:
     a, b, _, _ = FACE_SHAPES[ident.face_shape]
-    skin, hair, style = SKIN[ident.skin_tone], HAIR[ident.hair_colour], ident.hair_style
-    skin_line, hair_line = _shade(skin, 0.62), _shade(hair, 0.6)
+    hair, style = HAIR[ident.hair_colour], ident.hair_style
+    hair_line = _shade(hair, 0.6)
     head = head_outline(ident.face_shape)
 
     # Behind the head: shoulders, neck, hair mass (its sides show as sideburns).
@@ -257,6 +267,11 @@ def _draw_person(pt: _Painter, ident: Identity, expression: str) -> None:
                         (0.95 * a * math.cos(t + 0.2), 0.98 * b * math.sin(t + 0.2))],
                        fill=hair, outline=hair_line, width=0.03)
 
+
+def _draw_eyes(pt: _Painter, ident: Identity, expression: str, skin_line) -> None:
+    a = FACE_SHAPES[ident.face_shape][0]
+    hair = HAIR[ident.hair_colour]
+    hair_line = _shade(hair, 0.6)
     # Eyes (whites, iris, pupil), brows. Expression changes brows and eye opening only,
     # never hides the iris: eye colour must stay readable in every photo.
     off, ey = EYE_SPACING[ident.eye_spacing] * a, -0.12
@@ -280,7 +295,8 @@ def _draw_person(pt: _Painter, ident: Identity, expression: str) -> None:
                 pt.polygon([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], outline=FRAME, width=0.06)
         pt.line([(-off + g, ey), (off - g, ey)], fill=FRAME, width=0.05)
 
-    # Nose.
+
+def _draw_nose(pt: _Painter, ident: Identity, skin) -> None:
     nose_fill, nose_line, ny = _shade(skin, 0.72), _shade(skin, 0.45), 0.2
     if ident.nose == "button":
         pt.ellipse(0, ny + 0.04, 0.14, 0.13, fill=nose_fill, outline=nose_line, width=0.04)
@@ -293,6 +309,9 @@ def _draw_person(pt: _Painter, ident: Identity, expression: str) -> None:
         pt.line([(0.05, ny - 0.2), (-0.17, ny + 0.15), (0.1, ny + 0.15)], fill=nose_line,
                 width=0.08)
 
+
+def _draw_mouth(pt: _Painter, ident: Identity, expression: str, skin) -> None:
+    a = FACE_SHAPES[ident.face_shape][0]
     # Mouth: identity sets width and lip thickness, expression sets the shape.
     hw, lip = MOUTH[ident.mouth]
     lips, my = _mix(skin, (180, 40, 50), 0.65), 0.55

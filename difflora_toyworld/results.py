@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflora.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from difflora.diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 
 from . import toy_sdxl
 from .render import Scene, caption, render, sample_identities
@@ -74,7 +74,8 @@ def reconstruct(hn, lora_path: Path) -> dict:
     flat = flatten(hn.spec, layers).float()
     param = next(hn.lae.parameters())
     with torch.no_grad():
-        z = hn.lae.encode(hn.norm.normalize(flat[None].to(hn.norm.mean.device)).to(param.device, param.dtype))
+        normalizer = hn.weight_normalizer
+        z = hn.lae.encode(normalizer.normalize(flat[None].to(normalizer.mean.device)).to(param.device, param.dtype))
     return lora_state_dict(hn, decode_lora(hn, z))
 
 
@@ -92,8 +93,7 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
     on this world's LoRAs (e.g. a study's WORLD/study/<name>/hypernet.safetensors), default the world's."""
     from difflora.encoders import load_image_file
     from difflora.hypernet_file import load_hypernet
-    from difflora.pipeline import features_from_images, predict_lora
-    from .attributes import identity_accuracy, load_classifier, prompt_accuracy
+    from .attributes import load_classifier
     from .identity_encoder import load_encoder
     from .world import HELDOUT_FIRST, TRIGGER, World, WorldConfig
 
@@ -124,27 +124,14 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
             log.warning("%s has no trained LoRA (skipped by identity-loras); not scored", name)
             continue
         reference = load_image_file(world.data / "heldout" / name / "000.png")
-        _sync(device)
-        t0 = time.perf_counter()
-        features = features_from_images(hn, [reference], face, image)
-        predicted = predict_lora(hn, features, sampler=lora_sampler, steps=lora_steps, guidance=lora_guidance,
-                                 seed=seed)
-        _sync(device)
-        predict_s = time.perf_counter() - t0
+        predicted, predict_s = _timed_prediction(hn, reference, face, image, device, sampler=lora_sampler,
+                                                 steps=lora_steps, guidance=lora_guidance, seed=seed)
         loras = {"base": None, "predicted": predicted, "reconstructed": reconstruct(hn, lora_path),
                  "trained": load_file(lora_path)}
         row = {"identity": name, "attributes": dataclasses.asdict(person),
                "train_seconds": train_seconds.get(name), "predict_seconds": predict_s}
-        # The ceiling: the same scenes rendered, then through the VAE (what any generation is decoded by).
-        decoded = reconstruct_photos(pipe.vae, np.stack([render(person, s) for s in scenes]), device)
-        row["vae_ceiling"] = {"identity_accuracy": identity_accuracy(clf, decoded, person),
-                              "prompt_accuracy": prompt_accuracy(clf, decoded, scenes)}
-        images = {}
-        for method in METHODS:
-            imgs = generate(pipe, loras[method], prompts, seeds, steps, guidance)
-            images[method] = imgs
-            row[method] = {"identity_accuracy": identity_accuracy(clf, imgs, person),
-                           "prompt_accuracy": prompt_accuracy(clf, imgs, scenes)}
+        scores, images = _scores(pipe, clf, person, loras, scenes, prompts, seeds, steps, guidance, device)
+        row.update(scores)
         rows.append(row)
         log.info("%s: %s (predicted in %.2f s)", name, ", ".join(
             f"{m} {row[m]['identity_accuracy']:.2f}/{row[m]['prompt_accuracy']:.2f}" for m in METHODS), predict_s)
@@ -154,6 +141,36 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
         "guidance": guidance, "lora_sampler": lora_sampler, "lora_sampler_steps": lora_steps,
         "lora_guidance": lora_guidance, "hypernet": str(hypernet or world.hypernet), "seed": seed,
         "device": device, "torch_threads": torch.get_num_threads()}}
+
+
+def _timed_prediction(hn, reference, face, image, device: str, **sample_kwargs) -> tuple[dict, float]:
+    """The LoRA predicted from one photo, and the seconds it took (the device synchronized around it)."""
+    from difflora.pipeline import features_from_images, predict_lora
+
+    _sync(device)
+    t0 = time.perf_counter()
+    features = features_from_images(hn, [reference], face, image)
+    lora = predict_lora(hn, features, **sample_kwargs)
+    _sync(device)
+    return lora, time.perf_counter() - t0
+
+
+def _scores(pipe, clf, person, loras: dict, scenes, prompts, seeds, steps: int, guidance: float,
+            device: str) -> tuple[dict, dict]:
+    """({"vae_ceiling": ..., method: ...} identity and prompt accuracies, {method: images}) of one person."""
+    from .attributes import identity_accuracy, prompt_accuracy
+
+    # The ceiling: the same scenes rendered, then through the VAE (what any generation is decoded by).
+    decoded = reconstruct_photos(pipe.vae, np.stack([render(person, s) for s in scenes]), device)
+    scores = {"vae_ceiling": {"identity_accuracy": identity_accuracy(clf, decoded, person),
+                              "prompt_accuracy": prompt_accuracy(clf, decoded, scenes)}}
+    images = {}
+    for method in METHODS:
+        imgs = generate(pipe, loras[method], prompts, seeds, steps, guidance)
+        images[method] = imgs
+        scores[method] = {"identity_accuracy": identity_accuracy(clf, imgs, person),
+                          "prompt_accuracy": prompt_accuracy(clf, imgs, scenes)}
+    return scores, images
 
 
 def summarize(rows: list[dict]) -> dict:

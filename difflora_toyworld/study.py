@@ -68,15 +68,18 @@ WEIGHT_SPACE_IDENTITIES = 500  # training identities of each weight space's hype
 
 
 @dataclass
-class HeldOut:
+class MeasuredPerson:
+    """One person a study row is scored on: a held-out identity or a validation one."""
+
     name: str
     person: Identity
     lora: Path | None  # None: a validation identity, which has photos but no trained LoRA
     photos: list[Path]
 
 
-class Bench:
-    """The measurement of results.py, for any LoRA per held-out identity."""
+class LoraScorer:
+    """The measurement of results.py (pipeline, classifier, scenes, seeds) for any one LoRA per person:
+    the held-out identities, or other people (`on`)."""
 
     def __init__(self, world_root, identities: int | None = None, device: str = "cpu", seed: int = 0,
                  steps: int = 20, guidance: float = 4.0):
@@ -99,12 +102,12 @@ class Bench:
             lora = self.world.loras / "heldout" / f"{name}.safetensors"
             if lora.is_file():
                 photos = sorted((self.world.data / "heldout" / name).glob("*.png"))
-                self.people.append(HeldOut(name, person, lora, photos))
+                self.people.append(MeasuredPerson(name, person, lora, photos))
         self.scenes = [eval_scene(b, e) for b, e in EVAL_SCENES for _ in range(SEEDS_PER_SCENE)]
         self.prompts = [caption(s, TRIGGER) for s in self.scenes]
         self.seeds = [seed + i for i in range(len(self.scenes))]
 
-    def on(self, people: list[HeldOut]) -> "Bench":
+    def on(self, people: list[MeasuredPerson]) -> "LoraScorer":
         """The same measurement (pipeline, classifier, scenes, seeds) on other people."""
         other = copy.copy(self)
         other.people = people
@@ -124,26 +127,26 @@ class Bench:
                 "prompt_accuracy": float(np.mean(pa)), "per_identity": [float(x) for x in ida]}
 
 
-def first_photo_embeddings(hn, bench: Bench) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def first_photo_embeddings(hn, scorer: LoraScorer) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(face (1, Df), image (1, Di)) of each held-out person's first photo, by the hypernet's encoders."""
     from difflora.encoders import encode_references, load_image_file
     from difflora.pipeline import resolve_encoders
 
     face, image = resolve_encoders(hn, None, None)
     out = []
-    for person in bench.people:
+    for person in scorer.people:
         refs = encode_references([load_image_file(person.photos[0])], face, image)
         out.append((refs.face.float().reshape(1, -1), refs.image.float().reshape(1, -1)))
     return out
 
 
-def predicted(hn, bench: Bench, photos: int = 1, **sample_kwargs) -> tuple[list[dict], float]:
+def predicted(hn, scorer: LoraScorer, photos: int = 1, **sample_kwargs) -> tuple[list[dict], float]:
     """The hypernet's LoRA per held-out identity from its first `photos` photos; mean seconds each."""
     from difflora.pipeline import features_from_images, predict_lora
     from difflora.encoders import load_image_file
 
     loras, seconds = [], []
-    for person in bench.people:
+    for person in scorer.people:
         t0 = time.perf_counter()
         features = features_from_images(hn, [load_image_file(p) for p in person.photos[:photos]])
         loras.append(predict_lora(hn, features, **sample_kwargs))
@@ -161,7 +164,8 @@ class TrainingSet:
         data = load_lora_dataset(world.loras / "train", hn.spec, embeddings=True)
         self.names, self.folder = data.names, world.loras / "train"
         with torch.no_grad():
-            self.x = torch.cat([hn.norm.normalize(c) for c in data.chunks(range(len(data.names)), 256)])  # (N, P)
+            chunks = data.chunks(range(len(data.names)), 256)
+            self.x = torch.cat([hn.weight_normalizer.normalize(c) for c in chunks])  # (N, P)
         self.face_mean = torch.stack([average_references(f) for f in data.face])                         # (N, Df)
         self.photo_face = data.face                                                                     # (n_i, Df)
         self.photo_image = data.image                                                                   # (n_i, Di)
@@ -170,7 +174,7 @@ class TrainingSet:
 def mean_lora(hn, ts: TrainingSet, n: int) -> list[dict]:
     from difflora.pipeline import lora_state_dict
 
-    flat = hn.norm.denormalize(ts.x.mean(0))
+    flat = hn.weight_normalizer.denormalize(ts.x.mean(0))
     return [lora_state_dict(hn, flat)] * n
 
 
@@ -245,7 +249,8 @@ def fit_ridge(ts: TrainingSet, seed: int = 0, val_fraction: float = 0.1) -> dict
 def ridge_loras(hn, model: dict, refs) -> list[dict]:
     from difflora.pipeline import lora_state_dict
 
-    return [lora_state_dict(hn, hn.norm.denormalize(model["predict"](model, face, image)[0])) for face, image in refs]
+    return [lora_state_dict(hn, hn.weight_normalizer.denormalize(model["predict"](model, face, image)[0]))
+            for face, image in refs]
 
 
 def ablation_hypernet(world, cfg, name: str) -> Path:
@@ -268,7 +273,7 @@ def ablation_hypernet(world, cfg, name: str) -> Path:
     return hypernet
 
 
-def validation_people(world, cfg, n: int = VALIDATION_IDENTITIES) -> list[HeldOut]:
+def validation_people(world, cfg, n: int = VALIDATION_IDENTITIES) -> list[MeasuredPerson]:
     """n identities no model trained on and the results do not score (world.VALIDATION_FIRST on), their
     photos rendered as the held-out ones' are (WORLD/study/validation/): settings are chosen on them."""
     from .render import write_identity_folders
@@ -281,7 +286,7 @@ def validation_people(world, cfg, n: int = VALIDATION_IDENTITIES) -> list[HeldOu
         if not (root / name / f"{cfg.lora_photos - 1:03d}.png").is_file():
             write_identity_folders(root, 1, cfg.lora_photos, cfg.seed, subject=TRIGGER,
                                    first_identity=VALIDATION_FIRST + i)
-        people.append(HeldOut(name, person, None, sorted((root / name).glob("*.png"))))
+        people.append(MeasuredPerson(name, person, None, sorted((root / name).glob("*.png"))))
     return people
 
 
@@ -319,7 +324,8 @@ def sampling_label(sampler: str, steps: int, guidance: float) -> str:
     return f"{'DDIM' if sampler == 'ddim' else 'DPM-Solver++'} {steps} steps, guidance {guidance:g}"
 
 
-def _link(src: Path, dst: Path) -> None:
+def _symlink_unless_there(src: Path, dst: Path) -> None:
+    """Link dst to src (a resumed run finds the links it made)."""
     if not dst.exists():
         dst.symlink_to(src.resolve(), target_is_directory=src.is_dir())
 
@@ -343,12 +349,12 @@ def weight_space_hypernet(world, cfg, space: str, n: int = WEIGHT_SPACE_IDENTITI
         for name in names:
             if (world.loras / "train" / f"{name}.safetensors").is_file():  # not one identity-loras skipped
                 for suffix in (".safetensors", EMB_SUFFIX):
-                    _link(world.loras / "train" / (name + suffix), loras / (name + suffix))
+                    _symlink_unless_there(world.loras / "train" / (name + suffix), loras / (name + suffix))
     else:
         data = root / "data" / "train"
         data.mkdir(parents=True, exist_ok=True)
         for name in names:
-            _link(world.data / "train" / name, data / name)
+            _symlink_unless_there(world.data / "train" / name, data / name)
         for split, src in (("heldout", world.data / "heldout"), ("train", data)):
             out = root / "loras" / split
             if not _loras_complete(out / "report.json"):
@@ -361,6 +367,132 @@ def weight_space_hypernet(world, cfg, space: str, n: int = WEIGHT_SPACE_IDENTITI
     return hypernet
 
 
+class StudyRows:
+    """The rows of one study, in OUT/study.json: each scored once and saved as soon as it is (a rerun
+    keeps rows already scored; delete study.json to redo them)."""
+
+    def __init__(self, path: Path, scorer: LoraScorer):
+        self.path, self.scorer = path, scorer
+        self.done = json.loads(path.read_text()) if path.is_file() else {}
+        self.rows = self.done.get("rows", {})
+
+    def score(self, key: str, group: str, label: str, make, on: LoraScorer | None = None) -> None:
+        """`make()` -> (one LoRA per person, extra columns), scored by `on` (default the held-out people)."""
+        if key in self.rows:
+            return
+        t0 = time.perf_counter()
+        loras, extra = make()
+        self.rows[key] = {"group": group, "label": label, **(on or self.scorer).score(loras), **extra,
+                          "seconds": time.perf_counter() - t0}
+        log.info("%-28s identity %.3f ± %.3f, prompt %.3f", label, self.rows[key]["identity_accuracy"],
+                 self.rows[key]["identity_accuracy_sem"], self.rows[key]["prompt_accuracy"])
+        self.save()
+
+    def save(self) -> None:
+        from .results import atomic_write_text
+
+        atomic_write_text(self.path, json.dumps({**self.done, "rows": self.rows,
+                                                 "identities": [p.name for p in self.scorer.people]}, indent=1))
+
+
+def _timed_prediction(hn, scorer: LoraScorer, **kwargs):
+    """predicted() as a row's make(): the LoRAs, and the seconds per prediction as a column."""
+    loras, seconds = predicted(hn, scorer, **kwargs)
+    return loras, {"predict_seconds": seconds}
+
+
+def _main_rows(study: StudyRows, scorer: LoraScorer, hn) -> None:
+    from safetensors.torch import load_file
+
+    from .results import reconstruct
+
+    n = len(scorer.people)
+    study.score("base", "main", "base model", lambda: ([None] * n, {}))
+    study.score("trained", "main", "trained identity LoRA", lambda: ([load_file(p.lora) for p in scorer.people], {}))
+    study.score("reconstructed", "main", "LAE reconstruction",
+                lambda: ([reconstruct(hn, p.lora) for p in scorer.people], {}))
+    study.score("predicted", "main", "DiffLoRA (1 photo, DDIM 25, guidance 3)",
+                lambda: _timed_prediction(hn, scorer, **REFERENCE))
+
+
+def _baseline_rows(study: StudyRows, scorer: LoraScorer, hn) -> None:
+    ts, refs = TrainingSet(scorer.world, hn), first_photo_embeddings(hn, scorer)
+    study.score("mean-lora", "baselines", "mean training LoRA", lambda: (mean_lora(hn, ts, len(scorer.people)), {}))
+    study.score("nearest", "baselines", "nearest training identity (face embedding)",
+                lambda: (nearest_identity(ts, refs), {}))
+
+    def ridge():
+        model = fit_ridge(ts, scorer.cfg.seed)
+        return ridge_loras(hn, model, refs), {"ridge": model["choice"]}
+    study.score("ridge", "baselines", "ridge regression to the top principal components", ridge)
+
+
+def _sampling_rows(study: StudyRows, scorer: LoraScorer, hn) -> None:
+    for sampler, steps, guidance in SAMPLING:
+        study.score(sampling_key(sampler, steps, guidance), "sampling", sampling_label(sampler, steps, guidance),
+                    lambda s=sampler, k=steps, g=guidance: _timed_prediction(hn, scorer, sampler=s, steps=k,
+                                                                             guidance=g))
+
+
+def _photo_rows(study: StudyRows, scorer: LoraScorer, hn) -> None:
+    for k in PHOTOS:
+        study.score(f"photos-{k}", "photos", f"{k} reference photo{'s' if k > 1 else ''}",
+                    lambda k=k: _timed_prediction(hn, scorer, photos=k, **REFERENCE))
+
+
+def _ablation_rows(study: StudyRows, scorer: LoraScorer, ablations) -> None:
+    from difflora.hypernet_file import load_hypernet
+
+    from .results import reconstruct
+
+    for name in ablations:
+        lae_overrides = ABLATIONS[name][0]
+        h = load_hypernet(ablation_hypernet(scorer.world, scorer.cfg, name))
+        study.score(f"ablation-{name}", "ablations", f"{name}: DiffLoRA (1 photo)",
+                    lambda h=h: _timed_prediction(h, scorer, **REFERENCE))
+        if lae_overrides is not None:
+            study.score(f"ablation-{name}-recon", "ablations", f"{name}: LAE reconstruction",
+                        lambda h=h: ([reconstruct(h, p.lora) for p in scorer.people], {}))
+
+
+def _validation_rows(study: StudyRows, scorer: LoraScorer, hn, identities: int | None) -> None:
+    """The sampler grid on the validation identities, the setting chosen there, and that setting
+    scored on the held-out identities."""
+    grid = list(VALIDATION_SAMPLING)
+    k = VALIDATION_IDENTITIES if identities is None else min(identities, VALIDATION_IDENTITIES)
+    val = scorer.on(validation_people(scorer.world, scorer.cfg, k))
+    study.score("val-base", "validation", "validation identities: base model",
+                lambda: ([None] * len(val.people), {}), on=val)
+    for setting in grid:
+        study.score(validation_key(*setting), "validation", f"validation identities: {sampling_label(*setting)}",
+                    lambda s=setting: _timed_prediction(hn, val, sampler=s[0], steps=s[1], guidance=s[2]), on=val)
+    study.done["validation_choice"] = choice = choose_sampling(study.rows, grid)
+    study.save()
+    log.info("chosen on the validation identities: %s", choice)
+    sampler, steps, guidance = choice["sampler"], choice["steps"], choice["guidance"]
+    study.score(sampling_key(sampler, steps, guidance), "sampling", sampling_label(sampler, steps, guidance),
+                lambda: _timed_prediction(hn, scorer, sampler=sampler, steps=steps, guidance=guidance))
+
+
+def _weight_space_rows(study: StudyRows, scorer: LoraScorer) -> None:
+    from difflora.hypernet_file import load_hypernet
+    from safetensors.torch import load_file
+
+    from .results import reconstruct
+
+    for space in WEIGHT_SPACES:
+        h = load_hypernet(weight_space_hypernet(scorer.world, scorer.cfg, space))
+        own = [scorer.world.root / "study" / f"ws-{space}" / "loras" / "heldout" / p.lora.name
+               for p in scorer.people] if space != "free" else [p.lora for p in scorer.people]
+        if space != "free":
+            study.score(f"ws-{space}-trained", "weight space", f"{space} weight space: trained identity LoRA",
+                        lambda own=own: ([load_file(f) for f in own], {}))
+        study.score(f"ws-{space}-recon", "weight space", f"{space} weight space: LAE reconstruction",
+                    lambda h=h, own=own: ([reconstruct(h, f) for f in own], {}))
+        study.score(f"ws-{space}-predicted", "weight space", f"{space} weight space: DiffLoRA (1 photo)",
+                    lambda h=h: _timed_prediction(h, scorer, **REFERENCE))
+
+
 def run_study(world_root, parts=PARTS, identities: int | None = None, device: str = "cpu",
               out: str | os.PathLike | None = None, ablations=tuple(ABLATIONS),
               hypernet: str | os.PathLike | None = None) -> Path:
@@ -368,100 +500,30 @@ def run_study(world_root, parts=PARTS, identities: int | None = None, device: st
     `hypernet`: the one the main, baseline, sampling, photo and validation rows measure (default the
     world's), e.g. an ablation's WORLD/study/<name>/hypernet.safetensors."""
     from difflora.hypernet_file import load_hypernet
-    from safetensors.torch import load_file
-    from .results import atomic_write_text, reconstruct
 
-    bench = Bench(world_root, identities, device)
-    out = Path(out or bench.world.root / "study")
+    from .results import atomic_write_text
+
+    scorer = LoraScorer(world_root, identities, device)
+    out = Path(out or scorer.world.root / "study")
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "study.json"
-    done = json.loads(path.read_text()) if path.is_file() else {}
-    rows = done.get("rows", {})
-    hn = load_hypernet(hypernet or bench.world.hypernet)
-    done["hypernet"] = str(hypernet or bench.world.hypernet)
+    study = StudyRows(out / "study.json", scorer)
+    hn = load_hypernet(hypernet or scorer.world.hypernet)
+    study.done["hypernet"] = str(hypernet or scorer.world.hypernet)
 
-    def row(key: str, group: str, label: str, make, on: Bench = bench):
-        """Score a row once; a rerun keeps rows already scored (delete study.json to redo them)."""
-        if key in rows:
-            return
-        t0 = time.perf_counter()
-        loras, extra = make()
-        rows[key] = {"group": group, "label": label, **on.score(loras), **extra,
-                     "seconds": time.perf_counter() - t0}
-        log.info("%-28s identity %.3f ± %.3f, prompt %.3f", label, rows[key]["identity_accuracy"],
-                 rows[key]["identity_accuracy_sem"], rows[key]["prompt_accuracy"])
-        save()
-
-    def save():
-        atomic_write_text(path, json.dumps({**done, "rows": rows, "identities": [p.name for p in bench.people]},
-                                           indent=1))
-
-    n = len(bench.people)
-    row("base", "main", "base model", lambda: ([None] * n, {}))
-    row("trained", "main", "trained identity LoRA", lambda: ([load_file(p.lora) for p in bench.people], {}))
-    row("reconstructed", "main", "LAE reconstruction", lambda: ([reconstruct(hn, p.lora) for p in bench.people], {}))
-
-    def pred(h, on: Bench = bench, **kw):
-        loras, seconds = predicted(h, on, **kw)
-        return loras, {"predict_seconds": seconds}
-
-    row("predicted", "main", "DiffLoRA (1 photo, DDIM 25, guidance 3)",
-        lambda: pred(hn, **REFERENCE))
+    _main_rows(study, scorer, hn)
     if "baselines" in parts:
-        ts, refs = TrainingSet(bench.world, hn), first_photo_embeddings(hn, bench)
-        row("mean-lora", "baselines", "mean training LoRA", lambda: (mean_lora(hn, ts, n), {}))
-        row("nearest", "baselines", "nearest training identity (face embedding)",
-            lambda: (nearest_identity(ts, refs), {}))
-
-        def ridge():
-            model = fit_ridge(ts, bench.cfg.seed)
-            return ridge_loras(hn, model, refs), {"ridge": model["choice"]}
-        row("ridge", "baselines", "ridge regression to the top principal components", ridge)
+        _baseline_rows(study, scorer, hn)
     if "sampling" in parts:
-        for sampler, steps, guidance in SAMPLING:
-            row(sampling_key(sampler, steps, guidance), "sampling", sampling_label(sampler, steps, guidance),
-                lambda s=sampler, k=steps, g=guidance: pred(hn, sampler=s, steps=k, guidance=g))
+        _sampling_rows(study, scorer, hn)
     if "photos" in parts:
-        for k in PHOTOS:
-            row(f"photos-{k}", "photos", f"{k} reference photo{'s' if k > 1 else ''}",
-                lambda k=k: pred(hn, photos=k, **REFERENCE))
+        _photo_rows(study, scorer, hn)
     if "ablations" in parts:
-        for name in ablations:
-            lae_overrides = ABLATIONS[name][0]
-            h = load_hypernet(ablation_hypernet(bench.world, bench.cfg, name))
-            row(f"ablation-{name}", "ablations", f"{name}: DiffLoRA (1 photo)",
-                lambda h=h: pred(h, **REFERENCE))
-            if lae_overrides is not None:
-                row(f"ablation-{name}-recon", "ablations", f"{name}: LAE reconstruction",
-                    lambda h=h: ([reconstruct(h, p.lora) for p in bench.people], {}))
+        _ablation_rows(study, scorer, ablations)
     if "validation" in parts:
-        grid = list(VALIDATION_SAMPLING)
-        k = VALIDATION_IDENTITIES if identities is None else min(identities, VALIDATION_IDENTITIES)
-        val = bench.on(validation_people(bench.world, bench.cfg, k))
-        row("val-base", "validation", "validation identities: base model", lambda: ([None] * len(val.people), {}),
-            on=val)
-        for setting in grid:
-            row(validation_key(*setting), "validation", f"validation identities: {sampling_label(*setting)}",
-                lambda s=setting: pred(hn, on=val, sampler=s[0], steps=s[1], guidance=s[2]), on=val)
-        done["validation_choice"] = choice = choose_sampling(rows, grid)
-        save()
-        log.info("chosen on the validation identities: %s", choice)
-        sampler, steps, guidance = choice["sampler"], choice["steps"], choice["guidance"]
-        row(sampling_key(sampler, steps, guidance), "sampling", sampling_label(sampler, steps, guidance),
-            lambda: pred(hn, sampler=sampler, steps=steps, guidance=guidance))
+        _validation_rows(study, scorer, hn, identities)
     if "weight-space" in parts:
-        for space in WEIGHT_SPACES:
-            h = load_hypernet(weight_space_hypernet(bench.world, bench.cfg, space))
-            own = [bench.world.root / "study" / f"ws-{space}" / "loras" / "heldout" / p.lora.name
-                   for p in bench.people] if space != "free" else [p.lora for p in bench.people]
-            if space != "free":
-                row(f"ws-{space}-trained", "weight space", f"{space} weight space: trained identity LoRA",
-                    lambda own=own: ([load_file(f) for f in own], {}))
-            row(f"ws-{space}-recon", "weight space", f"{space} weight space: LAE reconstruction",
-                lambda h=h, own=own: ([reconstruct(h, f) for f in own], {}))
-            row(f"ws-{space}-predicted", "weight space", f"{space} weight space: DiffLoRA (1 photo)",
-                lambda h=h: pred(h, **REFERENCE))
-    atomic_write_text(out / "study.md", markdown(rows, len(bench.people), done.get("validation_choice")))
+        _weight_space_rows(study, scorer)
+    atomic_write_text(out / "study.md", markdown(study.rows, len(scorer.people), study.done.get("validation_choice")))
     print((out / "study.md").read_text())
     return out
 

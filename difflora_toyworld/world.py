@@ -59,10 +59,8 @@ class WorldConfig(ConfigDict):
     unet_lr: float = 1e-3
     train_identities: int = 3000       # identity LoRAs the hypernet learns from
     heldout_identities: int = 32       # identity LoRAs for the comparison only
-    # 12 photos: two LoRAs of one person from disjoint photo sets agree more (dW cosine ~0.42 vs ~0.35
-    # with 6; other people ~0.06). 80 steps x 4 at 2e-3: 3.1-3.5 s an identity a process (benchmark,
-    # batched 8-32 at a time; 120 x 8 takes 5.5 s); the 3,000 trained in 1 h 52 min on 2 cores under 2
-    # processes. On 6 held-out people it reached identity accuracy 0.44 against 0.49 for 120 x 8 (base 0.28).
+    # 12 photos so LoRAs of one person agree across photo sets; 80 x 4 so 3,000 identities train in one
+    # sitting at a small cost in identity (figures: docs/TOYWORLD.md, "The identity-LoRA recipe").
     lora_photos: int = 12
     lora_steps: int = 80
     lora_batch: int = 4
@@ -120,27 +118,52 @@ def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.P
                 processes: int = 1) -> World:
     """Run every unfinished stage; returns the world's paths. `processes` > 1 trains the identity
     LoRAs under `accelerate launch` with that many CPU processes (identities are independent)."""
-    from .attributes import pool_from_dataset, save_classifier, train_attribute_classifier
-    from .identity_encoder import load_encoder, save_encoder, train_encoder
+    from .identity_encoder import load_encoder
     from .render import make_dataset
-    from .train_base import (ProgressPrinter, encode_captions, encode_latents, reconstruct, train_unet,
-                             train_vae)
 
     world = World(root)
     _check_config(world, cfg)
     t0 = time.monotonic()
     torch.manual_seed(cfg.seed)
-    photos = None
+    base_photos = _made_once(lambda: make_dataset(cfg.base_identities, cfg.photos_per_identity, cfg.seed))
 
-    def base_photos():  # the base pool, rendered once: VAE, classifier, encoders and UNet all use it
-        nonlocal photos
-        if photos is None:
-            photos = make_dataset(cfg.base_identities, cfg.photos_per_identity, cfg.seed)
-        return photos
+    if not (world.base / "model_index.json").is_file():
+        toy_sdxl.init_pipeline_folder(world.base, tokenizer, cfg.seed)
+    _vae_stage(world, cfg, base_photos, t0)
+    _classifier_and_encoder_stages(world, cfg, base_photos, t0)
+    _unet_and_checkpoint_stages(world, cfg, base_photos, t0)
+    _data_stage(world, cfg, t0)
 
-    base, vae_done, unet_done = world.base, world.base / "vae", world.base / "unet" / "trained"
-    if not (base / "model_index.json").is_file():
-        toy_sdxl.init_pipeline_folder(base, tokenizer, cfg.seed)
+    face, image = load_encoder(world.face), load_encoder(world.image)
+    for split in ("heldout", "train"):  # the held-out ones first: the few the measurement needs
+        report = world.loras / split / "report.json"
+        if _stage(f"identity-loras {split}", _loras_complete(report), t0):
+            run_identity_loras(world, split, cfg, face, image, processes)
+
+    if _stage("lae", (world.lae / "lae_final.safetensors").is_file(), t0):
+        run_lae(world, cfg)
+    if _stage("dit", world.hypernet.is_file(), t0):
+        run_dit(world, cfg, face, image)
+    print(f"[world {time.monotonic() - t0:7.1f} s] complete: {world.root}", flush=True)
+    return world
+
+
+def _made_once(make):
+    """make() on the first call, the same object after: the base pool is rendered once, and only
+    if a stage needs it (VAE, classifier, encoders and UNet all use it)."""
+    made = []
+
+    def get():
+        if not made:
+            made.append(make())
+        return made[0]
+    return get
+
+
+def _vae_stage(world: World, cfg: WorldConfig, base_photos, t0: float) -> None:
+    from .train_base import ProgressPrinter, train_vae
+
+    vae_done = world.base / "vae"
     if _stage("vae", (vae_done / "trained").is_file(), t0):
         from diffusers import AutoencoderKL
 
@@ -153,20 +176,32 @@ def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.P
             (tmp / "trained").write_text("1")
         toy_sdxl.write_dir_atomic(save_vae, vae_done)
 
+
+def _classifier_and_encoder_stages(world: World, cfg: WorldConfig, base_photos, t0: float) -> None:
+    from .attributes import pool_from_dataset, save_classifier, train_attribute_classifier
+    from .identity_encoder import save_encoder, train_encoder
+    from .train_base import reconstruct
+
     if _stage("classifier", world.classifier.is_file(), t0):
         # Every image it will score comes out of the VAE's decoder, so it learns from the renders and
         # from their VAE reconstructions, labelled alike (a reader of decoded pictures, not a new task).
         from diffusers import AutoencoderKL
 
         ds = base_photos()
-        decoded = reconstruct(AutoencoderKL.from_pretrained(vae_done, local_files_only=True), ds.images, cfg.device)
+        vae = AutoencoderKL.from_pretrained(world.base / "vae", local_files_only=True)
+        decoded = reconstruct(vae, ds.images, cfg.device)
         pool = pool_from_dataset(ds, ds.images, decoded)
         save_classifier(train_attribute_classifier(cfg.classifier_steps, cfg.seed, pool=pool), world.classifier)
     for kind, path in (("toy-face", world.face), ("toy-image", world.image)):
         if _stage(f"encoder {kind}", path.is_file(), t0):
             save_encoder(train_encoder(kind, cfg.encoder_steps, cfg.seed, pool=pool_from_dataset(base_photos())), path)
 
-    if _stage("unet", unet_done.is_file(), t0):
+
+def _unet_and_checkpoint_stages(world: World, cfg: WorldConfig, base_photos, t0: float) -> None:
+    from .train_base import ProgressPrinter, encode_captions, encode_latents, train_unet
+
+    base = world.base
+    if _stage("unet", (base / "unet" / "trained").is_file(), t0):
         pipe = toy_sdxl.load_pipeline(base)
         mean, std = encode_latents(pipe.vae, base_photos().images, cfg.device)
         captions = pretraining_captions(base_photos(), cfg.seed)
@@ -183,6 +218,8 @@ def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.P
     if _stage("checkpoint", world.checkpoint.is_file(), t0):
         toy_sdxl.export_checkpoint(base, world.checkpoint, {"difflora_toyworld": json.dumps(cfg.to_dict())})
 
+
+def _data_stage(world: World, cfg: WorldConfig, t0: float) -> None:
     from .render import write_identity_folders
 
     data_done = world.data / "complete"
@@ -192,19 +229,6 @@ def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.P
             write_identity_folders(world.data / split, n, cfg.lora_photos, cfg.seed, subject=TRIGGER,
                                    first_identity=first)
         data_done.write_text("1")
-
-    face, image = load_encoder(world.face), load_encoder(world.image)
-    for split in ("heldout", "train"):  # the held-out ones first: the few the measurement needs
-        report = world.loras / split / "report.json"
-        if _stage(f"identity-loras {split}", _loras_complete(report), t0):
-            run_identity_loras(world, split, cfg, face, image, processes)
-
-    if _stage("lae", (world.lae / "lae_final.safetensors").is_file(), t0):
-        run_lae(world, cfg)
-    if _stage("dit", world.hypernet.is_file(), t0):
-        run_dit(world, cfg, face, image)
-    print(f"[world {time.monotonic() - t0:7.1f} s] complete: {world.root}", flush=True)
-    return world
 
 
 # The fields that decide the base stages (vae, classifier, encoders, unet): two configs that agree

@@ -11,8 +11,8 @@ from comfy_api.v0_0_2 import io
 
 from ..difflora.encoders import AutoFaceEncoder, load_face_encoder
 from ..difflora.hypernet_file import load_hypernet
+from ..difflora.validation import DTYPES, parse_dtype
 from .model_files import MissingFile, missing_files_message
-from ..difflora.user_inputs import DTYPES, parse_dtype
 from .folders import (HYPERNET_FOLDER, INSIGHTFACE_FOLDER, insightface_pack_installed, insightface_root,
                       missing_model_message)
 from .types import CATEGORY, FaceAnalysis, Hypernet

@@ -11,7 +11,8 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..difflora.errors import LoraSpecMismatch
 from ..difflora.lora_file import save_lora_numbered
-from ..difflora.user_inputs import require_finite
+from ..difflora.predicted_lora import metadata_of
+from ..difflora.validation import require_finite
 from .types import CATEGORY, LoraModel
 
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
@@ -95,7 +96,7 @@ class SavePredictedLora(io.ComfyNode):
         folder = folder_paths.get_folder_paths("loras")[0]
         metadata = {"created_by": "ComfyUI DiffLoRA", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0",
-                    **getattr(lora, "metadata", {})}
+                    **metadata_of(lora)}
         path = save_lora_numbered(lora, folder, filename_prefix, metadata)
         name = str(path.relative_to(folder))
         # Shown on the node by web/difflora.js (the stock frontend shows ui text only on Preview Any).

@@ -8,9 +8,8 @@ import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from ..difflora import pipeline
-from ..difflora.diffusion import SAMPLERS
+from ..difflora.diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from ..difflora.encoders import ImageEncoder
-from ..difflora.user_inputs import require_finite
 from .types import CATEGORY, FaceAnalysis, Hypernet, LoraLatent, LoraModel, MixedFeatures
 
 
@@ -87,16 +86,16 @@ class SampleLoraLatent(io.ComfyNode):
                 MixedFeatures.Input("features", tooltip="From Encode Mixed Features."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the LoRA sampler; the same seed gives the same LoRA."),
-                io.Int.Input("steps", default=pipeline.DEFAULT_STEPS, min=1, max=1000,
+                io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=1000,
                              tooltip="Sampler steps. The default (DPM-Solver++ 5, guidance 2) was chosen in the toy "
                                      "world: it predicts as well as DDIM 25 at a fifth of the cost "
                                      "(docs/TOYWORLD.md)."),
-                io.Float.Input("guidance", default=pipeline.DEFAULT_GUIDANCE, min=0.0, max=30.0, step=0.1,
+                io.Float.Input("guidance", default=DEFAULT_GUIDANCE, min=0.0, max=30.0, step=0.1,
                                tooltip="Classifier-free guidance on identity; 1.0 turns it off (and halves the cost)."),
                 io.Float.Input("eta", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="DDIM eta: 0 is deterministic, 1 adds DDPM-like noise (DPM-Solver++ "
                                        "ignores it)."),
-                io.Combo.Input("sampler", options=list(SAMPLERS), default=pipeline.DEFAULT_SAMPLER, optional=True,
+                io.Combo.Input("sampler", options=list(SAMPLERS), default=DEFAULT_SAMPLER, optional=True,
                                tooltip="ddim, or dpm++ (diffusers' second-order DPM-Solver++: as good in fewer "
                                        "steps)."),
             ],
@@ -106,9 +105,8 @@ class SampleLoraLatent(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, hypernet, features, seed=0, steps=pipeline.DEFAULT_STEPS, guidance=pipeline.DEFAULT_GUIDANCE,
-                eta=0.0, sampler=pipeline.DEFAULT_SAMPLER) -> io.NodeOutput:
-        require_finite(guidance=guidance, eta=eta)
+    def execute(cls, hypernet, features, seed=0, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE,
+                eta=0.0, sampler=DEFAULT_SAMPLER) -> io.NodeOutput:
         bar = comfy.utils.ProgressBar(steps)
 
         def on_step(step: int, total: int) -> None:
@@ -118,12 +116,6 @@ class SampleLoraLatent(io.ComfyNode):
         latent = pipeline.sample_lora_latent(hypernet, features, steps=steps, guidance=guidance, eta=eta,
                                              seed=seed, callback=on_step, sampler=sampler)
         return io.NodeOutput(latent)
-
-
-class PredictedLora(dict):
-    """A kohya-keyed state dict (core's LORA_MODEL) that remembers how it was made."""
-
-    metadata: dict
 
 
 class DecodeLora(io.ComfyNode):
@@ -145,7 +137,5 @@ class DecodeLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, hypernet, lora_latent) -> io.NodeOutput:
-        flat = pipeline.decode_lora(hypernet, lora_latent)
-        lora = PredictedLora(pipeline.lora_state_dict(hypernet, flat))
-        lora.metadata = pipeline.lora_metadata(hypernet, lora_latent)
-        return io.NodeOutput(lora)
+        # A plain state dict, as core's LORA_MODEL nodes take; its weights remember the metadata.
+        return io.NodeOutput(pipeline.decode_predicted_lora(hypernet, lora_latent).state_dict)

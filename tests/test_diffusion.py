@@ -1,4 +1,5 @@
-"""Diffusion training loss, DDIM sampling with CFG, EMA (docs/METHOD.md section 4)."""
+"""Diffusion training loss, sampling with CFG (DDIM, DPM-Solver++), the sampler defaults, EMA
+(docs/METHOD.md section 4)."""
 
 from types import SimpleNamespace
 
@@ -6,10 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from difflora.diffusion import diffusion_loss, make_ema, make_sample_scheduler, make_train_scheduler, sample_latent
+from difflora.diffusion import (DEFAULT_GUIDANCE, DEFAULT_STEPS, diffusion_loss, make_ema, make_sample_scheduler,
+                                make_sampler, make_train_scheduler, sample_latent)
 from difflora.dit import DIT_CONFIGS, LoraDiT
 
 T, C, D = 8, 4, 16
+
+
+def ddim_sample(*args, **kwargs):
+    """sample_latent with DDIM at guidance 3 unless told: the setting these tests were measured at."""
+    return sample_latent(*args, **{"scheduler": make_sampler("ddim"), "guidance": 3.0, **kwargs})
 
 
 class FixedX0(nn.Module):
@@ -83,7 +90,7 @@ def test_training_loss_decreases(trained):
 
 
 def test_trained_dit_sample_recovers_x0(trained):
-    out = sample_latent(trained.dit, trained.cond, trained.null, steps=25, guidance=3.0, seed=0)
+    out = ddim_sample(trained.dit, trained.cond, trained.null, steps=25, guidance=3.0, seed=0)
     rel = ((out - trained.x0) ** 2).mean() / (trained.x0 ** 2).mean()
     print(f"tiny DiT sample relative error {rel:.4f}")
     assert out.shape == (1, T, C) and out.dtype == torch.float32
@@ -93,7 +100,7 @@ def test_trained_dit_sample_recovers_x0(trained):
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_returns_the_model_x0_exactly(eta):
     target = torch.randn(T, C)
-    out = sample_latent(FixedX0(target), torch.randn(2, D), torch.zeros(D), steps=10, eta=eta, seed=3)
+    out = ddim_sample(FixedX0(target), torch.randn(2, D), torch.zeros(D), steps=10, eta=eta, seed=3)
     torch.testing.assert_close(out, target.expand(2, -1, -1), atol=1e-5, rtol=1e-5)
 
 
@@ -101,18 +108,18 @@ def test_classifier_free_guidance_in_one_batched_call():
     target = torch.randn(T, C)
     model = FixedX0(target, cond_scale=1.0)
     cond, null = torch.randn(3, D), torch.randn(D)
-    out = sample_latent(model, cond, null, steps=5, guidance=4.0)
+    out = ddim_sample(model, cond, null, steps=5, guidance=4.0)
     assert model.batches == [6] * 5  # conditional and null rows together, once per step
     x_c, x_u = target + cond.mean(-1)[:, None, None], target + null.mean()
     torch.testing.assert_close(out, x_u + 4.0 * (x_c - x_u), atol=1e-4, rtol=1e-4)
     model.batches.clear()
-    torch.testing.assert_close(sample_latent(model, cond, null, steps=5, guidance=1.0), x_c, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ddim_sample(model, cond, null, steps=5, guidance=1.0), x_c, atol=1e-4, rtol=1e-4)
     assert model.batches == [3] * 5  # guidance 1 skips the null rows
 
 
 def test_sampling_seeds_callback_and_interrupt(trained):
     args = (trained.dit, trained.cond, trained.null)
-    a, b = sample_latent(*args, steps=6, seed=11), sample_latent(*args, steps=6, seed=11)
+    a, b = ddim_sample(*args, steps=6, seed=11), ddim_sample(*args, steps=6, seed=11)
     assert torch.equal(a, b)
     # Different seeds: different initial noise and (for an untrained, condition-driven DiT) samples.
     torch.manual_seed(1)
@@ -120,10 +127,10 @@ def test_sampling_seeds_callback_and_interrupt(trained):
     with torch.no_grad():
         for p in fresh.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    s1, s2 = (sample_latent(fresh, trained.cond, trained.null, steps=6, seed=s) for s in (1, 2))
+    s1, s2 = (ddim_sample(fresh, trained.cond, trained.null, steps=6, seed=s) for s in (1, 2))
     assert not torch.allclose(s1, s2)
     calls = []
-    sample_latent(*args, steps=7, callback=lambda i, n: calls.append((i, n)))
+    ddim_sample(*args, steps=7, callback=lambda i, n: calls.append((i, n)))
     assert calls == [(i, 7) for i in range(7)]
 
     class Interrupted(Exception):
@@ -136,16 +143,16 @@ def test_sampling_seeds_callback_and_interrupt(trained):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        sample_latent(model, torch.randn(1, D), torch.zeros(D), steps=10, guidance=1.0, callback=stop)
+        ddim_sample(model, torch.randn(1, D), torch.zeros(D), steps=10, guidance=1.0, callback=stop)
     assert len(model.batches) == 3  # no model call after the interrupt
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_model_sampling(trained, dtype):
-    ref = sample_latent(trained.dit, trained.cond, trained.null, steps=10, seed=5)
+    ref = ddim_sample(trained.dit, trained.cond, trained.null, steps=10, seed=5)
     dit = LoraDiT(trained.dit.cfg)
     dit.load_state_dict(trained.dit.state_dict())
-    out = sample_latent(dit.to(dtype), trained.cond, trained.null, steps=10, seed=5)
+    out = ddim_sample(dit.to(dtype), trained.cond, trained.null, steps=10, seed=5)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert ((out - ref) ** 2).mean() / (ref ** 2).mean() < 0.05
 
@@ -174,8 +181,6 @@ def test_ema_tracks_the_model():
 
 @pytest.mark.parametrize("steps", [3, 10])
 def test_dpm_solver_returns_the_model_x0_exactly(steps):
-    from difflora.diffusion import make_sampler
-
     target = torch.randn(T, C)
     model = FixedX0(target)
     out = sample_latent(model, torch.randn(2, D), torch.zeros(D), steps=steps, seed=3,
@@ -186,16 +191,25 @@ def test_dpm_solver_returns_the_model_x0_exactly(steps):
 
 def test_dpm_solver_agrees_with_ddim_on_a_trained_dit(trained):
     """Two solvers of one probability-flow ODE: at 25 steps both land near the 100-step DDIM answer."""
-    from difflora.diffusion import make_sampler
-
-    ref = sample_latent(trained.dit, trained.cond, trained.null, steps=100, seed=0)
+    ref = ddim_sample(trained.dit, trained.cond, trained.null, steps=100, seed=0)
     for name in ("ddim", "dpm++"):
-        out = sample_latent(trained.dit, trained.cond, trained.null, steps=25, seed=0, scheduler=make_sampler(name))
+        out = sample_latent(trained.dit, trained.cond, trained.null, steps=25, guidance=3.0, seed=0,
+                            scheduler=make_sampler(name))
         assert float((out - ref).norm() / ref.norm()) < 0.05, name
 
 
 def test_unknown_sampler_is_named():
-    from difflora.diffusion import make_sampler
-
     with pytest.raises(ValueError, match="ddim, dpm\\+\\+"):
         make_sampler("euler")
+
+
+def test_sample_latent_defaults_are_the_packs_sampler_defaults(trained):
+    """One set of sampler defaults: sample_latent's are diffusion.DEFAULT_* (the pipeline's and the node's)."""
+    from difflora import diffusion, pipeline
+
+    args = (trained.dit, trained.cond, trained.null)
+    explicit = sample_latent(*args, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, seed=4,
+                             scheduler=make_sampler(diffusion.DEFAULT_SAMPLER))
+    assert torch.equal(sample_latent(*args, seed=4), explicit)
+    assert (pipeline.DEFAULT_SAMPLER, pipeline.DEFAULT_STEPS, pipeline.DEFAULT_GUIDANCE) == (
+        diffusion.DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE)

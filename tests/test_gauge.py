@@ -93,4 +93,4 @@ def test_lae_final_and_hypernet_file_carry_the_gauge(tmp_path):
     hn = Hypernet(SPEC, lae.cfg, DIT_CONFIGS["tiny"](tokens, channels, 16), MIFConfig(8, 12, 16),
                   EncoderSpec("dlib", 8, "clip", 12), normalizer=norm)
     loaded = load_hypernet(save_hypernet(hn, tmp_path / "hn.safetensors"))
-    torch.testing.assert_close(loaded.norm.normalize(x), norm.normalize(x))
+    torch.testing.assert_close(loaded.weight_normalizer.normalize(x), norm.normalize(x))

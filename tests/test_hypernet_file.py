@@ -20,8 +20,8 @@ from tests.support.tiny_models import tiny_hypernet
 def saved(tmp_path):
     hn = tiny_hypernet()
     # Non-trivial normalization so the round trip covers the statistics too.
-    hn.norm.mean.normal_()
-    hn.norm.std.uniform_(0.5, 2.0)
+    hn.weight_normalizer.mean.normal_()
+    hn.weight_normalizer.std.uniform_(0.5, 2.0)
     path = save_hypernet(hn, tmp_path / "hn.safetensors", extra_metadata={"trained_steps": "12"})
     return hn, path
 
@@ -55,7 +55,7 @@ def test_dtype_keeps_statistics_float32(saved):
     _, path = saved
     loaded = load_hypernet(path, dtype=torch.bfloat16)
     assert next(loaded.dit.parameters()).dtype == torch.bfloat16
-    assert loaded.norm.mean.dtype == torch.float32
+    assert loaded.weight_normalizer.mean.dtype == torch.float32
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(saved, tmp_path):
@@ -163,3 +163,20 @@ def test_saving_twice_gives_identical_bytes(saved, tmp_path):
     for i in range(3):
         again = save_hypernet(hn, tmp_path / f"again{i}.safetensors", extra_metadata={"trained_steps": "12"})
         assert again.read_bytes() == path.read_bytes()
+
+
+def test_weight_normalizer_is_stored_under_the_files_norm_prefix(tmp_path):
+    """The attribute says what it is (hn.weight_normalizer); the file keeps its `norm.` tensors, so
+    files written before the rename load, and files written now read the same everywhere."""
+    from difflora.hypernet import NORMALIZER_FILE_PREFIX
+
+    hn = tiny_hypernet()
+    hn.weight_normalizer.std.uniform_(0.5, 2.0)
+    keys = list(hn.state_dict())
+    assert NORMALIZER_FILE_PREFIX == "norm." and {"norm.mean", "norm.std"} <= set(keys)
+    assert not any(k.startswith("weight_normalizer.") for k in keys) and keys[:2] == ["norm.mean", "norm.std"]
+    path = save_hypernet(hn, tmp_path / "h.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert {"norm.mean", "norm.std"} <= set(f.keys())
+    loaded = load_hypernet(path)
+    torch.testing.assert_close(loaded.weight_normalizer.std, hn.weight_normalizer.std)

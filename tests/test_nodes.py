@@ -58,6 +58,13 @@ def predict(pack, images, seed=0, **encode_kwargs):
         return n["DiffLoRADecodeLora"].execute(pack.hypernet, latent).args[0]
 
 
+def pack_metadata_of(pack, lora) -> dict:
+    """predicted_lora.metadata_of as the pack imported it (its own copy of the core)."""
+    import sys
+
+    return sys.modules[pack.n["DiffLoRASaveLora"].__module__].metadata_of(lora)
+
+
 def sample(pack, model, seed=3) -> torch.Tensor:
     nodes = pack.c.nodes
     with torch.inference_mode():
@@ -105,8 +112,9 @@ def test_full_chain_gives_a_kohya_lora_for_every_sdxl_layer(pack):
     lora = predict(pack, photo("Tom_Hanks_54745.png"))
     assert len(lora) == 3 * 560
     assert all(torch.isfinite(v).all() for v in lora.values())
-    assert lora.metadata["difflora_hypernet"] == "tiny_difflora.safetensors"
-    assert lora.metadata["difflora_seed"] == "0"
+    assert type(lora) is dict  # core's LORA_MODEL: a plain state dict
+    metadata = pack_metadata_of(pack, lora)
+    assert metadata["difflora_hypernet"] == "tiny_difflora.safetensors" and metadata["difflora_seed"] == "0"
     # Same seed, same LoRA; another photo, another LoRA.
     again = predict(pack, photo("Tom_Hanks_54745.png"))
     key = next(iter(lora))
@@ -171,8 +179,9 @@ def test_sampler_input_is_optional_and_picks_the_core_sampler(pack):
 
     node = pack.n["DiffLoRASampleLoraLatent"]
     pipeline = sys.modules[node.__module__].pipeline  # the pack's own core, as the node imported it
+    default_sampler = sys.modules[node.__module__].DEFAULT_SAMPLER
     spec = node.GET_NODE_INFO_V1()["input"]["optional"]["sampler"]
-    assert spec[1]["default"] == pipeline.DEFAULT_SAMPLER and set(spec[1]["options"]) == {"ddim", "dpm++"}
+    assert spec[1]["default"] == default_sampler and set(spec[1]["options"]) == {"ddim", "dpm++"}
     with torch.inference_mode():
         feats = pack.n["DiffLoRAEncodeMixedFeatures"].execute(
             pack.hypernet, photo("Tom_Hanks_54745.png"), pack.clip_vision, pack.face).args[0]
@@ -180,7 +189,7 @@ def test_sampler_input_is_optional_and_picks_the_core_sampler(pack):
         ddim = node.execute(pack.hypernet, feats, seed=0, steps=5, sampler="ddim").args[0]
         dpm = node.execute(pack.hypernet, feats, seed=0, steps=5, sampler="dpm++").args[0]
         core = pipeline.sample_lora_latent(pack.hypernet, feats, seed=0, steps=5, sampler="dpm++")
-    chosen = ddim if pipeline.DEFAULT_SAMPLER == "ddim" else dpm
+    chosen = ddim if default_sampler == "ddim" else dpm
     assert torch.equal(default.latent, chosen.latent)
     torch.testing.assert_close(dpm.latent, core.latent)
     assert not torch.allclose(dpm.latent, ddim.latent)
@@ -232,6 +241,20 @@ def test_save_writes_numbered_files_that_loraloader_loads(pack):
     assert len(model.patches) == 560
     with pytest.raises(Exception, match="not allowed"):
         save.execute(lora, "../escape")
+
+
+def test_saved_metadata_survives_a_copy_of_the_lora_and_leaves_with_changed_weights(pack):
+    """Another node that copies the LORA_MODEL dict keeps the metadata; one that changes the weights
+    gets a file without it (it would no longer describe them), never a silently wrong one."""
+    lora = predict(pack, photo("Tom_Hanks_54745.png"), seed=5)
+    save = pack.n["DiffLoRASaveLora"]
+    copied = save.execute(dict(reversed(list(lora.items()))), "copies/copied").args[0]
+    changed = save.execute({k: v * 2 for k, v in lora.items()}, "copies/changed").args[0]
+    folder = Path(pack.c.folder_paths.get_folder_paths("loras")[0])
+    with safe_open(str(folder / copied), framework="pt") as f:
+        assert f.metadata()["difflora_seed"] == "5"
+    with safe_open(str(folder / changed), framework="pt") as f:
+        assert not any(k.startswith("difflora_") for k in f.metadata())
 
 
 def test_core_lora_nodes_accept_decode_output(pack):

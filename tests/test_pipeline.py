@@ -104,15 +104,15 @@ def test_features_remember_their_hypernet(tmp_path):
 def test_nan_guidance_or_eta_is_blamed_on_that_input(name):
     hn = tiny_hypernet().eval()
     feats = encode_features(hn, *_embeddings(1, 0))
-    with pytest.raises(DiffLoRAError, match=f"^{name} is nan; give a finite number"):
+    with pytest.raises(DiffLoRAError, match=f"^{name}=nan: not a finite number; set it to a number"):
         sample_lora_latent(hn, feats, steps=2, **{name: float("nan")})
 
 
 def _train_tiny(hn, targets, faces, images, lae_steps=400, dit_steps=600):
     """LAE then DiT+MIF, as the training command does, in a few hundred CPU steps."""
     torch.manual_seed(0)
-    hn.norm = WeightNormalizer.fit(targets)
-    x = hn.norm.normalize(targets)
+    hn.weight_normalizer = WeightNormalizer.fit(targets)
+    x = hn.weight_normalizer.normalize(targets)
     opt = torch.optim.AdamW(hn.lae.parameters(), lr=3e-3, weight_decay=0.0)
     for _ in range(lae_steps):
         x_hat, _ = hn.lae(x)

@@ -54,3 +54,22 @@ def test_utf16_and_bom_config_files_are_read(tmp_path):
     (tmp_path / "bom.yaml").write_bytes("lr: 0.002\n".encode("utf-8-sig"))
     assert read_config_file(str(tmp_path / "notepad.json")) == {"lr": 0.001, "batch_size": 4}
     assert read_config_file(str(tmp_path / "bom.yaml")) == {"lr": 0.002}
+
+
+def test_config_file_values_are_typed_and_checked_with_a_sentence():
+    """config_from_values (config files, the command line): unknown names, wrong types, choices and
+    bounds each end in a sentence naming whose option it is."""
+    from difflora.validation import config_from_values
+
+    cfg = config_from_values(LAETrainConfig, {"lr": "0.001", "steps": 7.0}, "lae")
+    assert (cfg.lr, cfg.steps) == (0.001, 7) and isinstance(cfg.steps, int)
+    with pytest.raises(DiffLoRAError, match=r"Unknown lae option\(s\) \['learning_rate'\]: valid ones are"):
+        config_from_values(LAETrainConfig, {"learning_rate": 1e-3}, "lae")
+    with pytest.raises(DiffLoRAError, match=r"lae option steps='many' is not a int"):
+        config_from_values(LAETrainConfig, {"steps": "many"}, "lae")
+    with pytest.raises(DiffLoRAError, match=r"lae option resume='yes' must be true or false"):
+        config_from_values(LAETrainConfig, {"resume": "yes"}, "lae")
+    with pytest.raises(DiffLoRAError, match=r"lae option norm_per='block' is not one of \['layer', 'position'\]"):
+        config_from_values(LAETrainConfig, {"norm_per": "block"}, "lae")
+    with pytest.raises(DiffLoRAError, match=r"^dit stage option p_uncond \(--p-uncond\) is 1.0 but must be below 1"):
+        config_from_values(DiTTrainConfig, {"p_uncond": 1}, "dit stage")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from difflora.errors import DiffLoRAError
-from difflora.user_inputs import parse_dtype, require_finite
+from difflora.validation import parse_dtype, require_finite
 
 
 def test_nan_and_inf_inputs_are_named():

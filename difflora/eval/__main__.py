@@ -18,9 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ..diffusion import SAMPLERS
+from ..diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from ..errors import DiffLoRAError
-from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from .layout import DEFAULT_PROMPTS, PAPER_PROTOCOL, EvalLayout
 from .layout import __doc__ as LAYOUT_DOC
 

@@ -14,10 +14,11 @@ import time
 
 import torch
 
+from ..diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..encoders import load_face_encoder, load_image_encoder
 from ..errors import DiffLoRAError
 from ..hypernet_file import load_hypernet
-from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, features_from_images, predict_lora
+from ..pipeline import features_from_images, predict_lora
 from .layout import EvalLayout, fill, image_name
 
 log = logging.getLogger("difflora.eval")

@@ -24,8 +24,8 @@ import torch
 from ..encoders import choose_face, load_image_file
 from ..encoders.base import FaceEncoder, l2_normalize
 from ..errors import GeneratorError
+from ..validation import DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROJ_KEYS = ("proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.weight", "norm.bias")
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from ..errors import DiffLoRAError
 from ..plugins import load_plugins
-from .config import (AllConfig, AugmentConfig, DiTTrainConfig, ExportConfig, IdentityLoraConfig, LAETrainConfig, LoopConfig,
-                     add_options, build, given, read_config_file)
+from .config import (AllStagesConfig, AugmentConfig, DiTTrainConfig, ExportConfig, IdentityLoraConfig, LAETrainConfig,
+                     LoopConfig, add_options, command_line_values, read_config_file, resolve_config)
 
 # `all` takes these identity-loras options without a prefix (they are unique to that stage) ...
 PROMOTED = ("base", "base_config", "vae", "face_encoder", "insightface_root", "image_encoder")
@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = command("check", "Report usable and skipped identity LoRAs (nothing is trained).")
     check.add_argument("--loras", required=True, help="Folder of identity LoRAs.")
 
-    a = command("all", "identity-loras -> lae -> dit -> hypernet in one --work folder.", AllConfig)
-    add_options(a, AllConfig)
+    a = command("all", "identity-loras -> lae -> dit -> hypernet in one --work folder.", AllStagesConfig)
+    add_options(a, AllStagesConfig)
     add_options(a, IdentityLoraConfig, only=PROMOTED, title="base model and encoders")
     add_options(a, LoopConfig, only=SHARED, title="for every stage")
     for prefix, cls in STAGES.items():
@@ -78,7 +78,7 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
 
 
-def run_all(cfg: AllConfig, stage_cfgs: dict, accelerator=None) -> int:
+def run_all(cfg: AllStagesConfig, stage_cfgs: dict, accelerator=None) -> int:
     from .dit_trainer import train_dit
     from .identity_loras import train_identity_loras
     from .lae_trainer import LAE_FINAL, train_lae
@@ -110,12 +110,12 @@ def run_all(cfg: AllConfig, stage_cfgs: dict, accelerator=None) -> int:
     return 0
 
 
-def stage_configs_for_all(ns, file_values: dict) -> tuple[AllConfig, dict]:
+def stage_configs_for_all(ns, file_values: dict) -> tuple[AllStagesConfig, dict]:
     top = {k: v for k, v in file_values.items() if k not in STAGES}
-    cli = given(ns)
-    all_keys = {f for f in AllConfig.__dataclass_fields__}
-    cfg = build(AllConfig, {k: v for k, v in top.items() if k in all_keys},
-                {k: v for k, v in cli.items() if k in all_keys}, "all")
+    cli = command_line_values(ns)
+    all_keys = {f for f in AllStagesConfig.__dataclass_fields__}
+    cfg = resolve_config(AllStagesConfig, {k: v for k, v in top.items() if k in all_keys},
+                         {k: v for k, v in cli.items() if k in all_keys}, "all")
     common_file = {k: v for k, v in top.items() if k in PROMOTED + SHARED}
     common_cli = {k: v for k, v in cli.items() if k in PROMOTED + SHARED}
     unknown = set(top) - all_keys - set(PROMOTED) - set(SHARED)
@@ -127,8 +127,9 @@ def stage_configs_for_all(ns, file_values: dict) -> tuple[AllConfig, dict]:
         fields = cls.__dataclass_fields__
         common = {k: v for k, v in {**common_file, **common_cli}.items() if k in fields}
         section = file_values.get(prefix) or {}
-        stages[prefix] = build(cls, {**common, **{k.replace("-", "_"): v for k, v in section.items()}},
-                               {**common, **given(ns, prefix)}, f"{prefix} stage")
+        section_values = {k.replace("-", "_"): v for k, v in section.items()}
+        stages[prefix] = resolve_config(cls, {**common, **section_values},
+                                        {**common, **command_line_values(ns, prefix)}, f"{prefix} stage")
     return cfg, stages
 
 
@@ -164,7 +165,7 @@ def _run(ns) -> int:
         return 0
     cls = {"augment": AugmentConfig, "identity-loras": IdentityLoraConfig, "lae": LAETrainConfig, "dit": DiTTrainConfig,
            "export": ExportConfig}[ns.command]
-    cfg = build(cls, file_values, given(ns), ns.command)
+    cfg = resolve_config(cls, file_values, command_line_values(ns), ns.command)
     if ns.command == "augment":
         from ..photos.augment import augment_identities
 

@@ -1,8 +1,9 @@
 """Dataclass configs of every training stage, and the argparse options made from them.
 
-One dataclass a stage; each field's metadata holds its help text (and choices), so `--help`,
-config files and the Python API share one source. Precedence: field default < `--config FILE`
-(JSON or YAML) < options given on the command line.
+One dataclass a stage; each field's metadata holds its help text, choices and bounds
+(`validation.option`), so `--help`, config files and the Python API share one source and one
+set of checks (difflora/validation.py). Precedence: field default < `--config FILE` (JSON or YAML)
+< options given on the command line.
 """
 
 from __future__ import annotations
@@ -10,17 +11,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ..config_dict import ConfigDict
 from ..dit import DIT_CONFIGS
 from ..encoders import FACE_ENCODER_KINDS
 from ..errors import DiffLoRAError
 from ..mixed_features import MIF_SOURCES
 from ..lae import LAE_CONFIGS
+from ..validation import ValidatedConfig, config_from_values, option
 from .multi_lora import WEIGHT_SPACES
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -40,270 +39,209 @@ class _OrEmpty:
 FACE_ENCODER_CHOICES = _OrEmpty()
 
 
-def opt(default: Any, help: str, choices: list | tuple | None = None, path: bool = False, metavar: str | None = None,
-        at_least: float | None = None, above: float | None = None, at_most: float | None = None,
-        below: float | None = None):
-    """A config field. `path`: a location that `all` derives from its --work folder. The bounds
-    (`at_least` <= value, `above` < value, ...) are checked when the config is built."""
-    bounds = {"at_least": at_least, "above": above, "at_most": at_most, "below": below}
-    return field(default=default, metadata={"help": help, "choices": choices, "path": path,
-                                            "metavar": "PATH" if path else metavar,
-                                            "bounds": {k: v for k, v in bounds.items() if v is not None}})
-
-
-_BOUND_TESTS = {"at_least": (lambda v, b: v >= b, "at least"), "above": (lambda v, b: v > b, "above"),
-                "at_most": (lambda v, b: v <= b, "at most"), "below": (lambda v, b: v < b, "below")}
-
-
-class Checked(ConfigDict):
-    """Range checks of every field, run when a config is built (CLI, config file or Python), so a
-    bad value stops the run with a sentence before anything is trained."""
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            if not math.isfinite(value):
-                raise DiffLoRAError(f"{f.name} ({flag}) is {value!r}: give it a finite number.")
-            rules = [f"{word} {bound:g}" for key, bound in f.metadata.get("bounds", {}).items()
-                     for test, word in [_BOUND_TESTS[key]] if not test(value, bound)]
-            if rules:
-                raise DiffLoRAError(f"{f.name} ({flag}) is {value!r} but must be {' and '.join(rules)}: "
-                                    f"give it a value in that range ({f.metadata['help'].rstrip('.')}).")
-
-
 @dataclass
-class IdentityLoraConfig(Checked):
+class IdentityLoraConfig(ValidatedConfig):
     """identity-loras: one DreamBooth LoRA per identity folder (docs/METHOD.md section 5)."""
 
-    data: str = opt("", "Folder with one sub-folder of photos per identity (see docs/TRAINING.md).", path=True)
-    out: str = opt("", "Folder the identity LoRAs and their embeddings are written to.", path=True)
-    base: str = opt("", "Local SDXL: a diffusers folder (model_index.json) or a single-file .safetensors checkpoint.", metavar="PATH")
-    base_config: str = opt("", "For a single-file base: a diffusers SDXL folder giving the configs and tokenizers "
-                               "(weights not needed). Empty: diffusers' own lookup, which works offline only when "
-                               "the Hugging Face cache holds them.", metavar="PATH")
-    vae: str = opt("", "Optional diffusers VAE folder replacing the base's (e.g. sdxl-vae-fp16-fix); needed when a "
-                       "single file has no VAE.", metavar="PATH")
-    face_encoder: str = opt("antelopev2", "Face analysis for filtering and the face embeddings; the hypernet is "
-                                          "then used with the same one.", choices=FACE_ENCODER_KINDS)
-    insightface_root: str = opt("", "Folder holding models/<antelopev2|buffalo_l>/ (e.g. ComfyUI/models/insightface); "
-                                    "for a face analysis a plugin adds, the file it reads.", metavar="PATH")
-    image_encoder: str = opt("", "CLIP vision model for the image embeddings: a transformers folder or a ComfyUI "
-                                 "clip_vision .safetensors (or the file of an image encoder that a hypernet can "
-                                 "carry).", metavar="PATH")
-    rank: int = opt(4, "LoRA rank of the spec (docs/METHOD.md: 4).", at_least=1)
-    alpha: float = opt(0.0, "LoRA alpha; 0 means alpha = rank (scale 1).", at_least=0)
-    steps: int = opt(500, "Optimizer steps per identity (DreamBooth-LoRA: 500-1000 at lr 1e-4).", at_least=1)
-    batch_size: int = opt(1, "Images per step (of each identity).", at_least=1)
-    identities_per_pass: int = opt(8, "Identities trained together in one UNet forward/backward, each with its own "
-                                       "LoRA factors and optimizer state (same LoRAs as one at a time; 1: one at a "
-                                       "time with a peft adapter). Toy base on a CPU: 8 gave the most identities an "
-                                       "hour (docs/PERFORMANCE.md); on a GPU, the most that fit.", at_least=1)
-    shard: str = opt("", "I/N: train only slice I (0-based) of N of the identities, in name order, without any "
-                         "rendezvous between the N jobs (Slurm array tasks); each writes report.shard-I-of-N.json. "
-                         "Empty: all identities (shared out among accelerate processes).", metavar="I/N")
-    weight_space: str = opt("free", "Weight space of the LoRAs. free: A and B trained, stored in the canonical SVD "
-                                    "form. The other: one down projection A drawn from --seed for the whole data set "
-                                    "and frozen, only B trained, so every LoRA lives in one fixed basis (as LiDB and "
-                                    "LoRA FA do); stored as trained.",
-                            choices=WEIGHT_SPACES)
-    lr: float = opt(1e-4, "AdamW learning rate of the LoRA factors.", above=0)
-    lr_scheduler: str = opt("constant", "diffusers learning-rate schedule.",
-                            choices=("constant", "constant_with_warmup", "cosine", "linear"))
-    warmup_steps: int = opt(0, "Warm-up steps of the schedule.", at_least=0)
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).", at_least=0)
-    resolution: int = opt(1024, "Training resolution (SDXL: 1024); images are resized and centre-cropped.", at_least=8)
-    random_flip: bool = opt(False, "Randomly mirror training images.")
-    instance_prompt: str = opt("a photo of sks person", "Prompt for images without a caption file (<image>.txt). "
-                                                        "Use its trigger word with the predicted LoRAs.")
-    min_images: int = opt(3, "Identities with fewer usable images are skipped and reported.", at_least=1)
-    min_face_similarity: float = opt(-1.0, "Cosine similarity to the reference face an image needs; -1: the "
-                                           "encoder's default (dlib 0.91, ArcFace 0.35; a plugin's face analysis brings its own).",
-                                     at_least=-1, at_most=1)
-    class_data: str = opt("", "Prior preservation (off when empty): a folder of generic photos of the class.", metavar="PATH")
-    class_prompt: str = opt("a photo of a person", "Prompt of the prior-preservation images.")
-    prior_loss_weight: float = opt(1.0, "Weight of the prior-preservation loss.", at_least=0)
-    gradient_checkpointing: bool = opt(False, "Trade compute for memory in the UNet (GPUs under 24 GB).")
-    mixed_precision: str = opt("auto", "auto: bf16 on GPUs that have it, else fp16; always fp32 on CPU.",
-                               choices=MIXED_PRECISION)
-    seed: int = opt(0, "Seed of the random streams every identity shares: the LoRA initialization and, per step, "
-                       "batch positions, noise and timesteps (identities then differ only by their photos).",
-                    at_least=0)
-    progress: bool = opt(True, "Show progress bars.")
+    data: str = option("", "Folder with one sub-folder of photos per identity (see docs/TRAINING.md).", path=True)
+    out: str = option("", "Folder the identity LoRAs and their embeddings are written to.", path=True)
+    base: str = option("", "Local SDXL: a diffusers folder (model_index.json) or a single-file .safetensors checkpoint.", metavar="PATH")
+    base_config: str = option("", "For a single-file base: a diffusers SDXL folder giving the configs and tokenizers "
+                                  "(weights not needed). Empty: diffusers' own lookup, which works offline only when "
+                                  "the Hugging Face cache holds them.", metavar="PATH")
+    vae: str = option("", "Optional diffusers VAE folder replacing the base's (e.g. sdxl-vae-fp16-fix); needed when a "
+                          "single file has no VAE.", metavar="PATH")
+    face_encoder: str = option("antelopev2", "Face analysis for filtering and the face embeddings; the hypernet is "
+                                             "then used with the same one.", choices=FACE_ENCODER_KINDS)
+    insightface_root: str = option("", "Folder holding models/<antelopev2|buffalo_l>/ (e.g. ComfyUI/models/insightface); "
+                                       "for a face analysis a plugin adds, the file it reads.", metavar="PATH")
+    image_encoder: str = option("", "CLIP vision model for the image embeddings: a transformers folder or a ComfyUI "
+                                    "clip_vision .safetensors (or the file of an image encoder that a hypernet can "
+                                    "carry).", metavar="PATH")
+    rank: int = option(4, "LoRA rank of the spec (docs/METHOD.md: 4).", at_least=1)
+    alpha: float = option(0.0, "LoRA alpha; 0 means alpha = rank (scale 1).", at_least=0)
+    steps: int = option(500, "Optimizer steps per identity (DreamBooth-LoRA: 500-1000 at lr 1e-4).", at_least=1)
+    batch_size: int = option(1, "Images per step (of each identity).", at_least=1)
+    identities_per_pass: int = option(8, "Identities trained together in one UNet forward/backward, each with its own "
+                                          "LoRA factors and optimizer state (same LoRAs as one at a time; 1: one at a "
+                                          "time with a peft adapter). Toy base on a CPU: 8 gave the most identities an "
+                                          "hour (docs/PERFORMANCE.md); on a GPU, the most that fit.", at_least=1)
+    shard: str = option("", "I/N: train only slice I (0-based) of N of the identities, in name order, without any "
+                            "rendezvous between the N jobs (Slurm array tasks); each writes report.shard-I-of-N.json. "
+                            "Empty: all identities (shared out among accelerate processes).", metavar="I/N")
+    weight_space: str = option("free", "Weight space of the LoRAs. free: A and B trained, stored in the canonical SVD "
+                                       "form. The other: one down projection A drawn from --seed for the whole data set "
+                                       "and frozen, only B trained, so every LoRA lives in one fixed basis (as LiDB and "
+                                       "LoRA FA do); stored as trained.",
+                               choices=WEIGHT_SPACES)
+    lr: float = option(1e-4, "AdamW learning rate of the LoRA factors.", above=0)
+    lr_scheduler: str = option("constant", "diffusers learning-rate schedule.",
+                               choices=("constant", "constant_with_warmup", "cosine", "linear"))
+    warmup_steps: int = option(0, "Warm-up steps of the schedule.", at_least=0)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).", at_least=0)
+    resolution: int = option(1024, "Training resolution (SDXL: 1024); images are resized and centre-cropped.", at_least=8)
+    random_flip: bool = option(False, "Randomly mirror training images.")
+    instance_prompt: str = option("a photo of sks person", "Prompt for images without a caption file (<image>.txt). "
+                                                           "Use its trigger word with the predicted LoRAs.")
+    min_images: int = option(3, "Identities with fewer usable images are skipped and reported.", at_least=1)
+    min_face_similarity: float = option(-1.0, "Cosine similarity to the reference face an image needs; -1: the "
+                                              "encoder's default (dlib 0.91, ArcFace 0.35; a plugin's face analysis brings "
+                                              "its own).",
+                                        at_least=-1, at_most=1)
+    class_data: str = option("", "Prior preservation (off when empty): a folder of generic photos of the class.", metavar="PATH")
+    class_prompt: str = option("a photo of a person", "Prompt of the prior-preservation images.")
+    prior_loss_weight: float = option(1.0, "Weight of the prior-preservation loss.", at_least=0)
+    gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet (GPUs under 24 GB).")
+    mixed_precision: str = option("auto", "auto: bf16 on GPUs that have it, else fp16; always fp32 on CPU.",
+                                  choices=MIXED_PRECISION)
+    seed: int = option(0, "Seed of the random streams every identity shares: the LoRA initialization and, per step, "
+                          "batch positions, noise and timesteps (identities then differ only by their photos).",
+                       at_least=0)
+    progress: bool = option(True, "Show progress bars.")
 
 
 @dataclass
-class AugmentConfig(Checked):
+class AugmentConfig(ValidatedConfig):
     """augment: identities with too few usable photos get generated ones of the same person (docs/TRAINING.md)."""
 
-    data: str = opt("", "Folder with one sub-folder of photos per identity; read only, never changed.", metavar="PATH")
-    out: str = opt("", "Folder the augmented data set goes to (the identities' photos, copied, plus the generated "
-                       "ones); identity-loras trains on it.", metavar="PATH")
-    target_images: int = opt(12, "Identities with fewer usable photos get generated ones until they have this many.",
-                             at_least=1)
-    max_attempts: int = opt(0, "Generated photos tried per identity at most; 0: three times the photos missing.",
-                            at_least=0)
-    backend: str = opt("comfyui", "The generator: a ComfyUI server running --workflow, or diffusers in this process "
-                                  "(SDXL + IP-Adapter FaceID: --base, --faceid-weights).",
-                       choices=("comfyui", "diffusers"))
-    server: str = opt("http://127.0.0.1:8188", "The ComfyUI server's address.")
-    workflow: str = opt("", "API-format workflow JSON (ComfyUI: Workflow > Export (API)) that draws a photo of the "
-                            "person in a reference photo, e.g. with PhotoMaker, InstantID, PuLID or IP-Adapter FaceID.",
-                        metavar="PATH")
-    image_node: str = opt("Load Image", "The LoadImage node that gets the reference photo (node id or title).")
-    prompt_node: str = opt("Positive prompt", "The node whose text input gets the prompt (node id or title).")
-    prompt_input: str = opt("text", "The input of --prompt-node that gets the prompt.")
-    seed_node: str = opt("KSampler", "The node whose seed (or noise_seed) input gets the seed (node id or title).")
-    output_node: str = opt("", "Take images from this output node only (id or title); empty: every output node's.")
-    base: str = opt("", "--backend diffusers: local SDXL, a diffusers folder (model_index.json) or a single-file "
-                        ".safetensors checkpoint.", metavar="PATH")
-    base_config: str = opt("", "--backend diffusers, single-file --base: a diffusers SDXL folder giving the configs "
-                               "and tokenizers (weights not needed).", metavar="PATH")
-    faceid_weights: str = opt("", "--backend diffusers: IP-Adapter FaceID SDXL weights as .safetensors (image_proj.* "
-                                  "and ip_adapter.* tensors; a .bin is a pickle and is refused, docs/TRAINING.md "
-                                  "says how to convert it).", metavar="PATH")
-    faceid_face_encoder: str = opt("", "--backend diffusers: face analysis whose embedding drives FaceID (ArcFace: "
-                                       "antelopev2 or buffalo_l); empty: --face-encoder.",
-                                   choices=FACE_ENCODER_CHOICES)
-    steps: int = opt(30, "--backend diffusers: sampling steps.", at_least=1)
-    guidance: float = opt(5.0, "--backend diffusers: classifier-free guidance scale (1: off).", at_least=1)
-    ip_adapter_scale: float = opt(1.0, "--backend diffusers: strength of the face (0: the base model alone).",
-                                  at_least=0)
-    resolution: int = opt(1024, "--backend diffusers: width and height of the photos (a multiple of 8).", at_least=8)
-    negative_prompt: str = opt("monochrome, lowres, bad anatomy, worst quality, low quality, blurry",
-                               "--backend diffusers: negative prompt (used when --guidance > 1).")
-    device: str = opt("auto", "--backend diffusers: torch device; auto: cuda when there is one, else cpu.")
-    dtype: str = opt("auto", "--backend diffusers: weights' dtype; auto: fp16 on cuda, fp32 on cpu.",
-                     choices=("auto", "fp32", "fp16", "bf16"))
-    prompts: str = opt("", "Text file, one prompt a line ('prompt | caption' to caption the photo differently; "
-                           "# comments); empty: a built-in list of poses, scenes and lighting.", metavar="PATH")
-    concurrency: int = opt(2, "Prompts in flight on the server at once (--backend diffusers runs one at a time).",
-                           at_least=1)
-    retries: int = opt(3, "Retries of a prompt that failed (server error, time-out) before the run stops.", at_least=0)
-    timeout: float = opt(600.0, "Seconds one prompt may take on the server.", above=0)
-    face_encoder: str = opt("antelopev2", "Face analysis that decides whether a generated photo shows the same person "
-                                          "(use identity-loras' one).", choices=FACE_ENCODER_KINDS)
-    insightface_root: str = opt("", "Folder holding models/<antelopev2|buffalo_l>/; for a face analysis a "
-                                    "plugin adds, the file it reads.", metavar="PATH")
-    min_face_similarity: float = opt(-1.0, "Cosine similarity to the reference face a generated photo needs; -1: "
-                                           "the encoder's default (dlib 0.91, ArcFace 0.35; a plugin's face analysis brings its own).")
-    seed: int = opt(0, "Seed: photo k of an identity always uses the same seed and prompt.")
-    progress: bool = opt(True, "Show progress bars.")
+    data: str = option("", "Folder with one sub-folder of photos per identity; read only, never changed.", metavar="PATH")
+    out: str = option("", "Folder the augmented data set goes to (the identities' photos, copied, plus the generated "
+                          "ones); identity-loras trains on it.", metavar="PATH")
+    target_images: int = option(12, "Identities with fewer usable photos get generated ones until they have this many.",
+                                at_least=1)
+    max_attempts: int = option(0, "Generated photos tried per identity at most; 0: three times the photos missing.",
+                               at_least=0)
+    backend: str = option("comfyui", "The generator: a ComfyUI server running --workflow, or diffusers in this process "
+                                     "(SDXL + IP-Adapter FaceID: --base, --faceid-weights).",
+                          choices=("comfyui", "diffusers"))
+    server: str = option("http://127.0.0.1:8188", "The ComfyUI server's address.")
+    workflow: str = option("", "API-format workflow JSON (ComfyUI: Workflow > Export (API)) that draws a photo of the "
+                               "person in a reference photo, e.g. with PhotoMaker, InstantID, PuLID or IP-Adapter FaceID.",
+                           metavar="PATH")
+    image_node: str = option("Load Image", "The LoadImage node that gets the reference photo (node id or title).")
+    prompt_node: str = option("Positive prompt", "The node whose text input gets the prompt (node id or title).")
+    prompt_input: str = option("text", "The input of --prompt-node that gets the prompt.")
+    seed_node: str = option("KSampler", "The node whose seed (or noise_seed) input gets the seed (node id or title).")
+    output_node: str = option("", "Take images from this output node only (id or title); empty: every output node's.")
+    base: str = option("", "--backend diffusers: local SDXL, a diffusers folder (model_index.json) or a single-file "
+                           ".safetensors checkpoint.", metavar="PATH")
+    base_config: str = option("", "--backend diffusers, single-file --base: a diffusers SDXL folder giving the configs "
+                                  "and tokenizers (weights not needed).", metavar="PATH")
+    faceid_weights: str = option("", "--backend diffusers: IP-Adapter FaceID SDXL weights as .safetensors (image_proj.* "
+                                     "and ip_adapter.* tensors; a .bin is a pickle and is refused, docs/TRAINING.md "
+                                     "says how to convert it).", metavar="PATH")
+    faceid_face_encoder: str = option("", "--backend diffusers: face analysis whose embedding drives FaceID (ArcFace: "
+                                          "antelopev2 or buffalo_l); empty: --face-encoder.",
+                                      choices=FACE_ENCODER_CHOICES)
+    steps: int = option(30, "--backend diffusers: sampling steps.", at_least=1)
+    guidance: float = option(5.0, "--backend diffusers: classifier-free guidance scale (1: off).", at_least=1)
+    ip_adapter_scale: float = option(1.0, "--backend diffusers: strength of the face (0: the base model alone).",
+                                     at_least=0)
+    resolution: int = option(1024, "--backend diffusers: width and height of the photos (a multiple of 8).", at_least=8)
+    negative_prompt: str = option("monochrome, lowres, bad anatomy, worst quality, low quality, blurry",
+                                  "--backend diffusers: negative prompt (used when --guidance > 1).")
+    device: str = option("auto", "--backend diffusers: torch device; auto: cuda when there is one, else cpu.")
+    dtype: str = option("auto", "--backend diffusers: weights' dtype; auto: fp16 on cuda, fp32 on cpu.",
+                        choices=("auto", "fp32", "fp16", "bf16"))
+    prompts: str = option("", "Text file, one prompt a line ('prompt | caption' to caption the photo differently; "
+                              "# comments); empty: a built-in list of poses, scenes and lighting.", metavar="PATH")
+    concurrency: int = option(2, "Prompts in flight on the server at once (--backend diffusers runs one at a time).",
+                              at_least=1)
+    retries: int = option(3, "Retries of a prompt that failed (server error, time-out) before the run stops.", at_least=0)
+    timeout: float = option(600.0, "Seconds one prompt may take on the server.", above=0)
+    face_encoder: str = option("antelopev2", "Face analysis that decides whether a generated photo shows the same person "
+                                             "(use identity-loras' one).", choices=FACE_ENCODER_KINDS)
+    insightface_root: str = option("", "Folder holding models/<antelopev2|buffalo_l>/; for a face analysis a "
+                                       "plugin adds, the file it reads.", metavar="PATH")
+    min_face_similarity: float = option(-1.0, "Cosine similarity to the reference face a generated photo needs; -1: "
+                                              "the encoder's default (dlib 0.91, ArcFace 0.35; a plugin's face analysis "
+                                              "brings its own).")
+    seed: int = option(0, "Seed: photo k of an identity always uses the same seed and prompt.")
+    progress: bool = option(True, "Show progress bars.")
 
 
 @dataclass
-class LoopConfig(Checked):
+class LoopConfig(ValidatedConfig):
     """Options shared by the lae and dit training loops."""
 
-    loras: str = opt("", "Folder of identity LoRAs (the identity-loras output).", path=True)
-    run: str = opt("", "Run folder: checkpoints, metrics.csv, loss_curve.png and the final files.", path=True)
-    steps: int = opt(20000, "Optimizer steps.", at_least=1)
-    batch_size: int = opt(16, "LoRAs per step on each process (the global batch is this x processes x grad_accum).",
-                          at_least=1)
-    grad_accum: int = opt(1, "Gradient accumulation: micro-batches per optimizer step.", at_least=1)
-    lr: float = opt(1e-4, "Peak AdamW learning rate.", above=0)
-    weight_decay: float = opt(0.0, "AdamW weight decay.", at_least=0)
-    warmup_steps: int = opt(500, "Linear warm-up steps before the cosine decay.", at_least=0)
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0: off).", at_least=0)
-    ema_decay: float = opt(0.9999, "EMA decay (with warm-up, so short runs still average usefully).",
-                           at_least=0, at_most=1)
-    eval_every: int = opt(1000, "Validation every N steps (and at the end).", at_least=1)
-    ckpt_every: int = opt(1000, "Checkpoint every N steps (and at the end, on SIGTERM and Ctrl-C).", at_least=1)
-    keep_checkpoints: int = opt(2, "Checkpoints kept in run/checkpoints (older ones are deleted).", at_least=1)
-    log_every: int = opt(10, "Average the loss over N steps per metrics.csv row and progress update.", at_least=1)
-    mixed_precision: str = opt("auto", "auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.",
-                               choices=MIXED_PRECISION)
-    seed: int = opt(0, "Seed: data order and noise of step s depend only on (seed, s), so resumes are exact.",
-                    at_least=0)
-    resume: bool = opt(False, "Continue the run in --run from its latest checkpoint.")
-    progress: bool = opt(True, "Show a progress bar.")
+    loras: str = option("", "Folder of identity LoRAs (the identity-loras output).", path=True)
+    run: str = option("", "Run folder: checkpoints, metrics.csv, loss_curve.png and the final files.", path=True)
+    steps: int = option(20000, "Optimizer steps.", at_least=1)
+    batch_size: int = option(16, "LoRAs per step on each process (the global batch is this x processes x grad_accum).",
+                             at_least=1)
+    grad_accum: int = option(1, "Gradient accumulation: micro-batches per optimizer step.", at_least=1)
+    lr: float = option(1e-4, "Peak AdamW learning rate.", above=0)
+    weight_decay: float = option(0.0, "AdamW weight decay.", at_least=0)
+    warmup_steps: int = option(500, "Linear warm-up steps before the cosine decay.", at_least=0)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).", at_least=0)
+    ema_decay: float = option(0.9999, "EMA decay (with warm-up, so short runs still average usefully).",
+                              at_least=0, at_most=1)
+    eval_every: int = option(1000, "Validation every N steps (and at the end).", at_least=1)
+    ckpt_every: int = option(1000, "Checkpoint every N steps (and at the end, on SIGTERM and Ctrl-C).", at_least=1)
+    keep_checkpoints: int = option(2, "Checkpoints kept in run/checkpoints (older ones are deleted).", at_least=1)
+    log_every: int = option(10, "Average the loss over N steps per metrics.csv row and progress update.", at_least=1)
+    mixed_precision: str = option("auto", "auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.",
+                                  choices=MIXED_PRECISION)
+    seed: int = option(0, "Seed: data order and noise of step s depend only on (seed, s), so resumes are exact.",
+                       at_least=0)
+    resume: bool = option(False, "Continue the run in --run from its latest checkpoint.")
+    progress: bool = option(True, "Show a progress bar.")
 
 
 @dataclass
 class LAETrainConfig(LoopConfig):
     """lae: the LoRA autoencoder on normalized canonical LoRAs (docs/METHOD.md section 2)."""
 
-    size: str = opt("tiny", "LAE size from the registry (sdxl-r4: ~300x for SDXL rank 4).", choices=LAE_CONFIGS)
-    val_fraction: float = opt(0.1, "Share of identities held out for validation (at least one when there are 2+); "
-                                   "the dit stage keeps the same split.", at_least=0, below=1)
-    lam: float = opt(1.0, "Weight-preserved loss lambda (0: plain MSE, the ablation).", at_least=0)
-    dw_term: float = opt(0.0, "Weight of the extra dW = B.A reconstruction term.", at_least=0)
-    norm_per: str = opt("layer", "Normalization statistics per layer (robust with few LoRAs) or per position.",
-                        choices=("layer", "position"))
-    align_gauge: bool = opt(True, "Rotate every LoRA's layers into one shared gauge before normalizing (dW unchanged; "
-                                  "difflora/gauge.py): the canonical SVD basis jitters between similar LoRAs.")
+    size: str = option("tiny", "LAE size from the registry (sdxl-r4: ~300x for SDXL rank 4).", choices=LAE_CONFIGS)
+    val_fraction: float = option(0.1, "Share of identities held out for validation (at least one when there are 2+); "
+                                      "the dit stage keeps the same split.", at_least=0, below=1)
+    lam: float = option(1.0, "Weight-preserved loss lambda (0: plain MSE, the ablation).", at_least=0)
+    dw_term: float = option(0.0, "Weight of the extra dW = B.A reconstruction term.", at_least=0)
+    norm_per: str = option("layer", "Normalization statistics per layer (robust with few LoRAs) or per position.",
+                           choices=("layer", "position"))
+    align_gauge: bool = option(True, "Rotate every LoRA's layers into one shared gauge before normalizing (dW unchanged; "
+                                     "difflora/gauge.py): the canonical SVD basis jitters between similar LoRAs.")
 
 
 @dataclass
 class DiTTrainConfig(LoopConfig):
     """dit: the DiT + Mixed Image Features on LAE latents (docs/METHOD.md sections 3-4)."""
 
-    lae: str = opt("", "The LAE stage's lae_final.safetensors.", path=True)
-    size: str = opt("tiny", "DiT size from the registry.", choices=DIT_CONFIGS)
-    cond_dim: int = opt(0, "Width of the mixed features; 0: the size's default (64 for tiny, else 768).", at_least=0)
-    p_uncond: float = opt(0.1, "Condition dropout for classifier-free guidance.", at_least=0, below=1)
-    sources: str = opt("both", "What the mixed features are made of: both (the gate mixes face and image "
-                               "embeddings) or one alone (the ablation rows).", choices=MIF_SOURCES)
-    p_no_face: float = opt(0.1, "Share of training samples whose face embedding is dropped, so the image-only mode "
-                                "(on_no_face = image_only, a photo without a detectable face) is trained too.",
-                           at_least=0, below=1)
-    refs_per_sample: int = opt(1, "Random reference images of the identity averaged per training sample.", at_least=1)
-    eval_identities: int = opt(8, "Held-out (and as many training) identities whose LoRAs are sampled at eval.",
-                               at_least=1)
-    eval_sample_steps: int = opt(25, "DDIM steps when sampling LoRAs at eval.", at_least=1)
-    eval_guidance: float = opt(3.0, "Classifier-free guidance scale at eval.", at_least=0)
-    out: str = opt("", "Hypernet file written at the end; empty: <run>/hypernet.safetensors.", path=True)
+    lae: str = option("", "The LAE stage's lae_final.safetensors.", path=True)
+    size: str = option("tiny", "DiT size from the registry.", choices=DIT_CONFIGS)
+    cond_dim: int = option(0, "Width of the mixed features; 0: the size's default (64 for tiny, else 768).", at_least=0)
+    p_uncond: float = option(0.1, "Condition dropout for classifier-free guidance.", at_least=0, below=1)
+    sources: str = option("both", "What the mixed features are made of: both (the gate mixes face and image "
+                                  "embeddings) or one alone (the ablation rows).", choices=MIF_SOURCES)
+    p_no_face: float = option(0.1, "Share of training samples whose face embedding is dropped, so the image-only mode "
+                                   "(on_no_face = image_only, a photo without a detectable face) is trained too.",
+                              at_least=0, below=1)
+    refs_per_sample: int = option(1, "Random reference images of the identity averaged per training sample.", at_least=1)
+    eval_identities: int = option(8, "Held-out (and as many training) identities whose LoRAs are sampled at eval.",
+                                  at_least=1)
+    eval_sample_steps: int = option(25, "DDIM steps when sampling LoRAs at eval.", at_least=1)
+    eval_guidance: float = option(3.0, "Classifier-free guidance scale at eval.", at_least=0)
+    out: str = option("", "Hypernet file written at the end; empty: <run>/hypernet.safetensors.", path=True)
 
 
 @dataclass
-class ExportConfig(Checked):
+class ExportConfig(ValidatedConfig):
     """export: a dit run (checkpoint or final) -> one hypernet .safetensors for the nodes."""
 
-    run: str = opt("", "The dit run folder.", metavar="PATH")
-    out: str = opt("", "Hypernet file to write; empty: <run>/hypernet.safetensors.", metavar="PATH")
-    checkpoint: str = opt("latest", "'latest' or a step number of run/checkpoints.")
-    ema: bool = opt(True, "Export the EMA weights (recommended) rather than the raw ones.")
+    run: str = option("", "The dit run folder.", metavar="PATH")
+    out: str = option("", "Hypernet file to write; empty: <run>/hypernet.safetensors.", metavar="PATH")
+    checkpoint: str = option("latest", "'latest' or a step number of run/checkpoints.")
+    ema: bool = option(True, "Export the EMA weights (recommended) rather than the raw ones.")
 
 
 @dataclass
-class AllConfig(Checked):
+class AllStagesConfig(ValidatedConfig):
     """all: identity-loras -> lae -> dit -> hypernet, in one --work folder."""
 
-    work: str = opt("", "Work folder: loras/, lae/, dit/ and hypernet.safetensors go there.", metavar="PATH")
-    out: str = opt("", "Hypernet file; empty: <work>/hypernet.safetensors.", metavar="PATH")
-    data: str = opt("", "Folder with one sub-folder of photos per identity.", metavar="PATH")
-    resume: bool = opt(False, "Continue a stopped `all` run (finished stages are skipped).")
-
-
-def from_dict(cls, d: dict, what: str = "config"):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise DiffLoRAError(f"Unknown {what} option(s) {unknown}: valid ones are {sorted(names)}.")
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.name in d:
-            values[f.name] = _coerce(f, d[f.name], what)
-    try:
-        return cls(**values)
-    except DiffLoRAError as e:  # say which stage's option (`all` sets several)
-        raise DiffLoRAError(f"{what} option {e}") from None
-
-
-def _coerce(f, value, what):
-    kind = type(f.default)
-    try:
-        value = kind(value) if kind in (int, float, str) and not isinstance(value, bool) else value
-    except (TypeError, ValueError):
-        raise DiffLoRAError(f"{what} option {f.name}={value!r} is not a {kind.__name__}.") from None
-    if kind is bool and not isinstance(value, bool):
-        raise DiffLoRAError(f"{what} option {f.name}={value!r} must be true or false.")
-    choices = f.metadata.get("choices")
-    if choices and value not in choices:
-        raise DiffLoRAError(f"{what} option {f.name}={value!r} is not one of {list(choices)}.")
-    return value
+    work: str = option("", "Work folder: loras/, lae/, dit/ and hypernet.safetensors go there.", metavar="PATH")
+    out: str = option("", "Hypernet file; empty: <work>/hypernet.safetensors.", metavar="PATH")
+    data: str = option("", "Folder with one sub-folder of photos per identity.", metavar="PATH")
+    resume: bool = option(False, "Continue a stopped `all` run (finished stages are skipped).")
 
 
 def read_config_file(path: str | None) -> dict:
@@ -358,7 +296,7 @@ def add_options(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tu
             group.add_argument(flag, type=type(f.default), choices=f.metadata.get("choices"), metavar=metavar, **kw)
 
 
-def given(ns: argparse.Namespace, prefix: str = "") -> dict:
+def command_line_values(ns: argparse.Namespace, prefix: str = "") -> dict:
     """The options given on the command line (for `prefix`, with the prefix removed)."""
     out = {}
     for k, v in vars(ns).items():
@@ -370,6 +308,6 @@ def given(ns: argparse.Namespace, prefix: str = "") -> dict:
     return out
 
 
-def build(cls, file_values: dict, cli_values: dict, what: str):
-    """Field defaults, overridden by the config file, overridden by the command line."""
-    return from_dict(cls, {**file_values, **cli_values}, what)
+def resolve_config(cls, file_values: dict, cli_values: dict, what: str):
+    """Field defaults, overridden by the config file, overridden by the command line; checked."""
+    return config_from_values(cls, {**file_values, **cli_values}, what)

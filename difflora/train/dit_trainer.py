@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..diffusion import diffusion_loss, make_train_scheduler, sample_latent
+from ..diffusion import diffusion_loss, make_sampler, make_train_scheduler, sample_latent
 from ..dit import DIT_CONFIGS, DiTConfig, LoraDiT, default_cond_dim
 from ..errors import DiffLoRAError
 from ..lae import dw_relative_error
@@ -52,7 +52,7 @@ class DiTStage:
     def __init__(self, cfg: DiTTrainConfig):
         self.cfg = cfg
         self.lae_path = Path(cfg.lae).resolve()
-        self.lae, self.norm, self.spec, split = load_lae_final(self.lae_path)
+        self.lae, self.weight_normalizer, self.spec, split = load_lae_final(self.lae_path)
         with open(self.lae_path, "rb") as f:
             self.lae_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
         data = load_lora_dataset(cfg.loras, spec=self.spec, embeddings=True)
@@ -73,7 +73,7 @@ class DiTStage:
         self.data, self.names, self.face, self.image = data, data.names, data.face, data.image
         self.num_train = len(self.train_idx)
         with torch.no_grad():  # the LAE is frozen: encode every LoRA once (latents are small)
-            self.z = torch.cat([self.lae.encode(self.norm.normalize(c))
+            self.z = torch.cat([self.lae.encode(self.weight_normalizer.normalize(c))
                                 for c in data.chunks(range(len(data.names)))]).float()          # (N, T, C)
         tokens, channels = self.lae.latent_shape
         cond_dim = cfg.cond_dim or default_cond_dim(cfg.size)
@@ -112,8 +112,8 @@ class DiTStage:
         face, image = self._cond_inputs(items, None, device)
         cond = model.mif(face, image)
         z = sample_latent(model.dit, cond, model.mif.null, steps=self.cfg.eval_sample_steps,
-                          guidance=self.cfg.eval_guidance, seed=0)
-        flat = self.norm.denormalize(self.lae.to(device).decode(z).float().cpu())
+                          guidance=self.cfg.eval_guidance, seed=0, scheduler=make_sampler("ddim"))
+        flat = self.weight_normalizer.denormalize(self.lae.to(device).decode(z).float().cpu())
         return float(dw_relative_error(flat, self.data.rows(items), self.spec).mean())
 
     def evaluate(self, model) -> dict[str, float]:

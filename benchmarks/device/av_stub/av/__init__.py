@@ -1,8 +1,9 @@
 """Stand-in for PyAV on the device run only (benchmarks/device/run.sh installs it where `import av` fails).
 
 ComfyUI imports PyAV at start-up for its video and audio types; the benchmark never touches
-video, and the 36 MB PyAV wheel does not fit the device's 64 MiB transfer. Every name resolves
-to a class that refuses to be used, so a video call says so instead of misbehaving.
+video, so the GPU machine (no internet: it gets only what prepare.sh puts in the carried folder)
+is spared the 36 MB PyAV wheel. Every name resolves to a class that refuses to be used, so a
+video call says so instead of misbehaving.
 """
 
 
