@@ -37,9 +37,7 @@ def _scores(clf, image: Path, identity, scene) -> tuple[float, float]:
     return identity_accuracy(clf, img, identity), prompt_accuracy(clf, img, scene)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from difflora_toyworld.results import eval_scene
-
+def _parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workflow", default=str(REPO / "workflows" / "difflora_basic.json"))
     ap.add_argument("--out", default=str(REPO / "out" / "demo"),
@@ -47,56 +45,56 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--identity", type=int, default=0, help="which held-out toy-world identity (0-15 were scored "
                                                             "in docs/TOYWORLD.md; any index works)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the predicted LoRA")
-    a = ap.parse_args(argv)
-    t0 = time.monotonic()
-    try:
-        models = harness_models.toy_models(REPO / ".cache" / "default_models")
-    except harness_models.ToyAssetError as e:
-        print(f"[demo] {e}", file=sys.stderr)
-        return 1
-    out = Path(a.out) / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=False)
-    scene = eval_scene(*harness_models.TOY_SCENE)
-    try:
-        with ComfyServer(get_comfyui()) as server:
-            print(f"[demo] headless ComfyUI ready at {server.url} in {server.startup_seconds:.1f} s")
-            harness_models.install_toy(server, models)
-            reference, identity = harness_models.toy_reference(server.input_dir, a.identity)
-            shutil.copy2(reference, out / "reference.png")
-            workflow = json.loads(Path(a.workflow).read_text())
-            run = {**harness_models.TOY_RUN, "DiffLoRASampleLoraLatent": {"seed": a.seed}}
-            print(f"[demo] running {Path(a.workflow).name} on held-out identity {a.identity}: "
-                  f"{', '.join(f'{k}={v}' for k, v in vars(identity).items())}")
-            results = {}
-            for label, strength in (("personalized", 1.0), ("base", 0.0)):
-                classes = {**run, "DiffLoRAApplyLora": {"strength": strength}}
-                prompt = harness_models.on_toy_base(ui_to_api(workflow, server.object_info(),
-                                                              overrides=harness_models.TOY_PROMPTS,
-                                                              class_overrides=classes))
-                if label == "base":  # the base image only: do not save a second LoRA
-                    prompt = {k: v for k, v in prompt.items() if v["class_type"] != "DiffLoRASaveLora"}
-                outputs = server.run(prompt, timeout=900)
-                images = [Path(shutil.copy2(p, out / f"{label}_{p.name}")) for p in server.output_paths(outputs)]
-                results[label] = images
-                if label == "personalized":
-                    loras = []
-                    for node in outputs.values():
-                        for line in node.get("text", []):
-                            if line.startswith("saved LoRA: "):
-                                src = server.models_dir("loras") / line.removeprefix("saved LoRA: ")
-                                loras.append(shutil.copy2(src, out / src.name))
-    except ComfyServerError as e:
-        print(f"[demo] failed: {e}", file=sys.stderr)
-        return 1
-    if not (results.get("personalized") and results.get("base") and loras):
-        print("[demo] failed: the graph saved no image or no LoRA", file=sys.stderr)
-        return 1
+    return ap.parse_args(argv)
+
+
+def _saved_loras(outputs: dict, server, out: Path) -> list[Path]:
+    """The LoRA files Save Predicted LoRA reports ("saved LoRA: NAME"), copied into ``out``."""
+    loras = []
+    for node in outputs.values():
+        for line in node.get("text", []):
+            if line.startswith("saved LoRA: "):
+                src = server.models_dir("loras") / line.removeprefix("saved LoRA: ")
+                loras.append(Path(shutil.copy2(src, out / src.name)))
+    return loras
+
+
+def _run_graph(a, models: dict, out: Path):
+    """The graph as shipped and at LoRA strength 0, on a headless ComfyUI: ({label: images}, saved
+    LoRAs, the held-out identity)."""
+    with ComfyServer(get_comfyui()) as server:
+        print(f"[demo] headless ComfyUI ready at {server.url} in {server.startup_seconds:.1f} s")
+        harness_models.install_toy(server, models)
+        reference, identity = harness_models.toy_reference(server.input_dir, a.identity)
+        shutil.copy2(reference, out / "reference.png")
+        workflow = json.loads(Path(a.workflow).read_text())
+        run = {**harness_models.TOY_RUN, "DiffLoRASampleLoraLatent": {"seed": a.seed}}
+        print(f"[demo] running {Path(a.workflow).name} on held-out identity {a.identity}: "
+              f"{', '.join(f'{k}={v}' for k, v in vars(identity).items())}")
+        results, loras = {}, []
+        for label, strength in (("personalized", 1.0), ("base", 0.0)):
+            classes = {**run, "DiffLoRAApplyLora": {"strength": strength}}
+            prompt = harness_models.on_toy_base(ui_to_api(workflow, server.object_info(),
+                                                          overrides=harness_models.TOY_PROMPTS,
+                                                          class_overrides=classes))
+            if label == "base":  # the base image only: do not save a second LoRA
+                prompt = {k: v for k, v in prompt.items() if v["class_type"] != "DiffLoRASaveLora"}
+            outputs = server.run(prompt, timeout=900)
+            results[label] = [Path(shutil.copy2(p, out / f"{label}_{p.name}")) for p in server.output_paths(outputs)]
+            if label == "personalized":
+                loras = _saved_loras(outputs, server, out)
+    return results, loras, identity
+
+
+def _report(results: dict, loras: list[Path], identity, out: Path) -> None:
+    """Where each file went and what the attribute classifier reads back from both images."""
     from difflora_toyworld.attributes import load_classifier
+    from difflora_toyworld.results import eval_scene
 
     clf = load_classifier(harness_models.toy_asset(harness_models.TOY_CLASSIFIER))
+    scene = eval_scene(*harness_models.TOY_SCENE)
     ida, pa = _scores(clf, results["personalized"][0], identity, scene)
     base_ida, base_pa = _scores(clf, results["base"][0], identity, scene)
-    print(f"[demo] done in {time.monotonic() - t0:.1f} s")
     print(f"[demo] reference photo:  {out / 'reference.png'}")
     print(f"[demo] generated image:  {results['personalized'][0]}")
     print(f"[demo] base model image: {results['base'][0]}  (same seed, LoRA strength 0)")
@@ -111,6 +109,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] read from the {label} image: " + ", ".join(
             f"{name} {read[name]}{'' if read[name] == want else f' (is {want})'}"
             for name, want in vars(identity).items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parse_args(argv)
+    t0 = time.monotonic()
+    try:
+        models = harness_models.toy_models(REPO / ".cache" / "default_models")
+    except harness_models.ToyAssetError as e:
+        print(f"[demo] {e}", file=sys.stderr)
+        return 1
+    out = Path(a.out) / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=False)
+    try:
+        results, loras, identity = _run_graph(a, models, out)
+    except ComfyServerError as e:
+        print(f"[demo] failed: {e}", file=sys.stderr)
+        return 1
+    if not (results.get("personalized") and results.get("base") and loras):
+        print("[demo] failed: the graph saved no image or no LoRA", file=sys.stderr)
+        return 1
+    print(f"[demo] done in {time.monotonic() - t0:.1f} s")
+    _report(results, loras, identity, out)
     return 0
 
 

@@ -72,9 +72,8 @@ def lae_small(param_count: int) -> LAEConfig:
 def lae_sdxl_r4(param_count: int) -> LAEConfig:
     # 48 * 4^4 = 12288 entries per token: P = 5,806,080 -> T = 473 tokens (0.1% padding),
     # C = 40 -> 306.9x, near the paper's ~300x, and 473 tokens keeps the DiT's attention cheap.
-    # Widths grow as the sequence shrinks so every stage costs roughly the same FLOPs. 6.9M params;
-    # measured on CPU, batch 1: encode + decode ~3 s on one busy core (decode alone ~1.7 s), peak
-    # RSS ~0.7 GB for the whole process; training holds ~2.4 GB of fp32 activations per sample.
+    # Widths grow as the sequence shrinks so every stage costs roughly the same FLOPs (6.9M params;
+    # its cost and memory are measured in docs/PERFORMANCE.md, sections 1 and 4).
     return LAEConfig(param_count, patch=48, strides=(4, 4, 4, 4), widths=(96, 128, 192, 256, 320),
                      latent_channels=40, res_blocks=2)
 

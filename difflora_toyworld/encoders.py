@@ -60,7 +60,7 @@ class ConvBackbone(nn.Module):
     def __init__(self, cfg: NetConfig):
         super().__init__()
 
-        def conv(c_in, c_out, k, stride):  # BatchNorm: 600 steps took eye colour 0.4 -> 0.99
+        def conv(c_in, c_out, k, stride):  # BatchNorm: without it eye colour stays near chance (docs/TOYWORLD.md)
             return [nn.Conv2d(c_in, c_out, k, stride, padding=1, bias=False),
                     nn.BatchNorm2d(c_out), nn.ReLU()]
 
