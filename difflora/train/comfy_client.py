@@ -43,13 +43,12 @@ class ComfyClient:
 
     # -- HTTP ----------------------------------------------------------------------------
     def _open(self, path: str, body: bytes | None = None, headers: dict | None = None, *,
-              deadline: float | None = None, limit: int = MAX_JSON_BYTES, stoppable: bool = True) -> bytes:
+              deadline: float | None = None, limit: int | None = None, stoppable: bool = True) -> bytes:
         """The answer's body. `deadline` (time.monotonic()) bounds the whole request, body included."""
-        name = path.split("?")[0]
+        name, limit = path.split("?")[0], limit or MAX_JSON_BYTES
         deadline = deadline if deadline is not None else time.monotonic() + REQUEST_TIMEOUT
         if deadline <= time.monotonic():
-            raise generator_error(f"ComfyUI at {self.url} did not finish the prompt within {self.timeout:.0f} s "
-                                  f"(before {name}): raise --timeout if the workflow is slow.", retry=True)
+            raise self._overdue(f"the prompt (before {name})")
         request = urllib.request.Request(self.url + path, data=body, headers=headers or {})
         try:
             with urllib.request.urlopen(request, timeout=_socket_timeout(deadline)) as response:
@@ -91,6 +90,10 @@ class ComfyClient:
     def _too_large(self, name: str, size: int, limit: int) -> GeneratorError:
         return generator_error(f"ComfyUI at {self.url} answered {name} with {size:,} bytes or more, more than the "
                                f"{limit:,} such an answer can need: is it a ComfyUI server?")
+
+    def _overdue(self, what: str) -> GeneratorError:
+        return generator_error(f"ComfyUI at {self.url} did not finish {what} within {self.timeout:g} s (raise --timeout "
+                               "if the workflow is slow).", retry=True)
 
     def _stopped(self) -> GeneratorError:
         return generator_error(f"stopped while waiting for ComfyUI at {self.url}")
@@ -152,15 +155,14 @@ class ComfyClient:
         while True:
             if self.stopping.is_set():
                 raise self._stopped()
+            if time.monotonic() > deadline:
+                raise self._overdue(f"prompt {prompt_id}")
             entry = self._json(f"/history/{prompt_id}", deadline=min(deadline, time.monotonic() + REQUEST_TIMEOUT))
             status = self._finished_status(entry.get(prompt_id))
             if status is not None:
                 if status.get("status_str") == "error" or not status.get("completed"):
                     raise generator_error(f"ComfyUI at {self.url} failed running the workflow: {_failure(status)}", retry=True)
                 return _outputs(entry[prompt_id], self.url)
-            if time.monotonic() > deadline:
-                raise generator_error(f"ComfyUI at {self.url} did not finish prompt {prompt_id} within {self.timeout:.0f} s "
-                                      "(raise --timeout if the workflow is slow).", retry=True)
             self.stopping.wait(self.poll)
 
     def _finished_status(self, entry) -> dict | None:
