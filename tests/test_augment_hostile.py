@@ -296,7 +296,7 @@ def _endless(h, s: Server, p, b, declared: str | None = None):
 
 @pytest.mark.parametrize("declared", [None, str(10**12)], ids=["no-length", "huge-length"])
 def test_an_endless_answer_is_cut_at_the_size_cap(tmp_path, server, monkeypatch, declared):
-    monkeypatch.setattr(comfy_client, "MAX_JSON_BYTES", 1 << 20)
+    monkeypatch.setattr(comfy_client, "MAX_JSON_BYTES", 1 << 20, raising=False)
     server.routes["GET /history"] = lambda h, s, p, b: _endless(h, s, p, b, declared)
     with pytest.raises(GeneratorError, match=r"answered /history/p1 with [\d,]+ bytes or more, more than the 1,048,576"):
         run_augment(tmp_path, server)
@@ -406,9 +406,9 @@ def test_the_reference_actually_used_is_the_one_copied_and_unreadable_files_are_
     reports = augment_identities(config(tmp_path), generator=ScriptedGenerator(lambda s: RED),
                                  face_encoder=ColourFaces())
     out = tmp_path / "out"
-    r = reports[0]
-    assert r.status == "augmented" and r.reference == "x.png" and r.unreadable == ["reference.png"]
     assert (out / "ann" / "reference.png").read_bytes() == (data / "x.png").read_bytes()
     assert (out / "ann" / "reference.txt").read_text() == "a photo of sks person\n"
     assert not (out / "ann" / "x.png").exists()                # copied once, as the reference
+    r = reports[0]
+    assert r.status == "augmented" and r.reference == "x.png" and r.unreadable == ["reference.png"]
     assert reported(out)["ann"]["unreadable"] == ["reference.png"]
