@@ -412,3 +412,14 @@ def test_the_reference_actually_used_is_the_one_copied_and_unreadable_files_are_
     r = reports[0]
     assert r.status == "augmented" and r.reference == "x.png" and r.unreadable == ["reference.png"]
     assert reported(out)["ann"]["unreadable"] == ["reference.png"]
+
+
+def test_a_second_ctrl_c_ends_the_command_with_a_sentence_and_status_130(tmp_path, monkeypatch, caplog):
+    from difflora.train.__main__ import EXIT_INTERRUPTED, main
+
+    def stopped_at_once(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(augment, "augment_identities", stopped_at_once)
+    assert main(["augment", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == EXIT_INTERRUPTED == 130
+    assert "Stopped at once (second Ctrl-C); run the same command again" in caplog.text

@@ -167,7 +167,8 @@ class AugmentConfig(Checked):
     concurrency: int = opt(2, "Prompts in flight on the server at once (--backend diffusers runs one at a time).",
                            at_least=1)
     retries: int = opt(3, "Retries of a prompt that failed (server error, time-out) before the run stops.", at_least=0)
-    timeout: float = opt(600.0, "Seconds one prompt may take on the server.", above=0)
+    timeout: float = opt(600.0, "Seconds one prompt may take, from queueing it to its last image (then it is "
+                                "cancelled on the server).", above=0)
     face_encoder: str = opt("antelopev2", "Face analysis that decides whether a generated photo shows the same person "
                                           "(use identity-loras' one).", choices=FACE_ENCODER_KINDS)
     insightface_root: str = opt("", "Folder holding models/<antelopev2|buffalo_l>/; for toy-face, its "
