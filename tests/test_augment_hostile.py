@@ -27,7 +27,16 @@ from difflora.errors import GeneratorError
 from difflora.train import augment, comfy_client
 from difflora.train.augment import augment_identities
 from difflora.train.generators import ComfyUIGenerator
-from tests.test_augment import NODES, RED, ColourFaces, ScriptedGenerator, config, flat, one_photo_data, workflow_file
+from tests.test_augment import (
+    NODES,
+    RED,
+    ColourFaces,
+    ScriptedGenerator,
+    config,
+    flat,
+    one_photo_data,
+    workflow_file,
+)
 
 STALL = 3.0  # the longest any scripted stall lasts (seconds)
 
@@ -298,7 +307,8 @@ def _endless(h, s: Server, p, b, declared: str | None = None):
 def test_an_endless_answer_is_cut_at_the_size_cap(tmp_path, server, monkeypatch, declared):
     monkeypatch.setattr(comfy_client, "MAX_JSON_BYTES", 1 << 20, raising=False)
     server.routes["GET /history"] = lambda h, s, p, b: _endless(h, s, p, b, declared)
-    with pytest.raises(GeneratorError, match=r"answered /history/p1 with [\d,]+ bytes or more, more than the 1,048,576"):
+    too_large = r"answered /history/p1 with [\d,]+ bytes or more, more than the 1,048,576"
+    with pytest.raises(GeneratorError, match=too_large):
         run_augment(tmp_path, server)
 
 

@@ -58,8 +58,9 @@ class ComfyClient:
             raise generator_error(f"ComfyUI at {self.url} answered {name} with HTTP {e.code}: {detail}",
                                   retry=e.code >= 500) from None
         except urllib.error.URLError as e:   # nothing accepted the connection
-            raise generator_error(f"The ComfyUI server at {self.url} is not reachable ({e.reason}): start it (python "
-                                  "main.py --listen 127.0.0.1) or pass its address with --server.", retry=True) from None
+            raise generator_error(f"The ComfyUI server at {self.url} is not reachable ({e.reason}): start it "
+                                  "(python main.py --listen 127.0.0.1) or pass its address with --server.",
+                                  retry=True) from None
         except TimeoutError as e:            # connected, then no (whole) answer in time
             raise generator_error(f"ComfyUI at {self.url} accepted the connection but did not answer {name} in time "
                                   f"({e or 'timed out'}): it may be busy or stuck; restart it, or raise --timeout if "
@@ -92,8 +93,8 @@ class ComfyClient:
                                f"{limit:,} such an answer can need: is it a ComfyUI server?")
 
     def _overdue(self, what: str) -> GeneratorError:
-        return generator_error(f"ComfyUI at {self.url} did not finish {what} within {self.timeout:g} s (raise --timeout "
-                               "if the workflow is slow).", retry=True)
+        return generator_error(f"ComfyUI at {self.url} did not finish {what} within {self.timeout:g} s (raise "
+                               "--timeout if the workflow is slow).", retry=True)
 
     def _stopped(self) -> GeneratorError:
         return generator_error(f"stopped while waiting for ComfyUI at {self.url}")
@@ -129,7 +130,8 @@ class ComfyClient:
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
                      f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
         parts.append(f"--{boundary}--\r\n".encode())
-        raw = self._open("/upload/image", b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        raw = self._open("/upload/image", b"".join(parts),
+                         {"Content-Type": f"multipart/form-data; boundary={boundary}"})
         try:
             answer = json.loads(raw)
             stored, folder = answer["name"], answer.get("subfolder") or ""
@@ -222,13 +224,16 @@ def _socket_timeout(deadline: float) -> float:
 def _outputs(entry: dict, url: str) -> dict:
     outputs = entry.get("outputs") or {}
     if not isinstance(outputs, dict) or not all(isinstance(v, dict) for v in outputs.values()):
-        raise generator_error(f"{url}/history answered outputs of another shape than ComfyUI's: is it a ComfyUI server?")
+        raise generator_error(f"{url}/history answered outputs of another shape than ComfyUI's: is it a ComfyUI "
+                              "server?")
     return outputs
 
 
 def _image_items(output: dict, node_id: str, url: str) -> list[dict]:
     items = output.get("images") or []
-    if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("filename"), str) for i in items):
+    if not isinstance(items, list):
+        items = [items]   # one malformed entry, refused below
+    if not all(isinstance(i, dict) and isinstance(i.get("filename"), str) for i in items):
         raise generator_error(f"{url}/history reported an output image of node {node_id} without a filename "
                               f"({json.dumps(items)[:200]}): is it a ComfyUI server?")
     return items

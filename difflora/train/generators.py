@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import GeneratorError
-from .comfy_client import ComfyClient, generator_error
+from .comfy_client import ComfyClient, _node_order, generator_error
 
 SEED_INPUTS = ("seed", "noise_seed")  # KSampler, KSamplerAdvanced / RandomNoise
 MAX_PHOTO_PIXELS = 8192 * 8192        # an upscaled SDXL photo is 4096 x 4096; beyond, a decompression bomb
@@ -63,13 +63,10 @@ def _not_found(graph: dict, name: str, what: str) -> str:
     """Why `name` names no node: no such id or title, or a title several nodes share."""
     shared = _titled(graph, name)
     if len(shared) > 1:
-        return (f"{name!r} ({what}): {len(shared)} nodes have that title (ids {', '.join(sorted(shared, key=_id_order))})"
-                "; name one by its id or give it a title of its own")
+        ids = ", ".join(sorted(shared, key=_node_order))
+        return f"{name!r} ({what}): {len(shared)} nodes have that title (ids {ids}); name one by its id or give it a " \
+               "title of its own"
     return f"{name!r} ({what})"
-
-
-def _id_order(node_id: str):
-    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
 
 
 def named_inputs(graph: dict, image_node: str, prompt_node: str, seed_node: str,
@@ -110,7 +107,8 @@ class ComfyUIGenerator:
         for name in output_nodes:
             node_id = find_node(self.graph, name)
             if node_id is None:
-                raise GeneratorError(f"Workflow {workflow} has no single output node {_not_found(self.graph, name, '--output-node')}.")
+                why = _not_found(self.graph, name, "--output-node")
+                raise GeneratorError(f"Workflow {workflow} has no single output node {why}.")
             self.output_nodes.append(node_id)
         self.client = ComfyClient(url, timeout=timeout)
         self.client.check()
