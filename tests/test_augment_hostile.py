@@ -389,12 +389,18 @@ def test_a_second_ctrl_c_cancels_the_prompts_in_flight_and_stops_at_once(tmp_pat
 
 # --- row 13: a hung /prompt, and a title two nodes share ------------------------------------------------
 
-def test_a_hung_prompt_request_is_not_called_unreachable(tmp_path, server):
-    server.routes["POST /prompt"] = lambda h, s, p, b: s.stall()
+def test_a_hung_prompt_request_is_not_called_unreachable_and_is_cancelled(tmp_path, server):
+    def hung(h, s: Server, p, b):
+        s.log("queued as", json.loads(b)["prompt_id"])   # ComfyUI takes the client's id
+        s.stall()
+
+    server.routes["POST /prompt"] = hung
     with pytest.raises(GeneratorError) as e:
         run_augment(tmp_path, server, timeout=0.5)
     assert "accepted the connection but did not answer /prompt in time" in str(e.value)
     assert "not reachable" not in str(e.value)
+    sent = [d for e, d in server.events if e == "queued as"]
+    assert [json.loads(d)["delete"] for e, d in server.events if e == "POST /queue"] == [sent]  # its answer lost
 
 
 def test_a_title_two_nodes_share_is_named_as_such(tmp_path):

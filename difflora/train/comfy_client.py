@@ -58,9 +58,11 @@ class ComfyClient:
             raise generator_error(f"ComfyUI at {self.url} answered {name} with HTTP {e.code}: {detail}",
                                   retry=e.code >= 500) from None
         except urllib.error.URLError as e:   # nothing accepted the connection
-            raise generator_error(f"The ComfyUI server at {self.url} is not reachable ({e.reason}): start it "
-                                  "(python main.py --listen 127.0.0.1) or pass its address with --server.",
-                                  retry=True) from None
+            error = generator_error(f"The ComfyUI server at {self.url} is not reachable ({e.reason}): start it "
+                                    "(python main.py --listen 127.0.0.1) or pass its address with --server.",
+                                    retry=True)
+            error.unreached = True   # so nothing of it is on the server to cancel
+            raise error from None
         except TimeoutError as e:            # connected, then no (whole) answer in time
             raise generator_error(f"ComfyUI at {self.url} accepted the connection but did not answer {name} in time "
                                   f"({e or 'timed out'}): it may be busy or stuck; restart it, or raise --timeout if "
@@ -141,8 +143,10 @@ class ComfyClient:
                                   "ComfyUI server?") from None
         return f"{folder}/{stored}" if folder else stored
 
-    def queue(self, prompt: dict, deadline: float | None = None) -> str:
-        answer = self._json("/prompt", {"prompt": prompt, "client_id": self.client_id}, deadline=deadline)
+    def queue(self, prompt: dict, deadline: float | None = None, prompt_id: str | None = None) -> str:
+        """The id the server queued the prompt under (`prompt_id` when it takes the one given)."""
+        payload = {"prompt": prompt, "client_id": self.client_id, **({"prompt_id": prompt_id} if prompt_id else {})}
+        answer = self._json("/prompt", payload, deadline=deadline)
         if answer.get("node_errors"):
             raise generator_error(f"ComfyUI at {self.url} rejected the workflow: {json.dumps(answer['node_errors'])[:2000]}")
         prompt_id = answer.get("prompt_id")
@@ -191,11 +195,14 @@ class ComfyClient:
         """The images of one prompt, all within `timeout`; a prompt given up on (its time-out, a stop, a
         lost answer) is cancelled on the server first, so a retry never leaves it running beside."""
         deadline = time.monotonic() + self.timeout
-        prompt_id = self.queue(prompt, deadline)
+        # Our own id (ComfyUI's /prompt takes one): a prompt whose answer was lost can be cancelled too.
+        prompt_id = uuid.uuid4().hex
         try:
+            prompt_id = self.queue(prompt, deadline, prompt_id)
             outputs = self.wait(prompt_id, deadline)
-        except GeneratorError:
-            self.cancel(prompt_id)
+        except GeneratorError as e:
+            if not getattr(e, "unreached", False):
+                self.cancel(prompt_id)
             raise
         return self.images(outputs, node_ids, deadline)
 
