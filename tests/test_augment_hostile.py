@@ -439,3 +439,29 @@ def test_a_second_ctrl_c_ends_the_command_with_a_sentence_and_status_130(tmp_pat
     monkeypatch.setattr(augment, "augment_identities", stopped_at_once)
     assert main(["augment", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == EXIT_INTERRUPTED == 130
     assert "Stopped at once (second Ctrl-C); run the same command again" in caplog.text
+
+
+@pytest.mark.comfy
+@pytest.mark.slow
+def test_prompts_given_up_on_are_taken_off_a_real_comfyui(comfy_server):
+    """The running prompt is interrupted, a waiting one leaves the queue (ComfyUI's own server.py)."""
+    from devtools.comfy_server import txt2img_graph
+    from devtools.tiny_sdxl import CHECKPOINT_NAME
+    from difflora.train.comfy_client import ComfyClient
+
+    client = ComfyClient(comfy_server.url, timeout=2.0, poll=0.05)
+    seed = int(time.time()) % 10**6   # an identical graph would be served from ComfyUI's cache
+    endless = txt2img_graph(CHECKPOINT_NAME, seed=seed, steps=10000)       # hours on a CPU
+    running = client.queue(txt2img_graph(CHECKPOINT_NAME, seed=seed + 1, steps=10000), prompt_id=f"running-{seed}")
+    with pytest.raises(GeneratorError, match="did not finish prompt"):
+        client.run(endless)       # waits behind `running` until its time-out: deleted from the queue
+    client.cancel(running)        # running: interrupted
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        queue = client._json("/queue")
+        if not queue["queue_running"] and not queue["queue_pending"]:
+            break
+        time.sleep(0.2)
+    assert not queue["queue_running"] and not queue["queue_pending"], queue
+    history = client._json(f"/history/{running}")[running]["status"]
+    assert any(event == "execution_interrupted" for event, _ in history["messages"]), history
