@@ -77,15 +77,15 @@ class ComfyClient:
         if declared and declared.isdigit() and int(declared) > limit:
             raise self._too_large(name, int(declared), limit)
         chunks, size = [], 0
-        while chunk := response.read1(_CHUNK):
+        while response.length != 0 and (chunk := response.read1(_CHUNK)):   # length: what is still declared
             size += len(chunk)
             if size > limit:
                 raise self._too_large(name, size, limit)
             if stoppable and self.stopping.is_set():
                 raise self._stopped()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"its answer was still arriving after the time allowed ({size} bytes so far)")
             chunks.append(chunk)
+            if response.length != 0 and time.monotonic() > deadline:
+                raise TimeoutError(f"its answer was still arriving after the time allowed ({size} bytes so far)")
         if response.length:  # the connection closed before the declared length
             raise http.client.IncompleteRead(b"".join(chunks), response.length)
         return b"".join(chunks)
@@ -163,7 +163,12 @@ class ComfyClient:
                 raise self._stopped()
             if time.monotonic() > deadline:
                 raise self._overdue(f"prompt {prompt_id}")
-            entry = self._json(f"/history/{prompt_id}", deadline=min(deadline, time.monotonic() + REQUEST_TIMEOUT))
+            try:
+                entry = self._json(f"/history/{prompt_id}", deadline=min(deadline, time.monotonic() + REQUEST_TIMEOUT))
+            except GeneratorError:
+                if time.monotonic() > deadline:   # the prompt's own time ran out during this poll
+                    raise self._overdue(f"prompt {prompt_id}") from None
+                raise
             status = self._finished_status(entry.get(prompt_id))
             if status is not None:
                 if status.get("status_str") == "error" or not status.get("completed"):
