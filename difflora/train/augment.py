@@ -10,7 +10,9 @@ as reference.<ext>), the kept photos as gen_<k>_<j>.png with their captions, and
 `<name>.augment.json` (every photo tried: prompt, seed, kept or why not, similarity, seconds) and
 `<name>.contact.png` (the reference, then what was kept). Photo k of an identity always has the
 same prompt and seed; the JSON is rewritten (atomically) after every photo, so a stopped run
-continues where it stopped and nothing recorded there is generated again.
+continues where it stopped and nothing recorded there is generated again. Ctrl-C queues no new
+prompt and retries none (the prompts in flight finish); a second Ctrl-C cancels them on the
+server and stops at once. `augment_report.json` is written however the run ends.
 """
 
 from __future__ import annotations

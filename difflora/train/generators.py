@@ -142,7 +142,6 @@ class ComfyUIGenerator:
                                  "end it with SaveImage or PreviewImage.")
         return images
 
-
     def cancel(self) -> None:
         """Give up every prompt in flight, cancelling each on the server (a second Ctrl-C)."""
         self.client.stopping.set()
@@ -157,7 +156,7 @@ def decode_photo(data: bytes) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except Image.DecompressionBombError as e:  # Pillow refuses twice its own limit at open
         raise ValueError(f"a decompression bomb: {str(e).split(',')[0]}") from None
-    except (OSError, SyntaxError) as e:  # not an image file, or a damaged one
+    except (OSError, SyntaxError, EOFError) as e:  # not an image file, or a damaged one
         raise ValueError(f"{len(data):,} bytes starting {data[:16]!r}: {type(e).__name__}") from None
 
 
