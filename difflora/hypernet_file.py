@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 
 
 def _refuse_non_safetensors(path: Path) -> None:
+    if path.is_dir():
+        raise HypernetFileError(f"{path} is a folder: give the path of a hypernet .safetensors file inside it.")
+    if path.exists() and not path.is_file():  # a FIFO would block the read below, /dev/zero never end it
+        raise HypernetFileError(f"{path} is not a regular file (a pipe, device or socket): give the path of a "
+                                "hypernet .safetensors file.")
     if not path.is_file():
         raise HypernetFileError(f"{path}: no such file. Put hypernet files in ComfyUI/models/difflora/.")
     if path.suffix.lower() in _PICKLE_SUFFIXES:
@@ -289,7 +294,9 @@ def load_hypernet(
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
-                (carried if key.startswith(CARRIED_PREFIX) else state)[key] = f.get_tensor(key)
+                # A copy the model owns: a tensor left mapped to the file would kill the whole process
+                # (SIGBUS) when the file is overwritten in place while it is loaded.
+                (carried if key.startswith(CARRIED_PREFIX) else state)[key] = f.get_tensor(key).clone()
     except Exception as e:
         raise HypernetFileError(f"{path.name}: tensor data is corrupt or truncated ({e}); download or export it again.") from e
     model.load_state_dict(state, strict=True, assign=True)
@@ -306,6 +313,14 @@ def load_hypernet(
     for part in (model.lae, model.dit, model.mif):
         part.to(dtype or torch.float32)
     return model
+
+
+def file_fingerprint(path: str | os.PathLike) -> tuple[int, ...]:
+    """What changes whenever the file's content may have: size, inode and both times in ns. `cp -p`
+    and `rsync -t` keep the modification time but not the inode-change time (ctime), which no user
+    tool sets back, and a replacing rename gives another inode; hashing instead would read gigabytes."""
+    st = os.stat(path)
+    return (st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
 _CARRIED_BY_MODEL = object()  # save_hypernet's default: the encoders the model carries

@@ -35,6 +35,17 @@ def _checked_prefix(folder: Path, prefix: str) -> tuple[Path, str]:
     return folder.joinpath(*parts[:-1]), parts[-1]
 
 
+def _make_folders(folder: Path, target_dir: Path, prefix: str) -> None:
+    """The prefix's sub-folders, or a sentence naming the file that stands where one should be."""
+    for part in [target_dir, *target_dir.parents]:
+        if part.exists() and not part.is_dir():
+            raise DiffLoRAError(f"filename prefix {prefix!r} runs through {part}, which is a file, not a folder: "
+                                "choose another prefix, or move that file away.")
+        if part == folder:
+            break
+    target_dir.mkdir(parents=True, exist_ok=True)
+
+
 def _check_representable(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """A LoRA with inf or NaN (e.g. values beyond fp16's 65504) gives black images: refuse it."""
     bad = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if v.is_floating_point()}
@@ -62,7 +73,7 @@ def save_lora_numbered(
     tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
                for k, v in state.items()}
     _check_representable(tensors, dtype)
-    target_dir.mkdir(parents=True, exist_ok=True)
+    _make_folders(Path(folder), target_dir, prefix)
     tmp = temp_file(target_dir, prefix=f".{stem}.")
     try:
         save_file_reproducible(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import comfy.model_management as mm
 import folder_paths
 from comfy_api.v0_0_2 import io
 
 from ..difflora.encoders import AutoFaceEncoder, load_face_encoder
-from ..difflora.hypernet_file import load_hypernet
+from ..difflora.hypernet_file import file_fingerprint, load_hypernet
 from ..difflora.validation import DTYPES, parse_dtype
 from .model_files import MissingFile, missing_files_message
 from .folders import (HYPERNET_FOLDER, INSIGHTFACE_FOLDER, insightface_pack_installed, insightface_root,
@@ -59,8 +57,7 @@ class LoadDiffLoRAHypernet(io.ComfyNode):
     def execute(cls, hypernet_name, device="auto", dtype="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(HYPERNET_FOLDER, hypernet_name)
         dev, dt = _pick_device_dtype(device, dtype)
-        stat = os.stat(path)
-        key = (path, stat.st_mtime_ns, stat.st_size, str(dev), dt)
+        key = (path, file_fingerprint(path), str(dev), dt)
         if key not in _cache:
             _cache.clear()
             _cache[key] = load_hypernet(path, device=dev, dtype=dt)
@@ -69,7 +66,7 @@ class LoadDiffLoRAHypernet(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, hypernet_name, device="auto", dtype="auto"):
         path = folder_paths.get_full_path(HYPERNET_FOLDER, hypernet_name)
-        return os.stat(path).st_mtime_ns if path else hypernet_name
+        return file_fingerprint(path) if path else hypernet_name
 
 
 class LoadFaceAnalysis(io.ComfyNode):

@@ -185,3 +185,73 @@ def test_nan_embeddings_from_a_carried_face_encoder_are_blamed_on_the_file(tmp_p
     with pytest.raises(HypernetFileError, match="face encoder carried by badvar.safetensors gives NaN") as e:
         features_from_images(hn, make_dataset(1, 2, seed=0).images)
     assert "reference images" not in str(e.value)
+
+
+# --- a file changed under a loaded hypernet (issue 27) -------------------------------------------
+
+def _mapped(path: Path) -> bool:
+    """Whether this process still maps `path` (a tensor's storage, or anything else)."""
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_a_loaded_hypernet_owns_its_memory(tmp_path):
+    import gc
+
+    path = save_hypernet(tiny_hypernet(), tmp_path / "hn.safetensors")
+    hn = load_hypernet(path)
+    gc.collect()
+    assert not _mapped(path)          # no tensor of it shares pages with the file
+    assert all(not t.is_meta for t in hn.state_dict().values())
+
+
+_OVERWRITE_WHILE_LOADED = """
+import sys
+from difflora.hypernet_file import load_hypernet
+hn = load_hypernet(sys.argv[1])
+with open(sys.argv[1], "r+b") as f:   # what `head -c 100 other.safetensors > x.safetensors` does
+    f.truncate(100)
+print("SUM", sum(float(t.double().sum()) for t in hn.state_dict().values()))
+"""
+
+
+def test_a_hypernet_file_overwritten_in_place_while_loaded_leaves_the_process_alive(tmp_path):
+    path = save_hypernet(tiny_hypernet(), tmp_path / "hn.safetensors")
+    expected = sum(float(t.double().sum()) for t in load_hypernet(path).state_dict().values())
+    run = subprocess.run([sys.executable, "-c", _OVERWRITE_WHILE_LOADED, str(path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])   # -7 is SIGBUS
+    assert float(run.stdout.split("SUM")[1]) == pytest.approx(expected)  # the weights read before the overwrite
+
+
+def test_a_file_replaced_keeping_its_mtime_and_size_has_another_fingerprint(tmp_path):
+    import os
+    import shutil
+    import time
+
+    from difflora.hypernet_file import file_fingerprint
+
+    path = save_hypernet(tiny_hypernet(seed=0), tmp_path / "hn.safetensors")
+    other = save_hypernet(tiny_hypernet(seed=1), tmp_path / "other.safetensors")
+    before, st = file_fingerprint(path), os.stat(path)
+    time.sleep(0.05)  # past the file system's timestamp tick: the copy comes later, as in real use
+    shutil.copyfile(other, path)                                     # `cp -p other hn`: same inode,
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))              # same mtime, same size
+    assert (os.stat(path).st_mtime_ns, os.stat(path).st_size) == (st.st_mtime_ns, st.st_size)
+    assert file_fingerprint(path) != before
+    os.replace(other, path)                                          # `rsync -t`: a new file renamed over
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_fingerprint(path) != before
+
+
+def test_inspect_names_a_folder_a_pipe_and_a_device_as_such(tmp_path, capsys):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    for path, says in ((tmp_path, "is a folder"), (tmp_path / "pipe.safetensors", "not a regular file"),
+                       (Path("/dev/zero"), "not a regular file")):
+        assert main(["inspect", str(path)]) == 1
+        out = capsys.readouterr().out
+        assert says in out and "no such file" not in out, out
+    with pytest.raises(HypernetFileError, match="not a regular file"):
+        load_hypernet(tmp_path / "pipe.safetensors")

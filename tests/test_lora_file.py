@@ -58,3 +58,12 @@ def test_saved_lora_has_the_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("prefix", ["people/alice", "people/sub/alice"])
+def test_a_prefix_through_an_existing_file_names_that_file(tmp_path, prefix):
+    (tmp_path / "people").write_text("a file where the prefix wants a folder")
+    before = every_file(tmp_path)
+    with pytest.raises(DiffLoRAError, match=r"runs through .*people, which is a file, not a folder: choose another"):
+        save_lora_numbered(LORA, tmp_path, prefix)
+    assert every_file(tmp_path) == before

@@ -303,3 +303,29 @@ def test_api_values_the_ui_would_not_send_end_in_a_sentence(pack):
             n["DiffLoRASaveLora"].execute(lora, prefix)
         assert is_difflora_error(err.value)
     assert sorted(p for p in loras.parent.rglob("*") if p.is_file()) == before
+
+
+def test_hypernet_loader_reloads_a_file_replaced_with_the_same_mtime_and_size(pack, tmp_path):
+    """`cp -p` / `rsync -t` keep the mtime (and here the size): the node must still see new content."""
+    import os
+    import shutil
+    import time
+
+    folder = Path(pack.c.folder_paths.get_folder_paths("difflora")[0])
+    path = folder / "swapped.safetensors"
+    shutil.copyfile(pack.models / "tiny_difflora.safetensors", path)
+    loader = pack.n["DiffLoRAHypernetLoader"]
+    with torch.inference_mode():
+        first = loader.execute("swapped.safetensors").args[0]
+    before, st = loader.fingerprint_inputs("swapped.safetensors"), os.stat(path)
+    other = build_tiny_hypernet(tmp_path / "other.safetensors", seed=1, lora_std=0.05)
+    assert other.stat().st_size == st.st_size
+    time.sleep(0.05)  # past the file system's timestamp tick: the copy comes later, as in real use
+    shutil.copyfile(other, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert loader.fingerprint_inputs("swapped.safetensors") != before   # ComfyUI runs the node again
+    with torch.inference_mode():
+        second = loader.execute("swapped.safetensors").args[0]
+    assert second is not first
+    changed = [k for k, v in second.state_dict().items() if not torch.equal(v, first.state_dict()[k])]
+    assert changed   # the new file's weights, not the cached ones

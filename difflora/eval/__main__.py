@@ -83,18 +83,29 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def read_prompt_list(path: str) -> list[str]:
+    """`init --prompts FILE`: its non-empty lines, or a sentence when it is no readable text file."""
+    p = Path(path)
+    if not p.is_file():  # a FIFO would block, /dev/zero never end
+        raise DiffLoRAError(f"--prompts {p} is {'not a regular file' if p.exists() else 'not found'}: give a text "
+                            "file of prompts, one a line, with {person} where the subject goes.")
+    try:
+        return [l.strip() for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]
+    except UnicodeDecodeError as e:
+        raise DiffLoRAError(f"--prompts {p} is not UTF-8 text ({e}): save it as UTF-8.") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     layout = EvalLayout(Path(ns.root))
     try:
         if ns.command == "init":
-            prompts = DEFAULT_PROMPTS
-            if ns.prompts:
-                prompts = [l.strip() for l in open(ns.prompts, encoding="utf-8") if l.strip()]
-            print(layout.write_prompts(prompts))
-            (layout.root / "references").mkdir(exist_ok=True)
-            (layout.root / "generated").mkdir(exist_ok=True)
+            layout.make_root()
+            if not ns.prompts and layout.prompts_file.is_file():  # the user's own edits are never replaced
+                print(f"{layout.prompts_file} kept as it is (delete it to get the default {len(DEFAULT_PROMPTS)})")
+            else:
+                print(layout.write_prompts(read_prompt_list(ns.prompts) if ns.prompts else DEFAULT_PROMPTS))
             print(f"put each identity's photo(s) in {layout.root / 'references'}/<identity>/")
             return 0
         if ns.command == "generate":

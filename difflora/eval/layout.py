@@ -16,6 +16,8 @@ that holds fewer is scored as it is, and the counts are reported with the figure
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 from ..encoders.images import IMAGE_EXTENSIONS, list_image_files
 from ..errors import DiffLoRAError
 
+log = logging.getLogger("difflora.eval")
 PERSON = "{person}"
 PROMPTS_FILE, REFERENCES, GENERATED, FID_REFERENCE, TIMING = (
     "prompts.txt", "references", "generated", "fid_reference", "timing.json")
@@ -94,9 +97,30 @@ class EvalLayout:
         return prompts
 
     def write_prompts(self, prompts=DEFAULT_PROMPTS) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.prompts_file.write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
-        return self.prompts_file
+        """prompts.txt, written atomically; one the user already has is never replaced."""
+        self.make_root()
+        text = "".join(p + "\n" for p in prompts)
+        path = self.prompts_file
+        if path.exists() or path.is_symlink():
+            if not path.is_file():
+                raise DiffLoRAError(f"{path} is not a regular file (a folder, pipe or device): move it away, then "
+                                    "run init again.")
+            if path.read_text(encoding="utf-8", errors="replace") == text:
+                return path
+            raise DiffLoRAError(f"{path} already exists and holds other prompts: it was left as it is. Delete or "
+                                "rename it to write new ones, or keep it (generate and score read it).")
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    def make_root(self) -> None:
+        """ROOT and its folders, or a sentence when ROOT (or a folder in it) is a file."""
+        for folder in (self.root, self.root / REFERENCES, self.root / GENERATED):
+            if folder.exists() and not folder.is_dir():
+                raise DiffLoRAError(f"{folder} is a file, not a folder: pass another evaluation ROOT (a folder, "
+                                    "created when missing), or move that file away.")
+            folder.mkdir(parents=True, exist_ok=True)
 
     def identities(self) -> list[str]:
         ref = self.root / REFERENCES
@@ -132,7 +156,9 @@ class EvalLayout:
             found = []
             for p in sorted(sub.iterdir()) if sub.is_dir() else []:
                 m = _IMAGE_NAME.match(p.stem)
-                if m and p.suffix.lower() in IMAGE_EXTENSIONS:
+                if m and p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_file():  # a FIFO would block the read
+                    log.warning("%s is not a regular file (a pipe, device or folder): skipped.", p)
+                elif m and p.suffix.lower() in IMAGE_EXTENSIONS:
                     found.append(GeneratedImage(p, int(m.group(1)), int(m.group(2))))
             if found:
                 images[identity] = found
@@ -142,8 +168,12 @@ class EvalLayout:
         path = self.method_dir(method) / TIMING
         if not path.is_file():
             return {}
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return {str(k): float(v) for k, v in data.items()}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return {str(k): float(v) for k, v in data.items()}
+        except (ValueError, TypeError, AttributeError, RecursionError, UnicodeDecodeError) as e:
+            raise DiffLoRAError(f"{path} is not a JSON object of {{identity: seconds}} ({type(e).__name__}: {e}): "
+                                "fix it, or delete it (it is optional: the table then shows no times).") from None
 
     def write_timing(self, method: str, timing: dict[str, float]) -> Path:
         path = self.method_dir(method) / TIMING

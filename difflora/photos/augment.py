@@ -10,7 +10,9 @@ as reference.<ext>), the kept photos as gen_<k>_<j>.png with their captions, and
 `<name>.augment.json` (every photo tried: prompt, seed, kept or why not, similarity, seconds) and
 `<name>.contact.png` (the reference, then what was kept). Photo k of an identity always has the
 same prompt and seed; the JSON is rewritten (atomically) after every photo, so a stopped run
-continues where it stopped and nothing recorded there is generated again.
+continues where it stopped and nothing recorded there is generated again. Ctrl-C queues no new
+prompt and retries none (the prompts in flight finish); a second Ctrl-C cancels them on the
+server and stops at once. `augment_report.json` is written however the run ends.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class IdentityAugment:
     kept: int = 0
     rejected: int = 0
     seconds: float = 0.0      # generation and filtering, over every run
+    reference: str = ""       # the source photo used (and copied) as the reference
+    unreadable: list[str] = field(default_factory=list)   # source files not copied: no image Pillow reads
     photos: list[dict] = field(default_factory=list)  # index, image, seed, prompt, status, similarity, reason, file, seconds
 
     def summary(self) -> dict:
@@ -130,20 +134,51 @@ def augment_identities(cfg: AugmentConfig, generator=None, face_encoder: FaceEnc
     generator = generator or make_generator(cfg, face_encoder)
     (out / WORK).mkdir(parents=True, exist_ok=True)
     reports = []
-    with StopRequest() as stop:
-        from tqdm.auto import tqdm
+    try:
+        with StopRequest() as stop:
+            from tqdm.auto import tqdm
 
-        for folder in tqdm(folders, desc="augment", disable=not cfg.progress):
-            if stop.flag:
-                reports.append(IdentityAugment(folder.name, "interrupted", "stopped before it started"))
-                continue
-            reports.append(_augment_one(folder, out, cfg, generator, face_encoder, prompts, stop))
+            for folder in tqdm(folders, desc="augment", disable=not cfg.progress):
+                if stop.flag:
+                    reports.append(IdentityAugment(folder.name, "interrupted", "stopped before it started"))
+                    continue
+                reports.append(_augment_one(folder, out, cfg, generator, face_encoder, prompts, stop))
+    finally:  # also when a failure or a second Ctrl-C stops the run: the report says where it stopped
+        _write_summary(out, cfg, folders, reports)
+    return reports
+
+
+def _write_summary(out: Path, cfg: AugmentConfig, folders: list[Path], reports: list[IdentityAugment]) -> None:
+    reports = reports + [_state_after_a_stop(out, folder.name) for folder in folders[len(reports):]]
     summary = {"config": cfg.to_dict(), "identities": [r.summary() for r in reports]}
     _write_text(out / REPORT, json.dumps(summary, indent=1))
     counts = {s: sum(r.status == s for r in reports) for s in ("augmented", "enough", "short", "skipped",
                                                                 "interrupted")}
     log.info("augment: %s (report: %s)", ", ".join(f"{v} {k}" for k, v in counts.items()), out / REPORT)
-    return reports
+
+
+def _state_after_a_stop(out: Path, name: str) -> IdentityAugment:
+    """An identity the run did not finish: its saved state, or 'interrupted' when it has none."""
+    try:
+        report = _read_state(out / f"{name}{STATE_SUFFIX}", name)
+    except DiffLoRAError:
+        report = IdentityAugment(name)
+    if report.status == "pending":
+        report.status, report.reason = "interrupted", "not started: the run stopped before it"
+    return report
+
+
+@dataclass
+class _Drawing:
+    """One identity's photos being drawn: where they go and what they are judged against."""
+
+    report: IdentityAugment
+    state_path: Path
+    dst: Path
+    reference: Path
+    faces: FaceMatches
+    missing: int        # kept photos still wanted
+    attempts: int       # photos that may be tried in all
 
 
 def _augment_one(src: Path, out: Path, cfg: AugmentConfig, generator, face_encoder: FaceEncoder,
@@ -151,83 +186,129 @@ def _augment_one(src: Path, out: Path, cfg: AugmentConfig, generator, face_encod
     name, dst = src.name, out / src.name
     faces = face_matches(src, face_encoder, cfg.min_face_similarity,
                          cache_path=out / WORK / f"{name}.{face_encoder.kind}.faces.safetensors")
-    _copy_source(src, dst, faces.reference_file if isinstance(faces, FaceMatches) else None)
+    matched = isinstance(faces, FaceMatches)
+    _copy_source(src, dst, faces.reference_file if matched else None, set(faces.unreadable) if matched else set())
     state_path = out / f"{name}{STATE_SUFFIX}"
     report = _read_state(state_path, name)
     report.target = cfg.target_images
-    if isinstance(faces, str):
+    if not matched:
         report.status, report.reason = "skipped", f"no usable reference photo: {faces}"
         return _save(report, state_path)
-    report.source_usable = len(faces.matching)
+    _record_source(report, faces)
     missing = cfg.target_images - report.source_usable
     if missing <= 0:
         report.status, report.reason = "enough", f"{report.source_usable} usable photos already"
         return _save(report, state_path)
-    reference = src / faces.reference_file
-    attempts = cfg.max_attempts or 3 * missing
+    drawing = _Drawing(report, state_path, dst, src / faces.reference_file, faces, missing,
+                       cfg.max_attempts or 3 * missing)
+    try:
+        error = _draw_photos(drawing, cfg, generator, face_encoder, prompts, stop)
+    except KeyboardInterrupt:  # a second Ctrl-C: the prompts in flight were cancelled
+        report.status, report.reason = "interrupted", "stopped at once (second Ctrl-C); run the command again"
+        _save(report, state_path)
+        raise
+    _contact_sheet(drawing.reference, dst, report, out / f"{name}{SHEET_SUFFIX}")
+    return _conclude(drawing, error, stop)
+
+
+def _record_source(report: IdentityAugment, faces: FaceMatches) -> None:
+    report.source_usable = len(faces.matching)
+    report.reference, report.unreadable = faces.reference_file, list(faces.unreadable)
+    if faces.unreadable:
+        log.warning("%s: %d photo(s) unreadable, not copied: %s (replace them with photos Pillow reads).",
+                    report.name, len(faces.unreadable), ", ".join(faces.unreadable))
+
+
+def _draw_photos(drawing: _Drawing, cfg: AugmentConfig, generator, face_encoder: FaceEncoder,
+                 prompts: list[tuple[str, str]], stop: StopRequest) -> GeneratorError | None:
+    """Prompts run `--concurrency` at a time until enough photos are kept, the attempts run out, a prompt
+    fails for good (returned) or a Ctrl-C (no new prompts nor retries; the ones in flight finish)."""
+    report, name = drawing.report, drawing.report.name
     done = {p["index"] for p in report.photos}
-    todo = iter([k for k in range(attempts) if k not in done])
-    error: GeneratorError | None = None
-    with ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="augment") as pool:
-        pending = {}
+    todo = iter([k for k in range(drawing.attempts) if k not in done])
+    error, told, pending = None, False, {}
+    pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="augment")
+    try:
         while True:
-            while len(pending) < cfg.concurrency and report.kept < missing and error is None and not stop.flag:
+            while len(pending) < cfg.concurrency and report.kept < drawing.missing and error is None and not stop.flag:
                 k = next(todo, None)
                 if k is None:
                     break
                 prompt, caption = prompts[k % len(prompts)]
                 seed = step_seed(cfg.seed, "augment", name, k) % 2**32
-                job = pool.submit(_generate, generator, reference, prompt, seed, cfg.retries)
+                job = pool.submit(_generate, generator, drawing.reference, prompt, seed, cfg.retries, stop)
                 pending[job] = (k, prompt, caption, seed)
             if not pending:
-                break
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                return error
+            if stop.flag and not told:
+                told = True
+                log.warning("Stopping: no new prompts or retries; %d prompt(s) in flight finish (at most --timeout). "
+                            "Press Ctrl-C again to cancel them and stop at once.", len(pending))
+            finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             for job in finished:
-                k, prompt, caption, seed = pending.pop(job)
-                try:
-                    images, seconds = job.result()
-                except GeneratorError as e:
-                    error = error or e
-                    continue
-                for j, image in enumerate(images):
-                    verdict = _judge(image, face_encoder, faces)
-                    photo = {"index": k, "image": j, "seed": seed, "prompt": prompt, "seconds": round(seconds, 3),
-                             **verdict, "file": ""}
-                    if verdict["status"] == "kept":
-                        photo["file"] = _write_photo(dst, f"gen_{k:04d}_{j}", image, caption)
-                    report.photos.append(photo)
-                report.seconds += seconds
-                _tally(report)
-                _save(report, state_path)   # after every prompt: a stop loses at most the ones in flight
-    _contact_sheet(reference, dst, report, out / f"{name}{SHEET_SUFFIX}")
+                error = error or _record(job, pending.pop(job), drawing, face_encoder, stop)
+    except KeyboardInterrupt:
+        if callable(getattr(generator, "cancel", None)):
+            generator.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _record(job, prompt_info: tuple, drawing: _Drawing, face_encoder: FaceEncoder,
+            stop: StopRequest) -> GeneratorError | None:
+    """One finished prompt's photos judged, the kept ones written, the state saved; or its failure."""
+    k, prompt, caption, seed = prompt_info
+    report = drawing.report
+    try:
+        images, seconds = job.result()
+    except GeneratorError as e:
+        return None if stop.flag else e   # after a Ctrl-C a failed prompt is simply tried again next run
+    for j, image in enumerate(images):
+        verdict = _judge(image, face_encoder, drawing.faces)
+        photo = {"index": k, "image": j, "seed": seed, "prompt": prompt, "seconds": round(seconds, 3),
+                 **verdict, "file": ""}
+        if verdict["status"] == "kept":
+            photo["file"] = _write_photo(drawing.dst, f"gen_{k:04d}_{j}", image, caption)
+        report.photos.append(photo)
+    report.seconds += seconds
+    _tally(report)
+    _save(report, drawing.state_path)   # after every prompt: a stop loses at most the ones in flight
+    return None
+
+
+def _conclude(drawing: _Drawing, error: GeneratorError | None, stop: StopRequest) -> IdentityAugment:
+    report, missing = drawing.report, drawing.missing
     if error is not None:
         report.status, report.reason = "interrupted", str(error)
-        _save(report, state_path)
-        raise GeneratorError(f"{error} ({name}: {report.kept} generated photos kept so far; run the command again "
-                             "to continue where it stopped.)")
+        _save(report, drawing.state_path)
+        raise GeneratorError(f"{error} ({report.name}: {report.kept} generated photos kept so far; run the command "
+                             "again to continue where it stopped.)")
     if stop.flag and report.kept < missing:
         report.status, report.reason = "interrupted", "stopped; run the command again to continue"
     elif report.kept >= missing:
         report.status, report.reason = "augmented", f"{report.source_usable} + {report.kept} usable photos"
     else:
         report.status = "short"
-        report.reason = (f"only {report.kept} of the {missing} photos missing were kept after {attempts} tries; raise "
-                         "--max-attempts, or check the workflow draws the person of its reference photo")
-    log.info("%s: %s (%d generated, %d rejected)", name, report.reason, report.generated, report.rejected)
-    return _save(report, state_path)
+        report.reason = (f"only {report.kept} of the {missing} photos missing were kept after {drawing.attempts} "
+                         "tries; raise --max-attempts, or check the workflow draws the person of its reference photo")
+    log.info("%s: %s (%d generated, %d rejected)", report.name, report.reason, report.generated, report.rejected)
+    return _save(report, drawing.state_path)
 
 
-def _generate(generator, reference: Path, prompt: str, seed: int, retries: int):
-    """(images, seconds) of one prompt, retrying what may pass on a second try."""
+def _generate(generator, reference: Path, prompt: str, seed: int, retries: int, stop: StopRequest):
+    """(images, seconds) of one prompt, retrying what may pass on a second try (never after a Ctrl-C)."""
     t0 = time.perf_counter()
     for attempt in range(retries + 1):
         try:
             return list(generator.generate(reference, prompt, seed)), time.perf_counter() - t0
         except GeneratorError as e:
-            if not getattr(e, "retry", False) or attempt == retries:
+            if not getattr(e, "retry", False) or attempt == retries or stop.flag:
                 raise
             log.warning("Prompt failed (%s); retry %d of %d.", e, attempt + 1, retries)
             time.sleep(RETRY_DELAY * 2 ** attempt)
+            if stop.flag:
+                raise
 
 
 def _judge(image: np.ndarray, face_encoder: FaceEncoder, faces: FaceMatches) -> dict:
@@ -250,10 +331,10 @@ def _tally(report: IdentityAugment) -> None:
     report.rejected = report.generated - report.kept
 
 
-def _copy_source(src: Path, dst: Path, reference: str | None) -> None:
-    """Every photo and caption, copied (atomically, once); the reference photo as reference.<ext>."""
+def _copy_source(src: Path, dst: Path, reference: str | None, unreadable: set[str]) -> None:
+    """Every readable photo and its caption, copied (atomically, once); the reference photo as reference.<ext>."""
     dst.mkdir(parents=True, exist_ok=True)
-    for photo in list_image_files(src):
+    for photo in (p for p in list_image_files(src) if p.name not in unreadable):
         stem = REFERENCE_STEM if photo.name == reference else photo.stem
         for file, target in ((photo.with_suffix(".txt"), dst / f"{stem}.txt"), (photo, dst / f"{stem}{photo.suffix}")):
             if file.is_file() and not target.exists():

@@ -21,9 +21,10 @@ import numpy as np
 from PIL import Image
 
 from ..errors import GeneratorError
-from .comfy_client import ComfyClient, generator_error
+from .comfy_client import ComfyClient, _node_order, generator_error
 
 SEED_INPUTS = ("seed", "noise_seed")  # KSampler, KSamplerAdvanced / RandomNoise
+MAX_PHOTO_PIXELS = 8192 * 8192        # an upscaled SDXL photo is 4096 x 4096; beyond, a decompression bomb
 
 
 def load_workflow(path: str | Path) -> dict:
@@ -50,8 +51,22 @@ def find_node(graph: dict, name: str) -> str | None:
     """The id of the node called `name`: its id, else its unique title (`_meta.title`)."""
     if name in graph:
         return name
-    titled = [i for i, n in graph.items() if (n.get("_meta") or {}).get("title") == name]
+    titled = _titled(graph, name)
     return titled[0] if len(titled) == 1 else None
+
+
+def _titled(graph: dict, title: str) -> list[str]:
+    return [i for i, n in graph.items() if (n.get("_meta") or {}).get("title") == title]
+
+
+def _not_found(graph: dict, name: str, what: str) -> str:
+    """Why `name` names no node: no such id or title, or a title several nodes share."""
+    shared = _titled(graph, name)
+    if len(shared) > 1:
+        ids = ", ".join(sorted(shared, key=_node_order))
+        return f"{name!r} ({what}): {len(shared)} nodes have that title (ids {ids}); name one by its id or give it a " \
+               "title of its own"
+    return f"{name!r} ({what})"
 
 
 def named_inputs(graph: dict, image_node: str, prompt_node: str, seed_node: str,
@@ -64,7 +79,7 @@ def named_inputs(graph: dict, image_node: str, prompt_node: str, seed_node: str,
     for role, (name, inputs) in wanted.items():
         node_id = find_node(graph, name)
         if node_id is None:
-            missing.append(f"{name!r} (the {role} node)")
+            missing.append(_not_found(graph, name, f"the {role} node"))
             continue
         have = [i for i in inputs if i in graph[node_id]["inputs"]]
         if not have:
@@ -92,7 +107,8 @@ class ComfyUIGenerator:
         for name in output_nodes:
             node_id = find_node(self.graph, name)
             if node_id is None:
-                raise GeneratorError(f"Workflow {workflow} has no output node {name!r} (--output-node).")
+                why = _not_found(self.graph, name, "--output-node")
+                raise GeneratorError(f"Workflow {workflow} has no single output node {why}.")
             self.output_nodes.append(node_id)
         self.client = ComfyClient(url, timeout=timeout)
         self.client.check()
@@ -116,14 +132,32 @@ class ComfyUIGenerator:
         images = []
         for data in self.client.run(graph, self.output_nodes or None):
             try:
-                images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-            except OSError as e:
-                raise generator_error(f"ComfyUI at {self.client.url} returned an image Pillow cannot read ({e}).",
+                images.append(decode_photo(data))
+            except ValueError as e:
+                raise generator_error(f"ComfyUI at {self.client.url} returned an output that is not a usable image "
+                                      f"({e}); check that the workflow's output node saves PNG or JPEG photos.",
                                       retry=True) from None
         if not images:
             raise GeneratorError(f"The workflow ran on {self.client.url} but no output node reported an image: "
                                  "end it with SaveImage or PreviewImage.")
         return images
+
+    def cancel(self) -> None:
+        """Give up every prompt in flight, cancelling each on the server (a second Ctrl-C)."""
+        self.client.stopping.set()
+
+
+def decode_photo(data: bytes) -> np.ndarray:
+    """(H, W, 3) uint8 of an image file's bytes, or ValueError saying why not (never Pillow's repr of a buffer)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_PHOTO_PIXELS:
+                raise ValueError(f"{image.width} x {image.height} pixels, more than a photo has")
+            return np.asarray(image.convert("RGB"))
+    except Image.DecompressionBombError as e:  # Pillow refuses twice its own limit at open
+        raise ValueError(f"a decompression bomb: {str(e).split(',')[0]}") from None
+    except (OSError, SyntaxError, EOFError) as e:  # not an image file, or a damaged one
+        raise ValueError(f"{len(data):,} bytes starting {data[:16]!r}: {type(e).__name__}") from None
 
 
 def diffusers_generator(cfg, face_encoder=None):

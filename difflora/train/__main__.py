@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     except DiffLoRAError as e:
         logging.getLogger("difflora.train").error("%s", e)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: what was written stays whole, the next run continues
+        logging.getLogger("difflora.train").error("Stopped at once (second Ctrl-C); run the same command again to "
+                                                  "continue (with --resume for the training stages).")
+        return EXIT_INTERRUPTED
     except OSError as e:  # a full disk, a lost network drive, permissions: the files written so far stay good
         what = "free space on that disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check that path"
         logging.getLogger("difflora.train").error(

@@ -148,7 +148,8 @@ class AugmentConfig(ValidatedConfig):
     concurrency: int = option(2, "Prompts in flight on the server at once (--backend diffusers runs one at a time).",
                               at_least=1)
     retries: int = option(3, "Retries of a prompt that failed (server error, time-out) before the run stops.", at_least=0)
-    timeout: float = option(600.0, "Seconds one prompt may take on the server.", above=0)
+    timeout: float = option(600.0, "Seconds one prompt may take, from queueing it to its last image (then it is "
+                                   "cancelled on the server).", above=0)
     face_encoder: str = option("antelopev2", "Face analysis that decides whether a generated photo shows the same person "
                                              "(use identity-loras' one).", choices=FACE_ENCODER_KINDS)
     insightface_root: str = option("", "Folder holding models/<antelopev2|buffalo_l>/; for a face analysis a "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -340,16 +341,23 @@ def train_identity_loras(cfg: IdentityLoraConfig, face_encoder=None, image_encod
         bar.close()
     results = gather_object(results) if accelerator.num_processes > 1 else results
     if accelerator.is_main_process:
-        summary = {"spec": spec.to_dict(), "spec_hash": spec.hash, "weight_space": cfg.weight_space,
-                   "config": cfg.to_dict(), "identities": [asdict(r) for r in sorted(results, key=lambda r: r.name)]}
-        (out / report_name).write_text(json.dumps(summary, indent=1), encoding="utf-8")
-        counts = {s: sum(r.status == s for r in results) for s in ("trained", "done", "skipped", "interrupted")}
-        log.info("identity-loras: %s", ", ".join(f"{v} {k}" for k, v in counts.items()))
-        for r in results:
-            if r.status == "skipped":
-                log.warning("  skipped %s: %s", r.name, r.reason)
+        _write_report(out / report_name, spec, cfg, results)
     accelerator.wait_for_everyone()
     return results
+
+
+def _write_report(path: Path, spec: LoraSpec, cfg: IdentityLoraConfig, results: list[IdentityResult]) -> None:
+    """The run's report (atomically: a stop mid-write leaves the previous one), and its summary in the log."""
+    summary = {"spec": spec.to_dict(), "spec_hash": spec.hash, "weight_space": cfg.weight_space,
+               "config": cfg.to_dict(), "identities": [asdict(r) for r in sorted(results, key=lambda r: r.name)]}
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    counts = {s: sum(r.status == s for r in results) for s in ("trained", "done", "skipped", "interrupted")}
+    log.info("identity-loras: %s", ", ".join(f"{v} {k}" for k, v in counts.items()))
+    for r in results:
+        if r.status == "skipped":
+            log.warning("  skipped %s: %s", r.name, r.reason)
 
 
 def _shard(folders: list[Path], shard: str) -> tuple[list[Path], str]:
@@ -370,7 +378,12 @@ def _prepare(folder: Path, cfg: IdentityLoraConfig, trainer: IdentityTrainer, fa
     """The identity's checked photos and encoded inputs, or its 'skipped' result saying why."""
     t0 = time.perf_counter()
     name = folder.name
-    photos = usable_photos(folder, face_encoder, image_encoder, cfg.min_face_similarity)
+    try:
+        photos = usable_photos(folder, face_encoder, image_encoder, cfg.min_face_similarity)
+    except OSError as e:  # permissions, a lost network drive: this identity alone is skipped
+        return IdentityResult(name, "skipped", f"its folder could not be read ({e.strerror or e}: "
+                                               f"{e.filename or folder}); fix its permissions or move it out of "
+                                               "--data, then run again to train it")
     if isinstance(photos, str):
         return IdentityResult(name, "skipped", photos)
     if len(photos.files) < cfg.min_images:
