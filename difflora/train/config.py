@@ -372,3 +372,40 @@ def given(ns: argparse.Namespace, prefix: str = "") -> dict:
 def build(cls, file_values: dict, cli_values: dict, what: str):
     """Field defaults, overridden by the config file, overridden by the command line."""
     return from_dict(cls, {**file_values, **cli_values}, what)
+
+
+@dataclass
+class TextualInversionConfig(Checked):
+    """textual-inversion: one learned trigger embedding per identity folder, for both SDXL text encoders
+    (backprop, or --zeroth-order: forward passes only on an int8 base; difflora/train/textual_inversion.py)."""
+
+    data: str = opt("", "Folder with one sub-folder of photos per identity (identity-loras' layout).", metavar="PATH")
+    out: str = opt("", "Folder the embeddings (<identity>.safetensors, ComfyUI's models/embeddings format) go to.",
+                   metavar="PATH")
+    base: str = opt("", "Local SDXL: a diffusers folder (model_index.json) or a single-file .safetensors.", metavar="PATH")
+    base_config: str = opt("", "For a single-file base: a diffusers SDXL folder giving the configs and tokenizers.",
+                           metavar="PATH")
+    vae: str = opt("", "Optional diffusers VAE folder replacing the base's.", metavar="PATH")
+    trigger: str = opt("sks", "The word of the captions whose token embeddings are learned (use the embedding "
+                              "in its place: 'embedding:<identity>').")
+    instance_prompt: str = opt("a photo of a sks person", "Prompt of photos without a caption file; holds --trigger.")
+    steps: int = opt(300, "Optimizer steps per identity.", at_least=1)
+    batch_size: int = opt(4, "Photos per step.", at_least=1)
+    lr: float = opt(5e-3, "AdamW learning rate of the embedding.", above=0)
+    resolution: int = opt(1024, "Training resolution (SDXL: 1024); photos are resized and centre-cropped.", at_least=8)
+    min_images: int = opt(3, "Identities with fewer photos are skipped and reported.", at_least=1)
+    zeroth_order: bool = opt(False, "Forward passes only (a two-point gradient estimate), no autograd graph or "
+                                    "activations kept: the ZOODiP recipe.")
+    quantize: bool = opt(True, "--zeroth-order: the UNet and text encoders with int8 Linear weights.")
+    zo_directions: int = opt(1, "--zeroth-order: random directions per step (2 forward passes each).", at_least=1)
+    zo_mu: float = opt(1e-3, "--zeroth-order: perturbation size along each direction.", above=0)
+    subspace: bool = opt(True, "--zeroth-order: Subspace Gradient, the estimate projected onto the top principal "
+                               "directions of the recent raw estimates.")
+    subspace_rank: int = opt(4, "--zeroth-order: dimensions of that subspace.", at_least=1)
+    subspace_history: int = opt(32, "--zeroth-order: recent estimates the subspace is built from.", at_least=1)
+    uniform_timesteps: bool = opt(False, "--zeroth-order: timesteps from the whole schedule instead of "
+                                         "--timestep-min..--timestep-max (Partial Uniform Timestep Sampling off).")
+    timestep_min: int = opt(0, "--zeroth-order: lowest training timestep (docs/TOYWORLD.md: measured range).",
+                            at_least=0)
+    timestep_max: int = opt(1000, "--zeroth-order: training timesteps are below this.", at_least=1)
+    seed: int = opt(0, "Seed of the photo order, noise, timesteps and directions.", at_least=0)

@@ -1,0 +1,335 @@
+"""Textual Inversion against the LoRAs in the toy world (issue 28), on held-out identities.
+
+    python -m difflora_toyworld.ti_study --world WORLD --identities 8 [--out docs/toyworld_results]
+
+Rows, scored by `study.Bench` (results.py's scenes, seeds, sampler and classifier): the base model;
+the identity's trained LoRA (identity-loras, the world's recipe, one identity at a time); DiffLoRA
+(the shipped hypernet, one photo, the pack's default sampler); Textual Inversion (backprop, fp32
+base); zeroth-order TI on the int8 base (full: Subspace Gradient + Partial Uniform Timestep
+Sampling), without Subspace Gradient, and with timesteps from the whole schedule. Every learned
+embedding is drawn with the fp32 base, so the rows differ only by what was learned.
+
+Each training method runs in its own subprocess (`train` sub-command), which reports its seconds
+per identity and its memory from /proc/self/status: the resident set before training (the base
+loaded, the photos encoded), the peak during each identity's training loop above that (the peak
+is reset to the current size first: /proc/self/clear_refs), and the process's raw peak.
+The timestep range of ZO-TI is measured first on validation identities (never on held-out ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("difflora_toyworld")
+
+TI_METHODS = {  # name -> TextualInversionConfig overrides
+    "ti": {},
+    "zo-ti": {"zeroth_order": True},
+    "zo-ti-no-subspace": {"zeroth_order": True, "subspace": False},
+    "zo-ti-uniform": {"zeroth_order": True, "uniform_timesteps": True},
+}
+LABELS = {"base": "base model", "trained": "trained identity LoRA", "predicted": "DiffLoRA (1 photo)",
+          "ti": "Textual Inversion (backprop, fp32)", "zo-ti": "ZO-TI (int8, Subspace Gradient + partial timesteps)",
+          "zo-ti-no-subspace": "ZO-TI without Subspace Gradient", "zo-ti-uniform": "ZO-TI with uniform timesteps"}
+ROWS = ("base", "trained", "predicted", *TI_METHODS)
+PAIRS = (("ti", "base"), ("trained", "ti"), ("zo-ti", "ti"), ("zo-ti", "zo-ti-no-subspace"),
+         ("zo-ti", "zo-ti-uniform"), ("zo-ti", "base"))
+TI_RECIPE = {"steps": 200, "batch_size": 4, "lr": 5e-3}
+SENSITIVITY = {"identities": 2, "bins": 10, "probes": 6, "share": 0.8}
+
+
+# ---- memory of this process (Linux) ------------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak resident memory of a block above the size at its start (MiB), and the process's raw peak."""
+
+    def __init__(self):
+        self.raw_peak_kib = _status_kib("VmHWM") or 0
+        self.blocks: list[dict] = []
+
+    def __enter__(self):
+        self.raw_peak_kib = max(self.raw_peak_kib, _status_kib("VmHWM") or 0)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS now
+        self.start_kib = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        peak = _status_kib("VmHWM")
+        self.raw_peak_kib = max(self.raw_peak_kib, peak)
+        self.blocks.append({"before_mib": self.start_kib / 1024, "peak_mib": peak / 1024,
+                            "above_before_mib": (peak - self.start_kib) / 1024})
+
+    def summary(self) -> dict:
+        return {"training_peak_above_before_mib": max(b["above_before_mib"] for b in self.blocks),
+                "rss_before_training_mib": float(np.mean([b["before_mib"] for b in self.blocks])),
+                "training_peak_rss_mib": max(b["peak_mib"] for b in self.blocks),
+                "process_peak_rss_mib": max(self.raw_peak_kib, _status_kib("VmHWM") or 0) / 1024}
+
+
+# ---- training, one method a subprocess ---------------------------------------------------------
+def ti_config(world, method: str, out: Path, timesteps: tuple[int, int]):
+    from difflora.train.config import TextualInversionConfig
+
+    from . import toy_sdxl
+
+    return TextualInversionConfig(data=str(world.data / "heldout"), out=str(out), base=str(world.base),
+                                  resolution=toy_sdxl.IMAGE_SIZE, timestep_min=timesteps[0],
+                                  timestep_max=timesteps[1], **TI_RECIPE, **TI_METHODS[method])
+
+
+def train_method(world_root: str, method: str, out: Path, timesteps: tuple[int, int]) -> dict:
+    """Train `method` for every held-out identity folder; seconds and memory per identity."""
+    from difflora.train.data import identity_folders
+    from difflora.train import textual_inversion as ti
+
+    from .world import World
+
+    world, memory, rows = World(world_root), PeakMemory(), []
+    if method == "trained":
+        return train_loras(world, memory)
+    cfg = ti_config(world, method, out, timesteps)
+    model = ti.load_trigger_model(cfg)
+    if cfg.zeroth_order:
+        model.quantize()
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in identity_folders(cfg.data):
+        t0 = time.perf_counter()
+        files, prompts = ti.identity_photos(folder, cfg.instance_prompt)
+        data = model.encode(files, prompts, cfg.resolution)
+        with memory:
+            flat, losses = ti.train_one(model, data, cfg)
+        seconds = time.perf_counter() - t0
+        ti.save_embedding(out / f"{folder.name}.safetensors", model, flat,
+                          ti.embedding_metadata(cfg, folder.name, len(files)))
+        rows.append({"identity": folder.name, "seconds": seconds, "loss_first": float(np.mean(losses[:20])),
+                     "loss_last": float(np.mean(losses[-20:]))})
+    return {"method": method, "identities": rows, "memory": memory.summary(), "config": cfg.to_dict()}
+
+
+def train_loras(world, memory: PeakMemory) -> dict:
+    """identity-loras on the held-out folders, one identity at a time (K = 1, as TI trains)."""
+    from difflora.train.identity_loras import train_identity_loras
+
+    from .identity_encoder import load_encoder
+    from .world import WorldConfig, identity_lora_config
+
+    cfg = WorldConfig.from_dict(json.loads(world.config.read_text()))
+    lora_cfg = identity_lora_config(world, "heldout", cfg, identities_per_pass=1, progress=False)
+    face, image = load_encoder(world.face), load_encoder(world.image)
+    with memory:  # includes loading the base: identity-loras loads it inside
+        results = train_identity_loras(lora_cfg, face_encoder=face, image_encoder=image)
+    rows = [{"identity": r.name, "seconds": r.seconds, "status": r.status} for r in results]
+    return {"method": "trained", "identities": rows, "memory": memory.summary(),
+            "note": "memory block includes loading the base (identity-loras loads it itself)"}
+
+
+def run_subprocess(world_root: str, method: str, out: Path, timesteps: tuple[int, int]) -> dict:
+    report = out / f"{method}.run.json"
+    cmd = [sys.executable, "-m", "difflora_toyworld.ti_study", "train", "--world", world_root, "--method", method,
+           "--timesteps", f"{timesteps[0]},{timesteps[1]}", "--steps", str(TI_RECIPE["steps"])]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    result = json.loads(report.read_text())
+    result["subprocess_seconds"] = time.perf_counter() - t0
+    return result
+
+
+# ---- the timestep range, on validation identities ----------------------------------------------
+def measure_timesteps(world, n: int) -> dict:
+    """Sensitivity of the loss to the trigger embedding per timestep bin (int8 base, forward only)."""
+    from difflora.train import textual_inversion as ti
+    from difflora.train.zeroth_order import timestep_range, timestep_sensitivity
+
+    from . import toy_sdxl
+    from .render import write_identity_folders
+    from .world import TRIGGER, VALIDATION_FIRST, WorldConfig
+
+    cfg = WorldConfig.from_dict(json.loads(world.config.read_text()))
+    write_identity_folders(world.data / "validation", n, cfg.lora_photos, cfg.seed, subject=TRIGGER,
+                           first_identity=VALIDATION_FIRST)
+    model = ti.load_trigger_model(ti_config(world, "zo-ti", Path("unused"), (0, 1000)))
+    model.quantize()
+    steps = model.noise.config.num_train_timesteps
+    curves = []
+    for folder in sorted((world.data / "validation").iterdir())[:n]:
+        files, prompts = ti.identity_photos(folder, "")
+        data = model.encode(files, prompts, toy_sdxl.IMAGE_SIZE)
+
+        def loss_at(x, low, high, seed):
+            return model.loss(x, model.batch(data, 1, 4, seed, (low, high)))
+
+        curves.append(timestep_sensitivity(loss_at, model.initial(), SENSITIVITY["bins"], steps,
+                                           SENSITIVITY["probes"], 1e-3, torch.Generator().manual_seed(0)))
+    mean = [float(v) for v in np.mean(curves, axis=0)]
+    low, high = timestep_range(mean, steps, SENSITIVITY["share"])
+    return {"bins": SENSITIVITY["bins"], "per_bin": mean, "range": [low, high], "share": SENSITIVITY["share"],
+            "identities": n, "probes": SENSITIVITY["probes"]}
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+def score_rows(world_root: str, work: Path, n: int) -> tuple[dict, list[str], float]:
+    """{row: {'identity_accuracy': [...], 'prompt_accuracy': [...]}} per held-out identity, on one
+    Bench (same pipeline, scenes, seeds and classifier), the names, and DiffLoRA's seconds each."""
+    from safetensors.torch import load_file
+
+    from difflora.hypernet_file import load_hypernet
+    from difflora.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+    from difflora.train.textual_inversion import embedding_in_pipeline, load_embedding
+
+    from .study import Bench, predicted
+
+    bench = Bench(world_root, identities=n)
+    hn = load_hypernet(Path(__file__).resolve().parents[1] / "assets" / "toyworld" / "difflora" / "difflora_toy.safetensors")
+    predicted_loras, predict_s = predicted(hn, bench, sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS,
+                                           guidance=DEFAULT_GUIDANCE)
+    scores = {m: {"identity_accuracy": [], "prompt_accuracy": []} for m in ROWS}
+    for person, lora in zip(bench.people, predicted_loras):
+        one = bench.on([person])
+        got = {"base": one.score([None]), "trained": one.score([load_file(person.lora)]), "predicted": one.score([lora])}
+        for method in TI_METHODS:
+            with embedding_in_pipeline(bench.pipe, "sks", load_embedding(work / method / f"{person.name}.safetensors")):
+                got[method] = one.score([None])
+        for m, s in got.items():
+            for k in ("identity_accuracy", "prompt_accuracy"):
+                scores[m][k].append(s[k])
+        log.info("%s: %s", person.name, ", ".join(f"{m} {got[m]['identity_accuracy']:.2f}" for m in ROWS))
+    return scores, [p.name for p in bench.people], predict_s
+
+
+def _mean_se(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def summarize(scores: dict, runs: dict, names: list[str], predict_s: float) -> dict:
+    rows = {}
+    for m in ROWS:
+        row = {}
+        for k in ("identity_accuracy", "prompt_accuracy"):
+            row[k], row[k + "_se"] = _mean_se(scores[m][k])
+        if m in runs:
+            secs = [r["seconds"] for r in runs[m]["identities"] if r.get("status", "trained") == "trained"]
+            row["seconds_per_identity"] = float(np.mean(secs)) if secs else None
+            row["memory"] = runs[m]["memory"]
+        elif m == "predicted":
+            row["seconds_per_identity"] = predict_s
+        rows[m] = row
+    diffs = {}
+    for a, b in PAIRS:
+        diffs[f"{a} - {b}"] = {}
+        for k in ("identity_accuracy", "prompt_accuracy"):
+            d = np.asarray(scores[a][k]) - np.asarray(scores[b][k])
+            mean, se = _mean_se(d)
+            diffs[f"{a} - {b}"][k] = {"mean": mean, "paired_se": se}
+    zo, ti = rows["zo-ti"]["memory"], rows["ti"]["memory"]
+    targets = {"zo_memory_share_of_ti_training": zo["training_peak_above_before_mib"]
+               / max(ti["training_peak_above_before_mib"], 1e-9),
+               "zo_memory_share_of_ti_process": zo["process_peak_rss_mib"] / ti["process_peak_rss_mib"]}
+    return {"identities": names, "rows": rows, "paired_differences": diffs, "targets": targets}
+
+
+def markdown(summary: dict, settings: dict, command: str) -> str:
+    rows = summary["rows"]
+    lines = [f"# Textual Inversion in the toy world ({len(summary['identities'])} held-out identities)", "",
+             f"Reproduce: `{command}`", "",
+             "| method | identity accuracy | prompt accuracy | seconds per identity | training peak above start (MiB) "
+             "| process peak RSS (MiB) |", "| --- | --- | --- | --- | --- | --- |"]
+    for m in ROWS:
+        r = rows[m]
+        pa = f"{r['prompt_accuracy']:.3f} ± {r['prompt_accuracy_se']:.3f}" if "prompt_accuracy" in r else ""
+        secs = "" if r.get("seconds_per_identity") is None else f"{r['seconds_per_identity']:.2f}"
+        mem = r.get("memory") or {}
+        above = f"{mem['training_peak_above_before_mib']:.1f}" if mem else ""
+        process = f"{mem['process_peak_rss_mib']:.0f}" if mem else ""
+        lines.append(f"| {LABELS[m]} | {r['identity_accuracy']:.3f} ± {r['identity_accuracy_se']:.3f} | {pa} | {secs} | "
+                     f"{above} | {process} |")
+    lines += ["", "| paired difference | identity accuracy (paired SE) | prompt accuracy (paired SE) |",
+              "| --- | --- | --- |"]
+    for k, v in summary["paired_differences"].items():
+        ida, pa = v["identity_accuracy"], v["prompt_accuracy"]
+        lines.append(f"| {k} | {ida['mean']:+.3f} ({ida['paired_se']:.3f}) | {pa['mean']:+.3f} ({pa['paired_se']:.3f}) |")
+    t = summary["targets"]
+    lines += ["", f"ZO-TI training memory / TI's: {t['zo_memory_share_of_ti_training']:.3f} (peak above the size at "
+              f"the start of training); {t['zo_memory_share_of_ti_process']:.3f} (whole-process peak RSS).", "",
+              f"Settings: {json.dumps(settings, sort_keys=True)}", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m difflora_toyworld.ti_study", description=__doc__.splitlines()[0])
+    p.add_argument("command", nargs="?", default="all", choices=("all", "train"))
+    p.add_argument("--world", default="/tmp/ti-study/world", help="world folder (seeded from assets/toyworld if new)")
+    p.add_argument("--identities", type=int, default=8, help="held-out identities")
+    p.add_argument("--out", default="docs/toyworld_results", help="ti_study.json / .md go here")
+    p.add_argument("--method", choices=("trained", *TI_METHODS), help="train: the method")
+    p.add_argument("--timesteps", default="0,1000", help="train: ZO-TI's partial range LOW,HIGH")
+    p.add_argument("--steps", type=int, default=TI_RECIPE["steps"], help="TI / ZO-TI steps per identity")
+    a = p.parse_args(argv)
+    TI_RECIPE["steps"] = a.steps
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    import diffusers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    work = Path(a.world).parent / "ti"
+    if a.command == "train":
+        timesteps = tuple(int(x) for x in a.timesteps.split(","))
+        result = train_method(a.world, a.method, work / a.method, timesteps)
+        (work / f"{a.method}.run.json").write_text(json.dumps(result, indent=1))
+        return
+    run_all(a, work)
+
+
+def run_all(a, work: Path) -> None:
+    from devtools.get_comfyui import get_comfyui
+
+    from .render import write_identity_folders
+    from .results import atomic_write_text
+    from .world import HELDOUT_FIRST, TRIGGER, World, WorldConfig, seed_base_from_assets
+
+    t0 = time.perf_counter()
+    cfg = WorldConfig()
+    assets = Path(__file__).resolve().parents[1] / "assets" / "toyworld"
+    world = seed_base_from_assets(a.world, cfg, get_comfyui() / "comfy" / "sd1_tokenizer", assets)
+    write_identity_folders(world.data / "heldout", a.identities, cfg.lora_photos, cfg.seed, subject=TRIGGER,
+                           first_identity=HELDOUT_FIRST)
+    work.mkdir(parents=True, exist_ok=True)
+    sensitivity = measure_timesteps(world, SENSITIVITY["identities"])
+    log.info("timestep sensitivity %s -> range %s", [f"{v:.2e}" for v in sensitivity["per_bin"]], sensitivity["range"])
+    runs = {}
+    for method in ("trained", *TI_METHODS):
+        runs[method] = run_subprocess(a.world, method, work, tuple(sensitivity["range"]))
+        log.info("%s: %s", method, runs[method]["memory"])
+    scores, names, predict_s = score_rows(a.world, work, a.identities)
+    summary = summarize(scores, runs, names, predict_s)
+    settings = {"identities": a.identities, "ti_recipe": TI_RECIPE, "timestep_sensitivity": sensitivity,
+                "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}
+    command = f"python -m difflora_toyworld.ti_study --world {a.world} --identities {a.identities} --steps {a.steps}"
+    out = Path(a.out)
+    atomic_write_text(out / "ti_study.json", json.dumps({"summary": summary, "settings": settings, "runs": runs,
+                                                        "scores": scores}, indent=1, default=str))
+    atomic_write_text(out / "ti_study.md", markdown(summary, settings, command))
+    print((out / "ti_study.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
