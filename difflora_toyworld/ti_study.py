@@ -45,7 +45,7 @@ ROWS = ("base", "trained", "predicted", *TI_METHODS)
 PAIRS = (("ti", "base"), ("trained", "ti"), ("zo-ti", "ti"), ("zo-ti", "zo-ti-no-subspace"),
          ("zo-ti", "zo-ti-uniform"), ("zo-ti", "base"))
 TI_RECIPE = {"steps": 200, "batch_size": 4, "lr": 5e-3}
-SENSITIVITY = {"identities": 2, "bins": 10, "probes": 6, "share": 0.8}
+SENSITIVITY = {"identities": 2, "bins": 10, "probes": 24, "share": 0.8}
 
 
 # ---- memory of this process (Linux) ------------------------------------------------------------
@@ -325,6 +325,7 @@ def run_all(a, work: Path) -> None:
                 "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}
     command = f"python -m difflora_toyworld.ti_study --world {a.world} --identities {a.identities} --steps {a.steps}"
     out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "ti_study.json", json.dumps({"summary": summary, "settings": settings, "runs": runs,
                                                         "scores": scores}, indent=1, default=str))
     atomic_write_text(out / "ti_study.md", markdown(summary, settings, command))

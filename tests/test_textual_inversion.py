@@ -1,0 +1,197 @@
+"""Textual Inversion (difflora/train/textual_inversion.py) and its forward-only variant
+(difflora/train/zeroth_order.py), on the toy base's architecture at its seeded (untrained) weights."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from difflora.train import textual_inversion as ti
+from difflora.train.config import TextualInversionConfig
+from difflora.train.zeroth_order import (SubspaceGradient, quantize_int8, sample_timesteps, timestep_range,
+                                         two_point_estimate)
+
+RESOLUTION = 64
+
+
+@pytest.fixture(scope="module")
+def toy_folder(comfy_path, tmp_path_factory):
+    from difflora_toyworld import toy_sdxl
+
+    return toy_sdxl.init_pipeline_folder(tmp_path_factory.mktemp("toy_ti") / "pipe",
+                                         comfy_path / "comfy" / "sd1_tokenizer", seed=0)
+
+
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory):
+    from difflora_toyworld.render import write_identity_folders
+
+    return write_identity_folders(tmp_path_factory.mktemp("ti_data") / "identities", 1, 4, seed=0)
+
+
+@pytest.fixture()
+def model(toy_folder):
+    from difflora.train.base_model import load_sdxl
+
+    return ti.TriggerModel(load_sdxl(str(toy_folder)), "sks")
+
+
+def _cfg(toy_folder, identities, tmp_path, **kw):
+    return TextualInversionConfig(data=str(identities), out=str(tmp_path / "emb"), base=str(toy_folder),
+                                  resolution=RESOLUTION, **kw)
+
+
+def _data(model, identities):
+    folder = sorted(identities.iterdir())[0]
+    files, prompts = ti.identity_photos(folder, "a photo of a sks person")
+    return model.encode(files, prompts, RESOLUTION)
+
+
+def _eval_loss(model, data, flat) -> float:
+    """The loss on 8 fixed batches (steps far from the training stream's)."""
+    with torch.no_grad():
+        return sum(float(model.loss(flat, model.batch(data, 10_000 + i, 4, 1, (0, 1000)))) for i in range(8)) / 8
+
+
+def test_backprop_ti_lowers_the_loss_and_changes_only_the_embedding(model, toy_folder, identities, tmp_path):
+    data = _data(model, identities)
+    frozen = {name: copy.deepcopy(getattr(model.pipe, name).state_dict())
+              for name in ("unet", "text_encoder", "text_encoder_2")}
+    start = model.initial()
+    before = _eval_loss(model, data, start)
+    flat, losses = ti.train_backprop(model, data, _cfg(toy_folder, identities, tmp_path, steps=40, lr=2e-2))
+    after = _eval_loss(model, data, flat)
+    # Measured on this seeded base: 0.2% lower after 40 steps; the bound only asks for lower.
+    assert after < before, (before, after)
+    assert not torch.equal(flat, start)
+    for name, state in frozen.items():
+        now = getattr(model.pipe, name).state_dict()
+        assert all(torch.equal(now[k], v) for k, v in state.items()), f"{name} changed"
+        assert not any(p.requires_grad for p in getattr(model.pipe, name).parameters())
+    # The hook is gone after training: the encoder computes what the untouched model computes.
+    ids = data["ids_clip_l"][:1]
+    hooks = model.pipe.text_encoder.get_input_embeddings()._forward_hooks
+    assert not hooks
+
+
+def test_zeroth_order_ti_builds_no_graph_and_changes_only_the_embedding(model, toy_folder, identities, tmp_path):
+    data = _data(model, identities)
+    model.quantize()
+    frozen = {k: v.clone() for k, v in model.pipe.text_encoder.get_input_embeddings().state_dict().items()}
+    cfg = _cfg(toy_folder, identities, tmp_path, steps=6, zeroth_order=True, subspace_rank=2, subspace_history=4)
+    flat, losses = ti.train_zeroth_order(model, data, cfg)
+    assert not flat.requires_grad and flat.grad_fn is None
+    assert len(losses) == 6 and all(l == l for l in losses)
+    assert not torch.equal(flat, model.initial())
+    now = model.pipe.text_encoder.get_input_embeddings().state_dict()
+    assert all(torch.equal(now[k], v) for k, v in frozen.items())
+
+
+def test_two_point_estimate_points_along_the_gradient_of_a_quadratic():
+    gen = torch.Generator().manual_seed(0)
+    d = 64
+    a = torch.randn(d, d, generator=gen)
+    a = a @ a.T / d + torch.eye(d)
+    b = torch.randn(d, generator=gen)
+    x = torch.randn(d, generator=gen)
+    true = a @ x + b
+
+    def loss(v):
+        return 0.5 * v @ a @ v + b @ v
+
+    estimates = torch.stack([two_point_estimate(loss, x, 1e-3, 1, gen)[0] for _ in range(400)])
+    cos = torch.nn.functional.cosine_similarity(estimates.mean(0), true, dim=0)
+    # Gaussian directions, one each: the mean of K estimates has cosine ~ sqrt(K / (K + d + 1)) = 0.93
+    # here (measured 0.93-0.94 over seeds); a single estimate ~ 1/sqrt(d) = 0.13.
+    assert cos > 0.85, float(cos)
+
+
+def test_subspace_gradient_is_a_projection_onto_the_span_of_the_history():
+    gen = torch.Generator().manual_seed(1)
+    sub = SubspaceGradient(rank=3, history=8)
+    g = torch.randn(20, generator=gen)
+    assert torch.equal(sub.project(g), g)  # no history yet: the estimate itself
+    past = [torch.randn(20, generator=gen) for _ in range(10)]
+    for p in past:
+        sub.update(p)
+    pg = sub.project(g)
+    torch.testing.assert_close(sub.project(pg), pg, atol=1e-5, rtol=1e-5)         # idempotent
+    torch.testing.assert_close(sub.basis.T @ sub.basis, torch.eye(3), atol=1e-5, rtol=1e-5)
+    assert abs(float((g - pg) @ pg)) < 1e-4 * float(g @ g)                         # orthogonal residual
+    history = torch.stack(past[-8:])                                                # only the last 8 count
+    coef = torch.linalg.lstsq(history.T, pg[:, None]).solution
+    torch.testing.assert_close((history.T @ coef)[:, 0], pg, atol=1e-4, rtol=1e-4)  # in their span
+    assert sub.project(g).norm() <= g.norm() + 1e-6
+
+
+def test_subspace_gradient_keeps_a_consistent_direction_and_drops_the_noise():
+    gen = torch.Generator().manual_seed(2)
+    true = torch.zeros(64)
+    true[0] = 1.0
+    sub = SubspaceGradient(rank=4, history=32)
+    raw_cos, proj_cos = [], []
+    for _ in range(200):
+        u = torch.randn(64, generator=gen)
+        g = (u @ true) * u  # a one-direction two-point estimate of this linear loss's gradient
+        sub.update(g)
+        raw_cos.append(float(torch.nn.functional.cosine_similarity(g, true, dim=0).abs()))
+        proj_cos.append(float(torch.nn.functional.cosine_similarity(sub.project(g), true, dim=0).abs()))
+    # Measured: mean |cosine| 0.10 raw against 0.42 projected over the last 100 steps.
+    assert sum(proj_cos[100:]) / 100 > 2 * sum(raw_cos[100:]) / 100
+
+
+def test_partial_timesteps_stay_in_their_range_and_the_range_follows_the_measurement():
+    t = sample_timesteps(10_000, 300, 700, torch.Generator().manual_seed(0))
+    assert int(t.min()) == 300 and int(t.max()) == 699
+    assert timestep_range([0, 0, 1, 5, 5, 1, 0, 0, 0, 0], 1000, 0.8) == (300, 500)
+    assert timestep_range([1] * 10, 1000, 1.0) == (0, 1000)
+    cfg = TextualInversionConfig(zeroth_order=True, timestep_min=200, timestep_max=800)
+    assert ti.timestep_bounds(cfg, 1000) == (200, 800)
+    assert ti.timestep_bounds(TextualInversionConfig(zeroth_order=True, uniform_timesteps=True, timestep_min=200),
+                              1000) == (0, 1000)
+
+
+def test_int8_unet_is_close_to_fp32(model, identities):
+    data = _data(model, identities)
+    batch = model.batch(data, 1, 4, 0, (0, 1000))
+    flat = model.initial()
+    with torch.no_grad():
+        embeds, pooled = model.condition(batch["ids"], flat)
+        kw = dict(added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"]})
+        ref = model.pipe.unet(batch["noisy"], batch["t"], embeds, **kw).sample
+        q = quantize_int8(copy.deepcopy(model.pipe.unet))
+        out = q(batch["noisy"], batch["t"], embeds, **kw).sample
+    rel = float((out - ref).norm() / ref.norm())
+    # Measured 0.02 on this seeded UNet (int8 weights and activations in every Linear).
+    assert rel < 0.05, rel
+    assert any("Quantized" in type(m).__name__ for m in q.modules())
+
+
+def test_cli_writes_an_sdxl_embedding_and_keeps_finished_ones(toy_folder, identities, tmp_path):
+    from difflora.train.__main__ import main
+
+    out = tmp_path / "emb"
+    args = ["textual-inversion", "--data", str(identities), "--out", str(out), "--base", str(toy_folder),
+            "--resolution", str(RESOLUTION), "--steps", "3", "--zeroth-order", "--no-subspace", "--uniform-timesteps"]
+    assert main(args) == 0
+    files = sorted(out.glob("*.safetensors"))
+    assert [f.stem for f in files] == [p.name for p in sorted(identities.iterdir())]
+    emb = ti.load_embedding(files[0])
+    assert emb["clip_l"].shape == (1, 32) and emb["clip_g"].shape == (1, 32)
+    mtime = files[0].stat().st_mtime_ns
+    assert main(args) == 0                      # finished with the same settings: kept
+    assert files[0].stat().st_mtime_ns == mtime
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as f:
+        meta = json.loads(f.metadata()["difflora_textual_inversion"])
+    assert meta["zeroth_order"] is True and meta["subspace"] is False and meta["uniform_timesteps"] is True
+
+
+def test_missing_trigger_in_a_caption_is_refused(model, identities, tmp_path):
+    folder = sorted(identities.iterdir())[0]
+    files, _ = ti.identity_photos(folder, "")
+    with pytest.raises(ti.DiffLoRAError, match="trigger"):
+        model.encode(files, ["a photo of a person"] * len(files), RESOLUTION)
