@@ -32,7 +32,7 @@ import torch
 
 log = logging.getLogger("difflora_toyworld")
 
-TI_METHODS = {  # name -> TextualInversionConfig overrides
+TI_METHODS = {  # name -> TextualInversionConfig overrides (ZO-TI's steps: --zo-steps)
     "ti": {},
     "zo-ti": {"zeroth_order": True},
     "zo-ti-no-subspace": {"zeroth_order": True, "subspace": False},
@@ -45,7 +45,10 @@ ROWS = ("base", "trained", "predicted", *TI_METHODS)
 PAIRS = (("ti", "base"), ("trained", "ti"), ("zo-ti", "ti"), ("zo-ti", "zo-ti-no-subspace"),
          ("zo-ti", "zo-ti-uniform"), ("zo-ti", "base"))
 TI_RECIPE = {"steps": 200, "batch_size": 4, "lr": 5e-3}
-SENSITIVITY = {"identities": 2, "bins": 10, "probes": 24, "share": 0.8}
+# One forward-only estimate carries one number about the gradient, a backprop step all 64: ZO-TI gets
+# more steps (two forward passes each, about a backprop step's cost).
+ZO_STEPS = {"steps": 400}
+SENSITIVITY = {"identities": 2, "bins": 10, "probes": 16, "share": 0.8}
 
 
 # ---- memory of this process (Linux) ------------------------------------------------------------
@@ -93,7 +96,8 @@ def ti_config(world, method: str, out: Path, timesteps: tuple[int, int]):
 
     return TextualInversionConfig(data=str(world.data / "heldout"), out=str(out), base=str(world.base),
                                   resolution=toy_sdxl.IMAGE_SIZE, timestep_min=timesteps[0],
-                                  timestep_max=timesteps[1], **TI_RECIPE, **TI_METHODS[method])
+                                  timestep_max=timesteps[1], **{**TI_RECIPE, **(ZO_STEPS if "zo" in method else {})},
+                                  **TI_METHODS[method])
 
 
 def train_method(world_root: str, method: str, out: Path, timesteps: tuple[int, int]) -> dict:
@@ -145,7 +149,8 @@ def train_loras(world, memory: PeakMemory) -> dict:
 def run_subprocess(world_root: str, method: str, out: Path, timesteps: tuple[int, int]) -> dict:
     report = out / f"{method}.run.json"
     cmd = [sys.executable, "-m", "difflora_toyworld.ti_study", "train", "--world", world_root, "--method", method,
-           "--timesteps", f"{timesteps[0]},{timesteps[1]}", "--steps", str(TI_RECIPE["steps"])]
+           "--timesteps", f"{timesteps[0]},{timesteps[1]}", "--steps", str(TI_RECIPE["steps"]),
+           "--zo-steps", str(ZO_STEPS["steps"])]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     result = json.loads(report.read_text())
@@ -282,9 +287,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="docs/toyworld_results", help="ti_study.json / .md go here")
     p.add_argument("--method", choices=("trained", *TI_METHODS), help="train: the method")
     p.add_argument("--timesteps", default="0,1000", help="train: ZO-TI's partial range LOW,HIGH")
-    p.add_argument("--steps", type=int, default=TI_RECIPE["steps"], help="TI / ZO-TI steps per identity")
+    p.add_argument("--steps", type=int, default=TI_RECIPE["steps"], help="TI steps per identity")
+    p.add_argument("--zo-steps", type=int, default=ZO_STEPS["steps"], help="ZO-TI steps per identity")
     a = p.parse_args(argv)
-    TI_RECIPE["steps"] = a.steps
+    TI_RECIPE["steps"], ZO_STEPS["steps"] = a.steps, a.zo_steps
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     import diffusers.utils.logging
@@ -321,9 +327,10 @@ def run_all(a, work: Path) -> None:
         log.info("%s: %s", method, runs[method]["memory"])
     scores, names, predict_s = score_rows(a.world, work, a.identities)
     summary = summarize(scores, runs, names, predict_s)
-    settings = {"identities": a.identities, "ti_recipe": TI_RECIPE, "timestep_sensitivity": sensitivity,
+    settings = {"identities": a.identities, "ti_recipe": TI_RECIPE, "zo_steps": ZO_STEPS["steps"], "timestep_sensitivity": sensitivity,
                 "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}
-    command = f"python -m difflora_toyworld.ti_study --world {a.world} --identities {a.identities} --steps {a.steps}"
+    command = (f"python -m difflora_toyworld.ti_study --world {a.world} --identities {a.identities} --steps {a.steps} "
+               f"--zo-steps {a.zo_steps}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "ti_study.json", json.dumps({"summary": summary, "settings": settings, "runs": runs,

@@ -405,7 +405,7 @@ class TextualInversionConfig(Checked):
     subspace_history: int = opt(32, "--zeroth-order: recent estimates the subspace is built from.", at_least=1)
     uniform_timesteps: bool = opt(False, "--zeroth-order: timesteps from the whole schedule instead of "
                                          "--timestep-min..--timestep-max (Partial Uniform Timestep Sampling off).")
-    timestep_min: int = opt(0, "--zeroth-order: lowest training timestep (docs/TOYWORLD.md: measured range).",
-                            at_least=0)
-    timestep_max: int = opt(1000, "--zeroth-order: training timesteps are below this.", at_least=1)
+    timestep_min: int = opt(0, "--zeroth-order: lowest training timestep.", at_least=0)
+    timestep_max: int = opt(700, "--zeroth-order: training timesteps are below this (the toy base's measured range, "
+                                 "docs/TOYWORLD.md: above 700 the embedding barely moves the loss).", at_least=1)
     seed: int = opt(0, "Seed of the photo order, noise, timesteps and directions.", at_least=0)
