@@ -130,8 +130,13 @@ def train_method(world_root: str, method: str, out: Path, timesteps: tuple[int, 
 
 
 def train_loras(world, memory: PeakMemory) -> dict:
-    """identity-loras on the held-out folders, one identity at a time (K = 1, as TI trains)."""
-    from difflora.train.identity_loras import train_identity_loras
+    """identity-loras' trainer on the held-out folders, one identity at a time (K = 1, as TI trains):
+    its photos checked and encoded, then its training loop alone under the memory block."""
+    from difflora.train.base_model import base_spec
+    from difflora.train.data import identity_folders
+    from difflora.train.identity_filter import usable_photos
+    from difflora.train.identity_loras import IdentityTrainer
+    from difflora.train.loop import StopRequest, make_accelerator
 
     from .identity_encoder import load_encoder
     from .world import WorldConfig, identity_lora_config
@@ -139,11 +144,17 @@ def train_loras(world, memory: PeakMemory) -> dict:
     cfg = WorldConfig.from_dict(json.loads(world.config.read_text()))
     lora_cfg = identity_lora_config(world, "heldout", cfg, identities_per_pass=1, progress=False)
     face, image = load_encoder(world.face), load_encoder(world.image)
-    with memory:  # includes loading the base: identity-loras loads it inside
-        results = train_identity_loras(lora_cfg, face_encoder=face, image_encoder=image)
-    rows = [{"identity": r.name, "seconds": r.seconds, "status": r.status} for r in results]
-    return {"method": "trained", "identities": rows, "memory": memory.summary(),
-            "note": "memory block includes loading the base (identity-loras loads it itself)"}
+    trainer = IdentityTrainer(lora_cfg, base_spec(lora_cfg.base, lora_cfg.rank, lora_cfg.alpha or None),
+                              make_accelerator(lora_cfg.mixed_precision))
+    rows = []
+    for folder in identity_folders(lora_cfg.data):
+        t0 = time.perf_counter()
+        photos = usable_photos(folder, face, image, lora_cfg.min_face_similarity)
+        data = trainer.encode(folder.name, photos)
+        with memory:
+            trainer.train(data, StopRequest())
+        rows.append({"identity": folder.name, "seconds": time.perf_counter() - t0, "status": "trained"})
+    return {"method": "trained", "identities": rows, "memory": memory.summary()}
 
 
 def run_subprocess(world_root: str, method: str, out: Path, timesteps: tuple[int, int]) -> dict:
@@ -281,7 +292,9 @@ def markdown(summary: dict, settings: dict, command: str) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m difflora_toyworld.ti_study", description=__doc__.splitlines()[0])
-    p.add_argument("command", nargs="?", default="all", choices=("all", "train"))
+    p.add_argument("command", nargs="?", default="all", choices=("all", "train", "report"),
+                   help="all: everything; train: one method (a subprocess of all); report: the tables again "
+                        "from OUT/ti_study.json's scores and the run files")
     p.add_argument("--world", default="/tmp/ti-study/world", help="world folder (seeded from assets/toyworld if new)")
     p.add_argument("--identities", type=int, default=8, help="held-out identities")
     p.add_argument("--out", default="docs/toyworld_results", help="ti_study.json / .md go here")
@@ -302,7 +315,28 @@ def main(argv=None) -> None:
         result = train_method(a.world, a.method, work / a.method, timesteps)
         (work / f"{a.method}.run.json").write_text(json.dumps(result, indent=1))
         return
+    if a.command == "report":
+        report(a, work)
+        return
     run_all(a, work)
+
+
+def report(a, work: Path) -> None:
+    """ti_study.json/.md again from its stored per-identity scores and the methods' current run files
+    (a method retrained alone: `train --method M`)."""
+    from .results import atomic_write_text
+
+    out = Path(a.out)
+    stored = json.loads((out / "ti_study.json").read_text())
+    runs = {m: json.loads((work / f"{m}.run.json").read_text()) for m in ("trained", *TI_METHODS)}
+    summary = summarize(stored["scores"], runs, stored["summary"]["identities"],
+                        stored["summary"]["rows"]["predicted"]["seconds_per_identity"])
+    stored["settings"].setdefault("command", f"python -m difflora_toyworld.ti_study --world {a.world} --identities "
+                                             f"{len(summary['identities'])} --steps {a.steps} --zo-steps {a.zo_steps}")
+    stored.update(summary=summary, runs=runs)
+    atomic_write_text(out / "ti_study.json", json.dumps(stored, indent=1, default=str))
+    atomic_write_text(out / "ti_study.md", markdown(summary, stored["settings"], stored["settings"]["command"]))
+    print((out / "ti_study.md").read_text())
 
 
 def run_all(a, work: Path) -> None:
@@ -327,10 +361,11 @@ def run_all(a, work: Path) -> None:
         log.info("%s: %s", method, runs[method]["memory"])
     scores, names, predict_s = score_rows(a.world, work, a.identities)
     summary = summarize(scores, runs, names, predict_s)
-    settings = {"identities": a.identities, "ti_recipe": TI_RECIPE, "zo_steps": ZO_STEPS["steps"], "timestep_sensitivity": sensitivity,
-                "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}
     command = (f"python -m difflora_toyworld.ti_study --world {a.world} --identities {a.identities} --steps {a.steps} "
                f"--zo-steps {a.zo_steps}")
+    settings = {"identities": a.identities, "ti_recipe": TI_RECIPE, "zo_steps": ZO_STEPS["steps"], "command": command,
+                "timestep_sensitivity": sensitivity,
+                "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "ti_study.json", json.dumps({"summary": summary, "settings": settings, "runs": runs,
