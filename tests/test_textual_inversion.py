@@ -11,7 +11,7 @@ import torch
 from difflora.train import textual_inversion as ti
 from difflora.train.config import TextualInversionConfig
 from difflora.train.zeroth_order import (SubspaceGradient, quantize_int8, sample_timesteps, timestep_range,
-                                         two_point_estimate)
+                                         timestep_sensitivity, two_point_estimate)
 
 RESOLUTION = 64
 
@@ -152,6 +152,19 @@ def test_partial_timesteps_stay_in_their_range_and_the_range_follows_the_measure
     assert ti.timestep_bounds(cfg, 1000) == (200, 800)
     assert ti.timestep_bounds(TextualInversionConfig(zeroth_order=True, uniform_timesteps=True, timestep_min=200),
                               1000) == (0, 1000)
+
+
+def test_timestep_sensitivity_reads_how_much_the_embedding_moves_the_loss_per_bin():
+    # A loss the embedding moves only in [400, 700), twice as much in [600, 700); the batch seed adds
+    # an offset both points of a probe share, which must cancel.
+    def loss_at(x, low, high, seed):
+        weight = {400: 1.0, 500: 1.0, 600: 2.0}.get(low, 0.0)
+        return weight * x.sum() + torch.randn((), generator=torch.Generator().manual_seed(seed))
+
+    curve = timestep_sensitivity(loss_at, torch.zeros(16), 10, 1000, 32, 1e-3, torch.Generator().manual_seed(0))
+    assert [i for i, v in enumerate(curve) if v > 1e-6] == [4, 5, 6]
+    assert curve[6] > 2 * curve[4]
+    assert timestep_range(curve, 1000, 0.6) in ((500, 700), (600, 700), (400, 700))
 
 
 def test_int8_unet_is_close_to_fp32(model, identities):
