@@ -48,6 +48,8 @@ TI_RECIPE = {"steps": 200, "batch_size": 4, "lr": 5e-3}
 # One forward-only estimate carries one number about the gradient, a backprop step all 64: ZO-TI gets
 # more steps (two forward passes each, about a backprop step's cost).
 ZO_STEPS = {"steps": 400}
+MEMORY = {"identities": 2, "steps": 20}  # the steady-memory runs (`memory`): after one warm-up step
+MMAP_THRESHOLD = 64 * 1024  # bytes: glibc serves (and returns) blocks from this size with mmap
 SENSITIVITY = {"identities": 2, "bins": 10, "probes": 16, "share": 0.8}
 
 
@@ -157,6 +159,83 @@ def train_loras(world, memory: PeakMemory) -> dict:
     return {"method": "trained", "identities": rows, "memory": memory.summary()}
 
 
+def measure_memory(world_root: str, method: str, timesteps: tuple[int, int], identities: int, steps: int,
+                   resolution: int | None = None) -> dict:
+    """Steady training memory: one warm-up step on the first identity outside the block (lazy
+    initialisation, kernels, first allocations), then `steps` steps of each of the next `identities`
+    under it. Run with MALLOC_MMAP_THRESHOLD_ set, so glibc returns freed large blocks and the
+    resident size follows the live tensors (else a step's freed graph stays resident and the next
+    step reuses it unseen). `resolution`: the photos at another size (TI methods only), to see how
+    memory grows with the latents."""
+    import dataclasses
+
+    from difflora.train import textual_inversion as ti
+    from difflora.train.data import identity_folders
+    from difflora.train.loop import StopRequest
+
+    from .world import World
+
+    world, memory = World(world_root), PeakMemory()
+    folders = identity_folders(world.data / "heldout")[: identities + 1]
+    if method == "trained":
+        trainer, prepare = _lora_trainer(world)
+        base = trainer.cfg
+        for i, folder in enumerate(folders):
+            data = prepare(folder)
+            trainer.cfg = dataclasses.replace(base, steps=1 if i == 0 else steps)
+            with memory if i else _nothing():
+                trainer.train(data, StopRequest())
+    else:
+        cfg = ti_config(world, method, Path("unused"), timesteps)
+        cfg = dataclasses.replace(cfg, resolution=resolution or cfg.resolution)
+        model = ti.load_trigger_model(cfg)
+        if cfg.zeroth_order:
+            model.quantize()
+        for i, folder in enumerate(folders):
+            files, prompts = ti.identity_photos(folder, cfg.instance_prompt)
+            data = model.encode(files, prompts, cfg.resolution)
+            with memory if i else _nothing():
+                ti.train_one(model, data, dataclasses.replace(cfg, steps=1 if i == 0 else steps))
+    return {"method": method, "identities": identities, "steps": steps, "resolution": resolution,
+            "memory": memory.summary(),
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _lora_trainer(world):
+    """identity-loras' trainer (K = 1) on the held-out folders, and the function that checks and
+    encodes one identity's photos for it."""
+    from difflora.train.base_model import base_spec
+    from difflora.train.identity_filter import usable_photos
+    from difflora.train.identity_loras import IdentityTrainer
+    from difflora.train.loop import make_accelerator
+
+    from .identity_encoder import load_encoder
+    from .world import WorldConfig, identity_lora_config
+
+    cfg = WorldConfig.from_dict(json.loads(world.config.read_text()))
+    lora_cfg = identity_lora_config(world, "heldout", cfg, identities_per_pass=1, progress=False)
+    face, image = load_encoder(world.face), load_encoder(world.image)
+    trainer = IdentityTrainer(lora_cfg, base_spec(lora_cfg.base, lora_cfg.rank, lora_cfg.alpha or None),
+                              make_accelerator(lora_cfg.mixed_precision))
+    return trainer, lambda folder: trainer.encode(folder.name, usable_photos(folder, face, image,
+                                                                             lora_cfg.min_face_similarity))
+
+
+def run_memory_subprocess(world_root: str, method: str, work: Path, timesteps: tuple[int, int]) -> dict:
+    cmd = [sys.executable, "-m", "difflora_toyworld.ti_study", "memory", "--world", world_root, "--method", method,
+           "--timesteps", f"{timesteps[0]},{timesteps[1]}"]
+    subprocess.run(cmd, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})
+    return json.loads((work / f"{method}.memory.json").read_text())
+
+
 def run_subprocess(world_root: str, method: str, out: Path, timesteps: tuple[int, int]) -> dict:
     report = out / f"{method}.run.json"
     cmd = [sys.executable, "-m", "difflora_toyworld.ti_study", "train", "--world", world_root, "--method", method,
@@ -246,6 +325,8 @@ def summarize(scores: dict, runs: dict, names: list[str], predict_s: float) -> d
             secs = [r["seconds"] for r in runs[m]["identities"] if r.get("status", "trained") == "trained"]
             row["seconds_per_identity"] = float(np.mean(secs)) if secs else None
             row["memory"] = runs[m]["memory"]
+            if "steady_memory" in runs[m]:
+                row["steady_memory"] = runs[m]["steady_memory"]["memory"]
         elif m == "predicted":
             row["seconds_per_identity"] = predict_s
         rows[m] = row
@@ -260,6 +341,10 @@ def summarize(scores: dict, runs: dict, names: list[str], predict_s: float) -> d
     targets = {"zo_memory_share_of_ti_training": zo["training_peak_above_before_mib"]
                / max(ti["training_peak_above_before_mib"], 1e-9),
                "zo_memory_share_of_ti_process": zo["process_peak_rss_mib"] / ti["process_peak_rss_mib"]}
+    if "steady_memory" in rows["zo-ti"] and "steady_memory" in rows["ti"]:
+        zs, ts = rows["zo-ti"]["steady_memory"], rows["ti"]["steady_memory"]
+        targets["zo_memory_share_of_ti_steady"] = (zs["training_peak_above_before_mib"]
+                                                   / max(ts["training_peak_above_before_mib"], 1e-9))
     return {"identities": names, "rows": rows, "paired_differences": diffs, "targets": targets}
 
 
@@ -267,8 +352,9 @@ def markdown(summary: dict, settings: dict, command: str) -> str:
     rows = summary["rows"]
     lines = [f"# Textual Inversion in the toy world ({len(summary['identities'])} held-out identities)", "",
              f"Reproduce: `{command}`", "",
-             "| method | identity accuracy | prompt accuracy | seconds per identity | training peak above start (MiB) "
-             "| process peak RSS (MiB) |", "| --- | --- | --- | --- | --- | --- |"]
+             "| method | identity accuracy | prompt accuracy | seconds per identity | training peak above start, "
+             "first run (MiB) | steady training peak above start (MiB) | process peak RSS (MiB) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for m in ROWS:
         r = rows[m]
         pa = f"{r['prompt_accuracy']:.3f} ± {r['prompt_accuracy_se']:.3f}" if "prompt_accuracy" in r else ""
@@ -276,8 +362,9 @@ def markdown(summary: dict, settings: dict, command: str) -> str:
         mem = r.get("memory") or {}
         above = f"{mem['training_peak_above_before_mib']:.1f}" if mem else ""
         process = f"{mem['process_peak_rss_mib']:.0f}" if mem else ""
+        steady = f"{r['steady_memory']['training_peak_above_before_mib']:.1f}" if "steady_memory" in r else ""
         lines.append(f"| {LABELS[m]} | {r['identity_accuracy']:.3f} ± {r['identity_accuracy_se']:.3f} | {pa} | {secs} | "
-                     f"{above} | {process} |")
+                     f"{above} | {steady} | {process} |")
     lines += ["", "| paired difference | identity accuracy (paired SE) | prompt accuracy (paired SE) |",
               "| --- | --- | --- |"]
     for k, v in summary["paired_differences"].items():
@@ -285,22 +372,27 @@ def markdown(summary: dict, settings: dict, command: str) -> str:
         lines.append(f"| {k} | {ida['mean']:+.3f} ({ida['paired_se']:.3f}) | {pa['mean']:+.3f} ({pa['paired_se']:.3f}) |")
     t = summary["targets"]
     lines += ["", f"ZO-TI training memory / TI's: {t['zo_memory_share_of_ti_training']:.3f} (peak above the size at "
-              f"the start of training); {t['zo_memory_share_of_ti_process']:.3f} (whole-process peak RSS).", "",
+              f"the start of training, first run); {t.get('zo_memory_share_of_ti_steady', float('nan')):.3f} (steady: "
+              f"after a warm-up step, glibc returning freed blocks); {t['zo_memory_share_of_ti_process']:.3f} "
+              "(whole-process peak RSS).", "",
               f"Settings: {json.dumps(settings, sort_keys=True)}", ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m difflora_toyworld.ti_study", description=__doc__.splitlines()[0])
-    p.add_argument("command", nargs="?", default="all", choices=("all", "train", "report"),
-                   help="all: everything; train: one method (a subprocess of all); report: the tables again "
-                        "from OUT/ti_study.json's scores and the run files")
+    p.add_argument("command", nargs="?", default="all", choices=("all", "train", "memory", "report"),
+                   help="all: everything; train / memory: one method's training / steady memory (subprocesses of "
+                        "all); report: the tables again from OUT/ti_study.json's scores and the run files")
     p.add_argument("--world", default="/tmp/ti-study/world", help="world folder (seeded from assets/toyworld if new)")
     p.add_argument("--identities", type=int, default=8, help="held-out identities")
     p.add_argument("--out", default="docs/toyworld_results", help="ti_study.json / .md go here")
     p.add_argument("--method", choices=("trained", *TI_METHODS), help="train: the method")
     p.add_argument("--timesteps", default="0,1000", help="train: ZO-TI's partial range LOW,HIGH")
     p.add_argument("--steps", type=int, default=TI_RECIPE["steps"], help="TI steps per identity")
+    p.add_argument("--memory-identities", type=int, default=MEMORY["identities"], help="memory: identities measured")
+    p.add_argument("--memory-steps", type=int, default=MEMORY["steps"], help="memory: steps of each")
+    p.add_argument("--resolution", type=int, help="memory: the photos at this size (TI methods)")
     p.add_argument("--zo-steps", type=int, default=ZO_STEPS["steps"], help="ZO-TI steps per identity")
     a = p.parse_args(argv)
     TI_RECIPE["steps"], ZO_STEPS["steps"] = a.steps, a.zo_steps
@@ -314,6 +406,12 @@ def main(argv=None) -> None:
         timesteps = tuple(int(x) for x in a.timesteps.split(","))
         result = train_method(a.world, a.method, work / a.method, timesteps)
         (work / f"{a.method}.run.json").write_text(json.dumps(result, indent=1))
+        return
+    if a.command == "memory":
+        timesteps = tuple(int(x) for x in a.timesteps.split(","))
+        result = measure_memory(a.world, a.method, timesteps, a.memory_identities, a.memory_steps, a.resolution)
+        name = f"{a.method}.memory.json" if a.resolution is None else f"{a.method}.memory-{a.resolution}px.json"
+        (work / name).write_text(json.dumps(result, indent=1))
         return
     if a.command == "report":
         report(a, work)
@@ -329,6 +427,10 @@ def report(a, work: Path) -> None:
     out = Path(a.out)
     stored = json.loads((out / "ti_study.json").read_text())
     runs = {m: json.loads((work / f"{m}.run.json").read_text()) for m in ("trained", *TI_METHODS)}
+    for m, run in runs.items():
+        steady = work / f"{m}.memory.json"
+        if steady.is_file():
+            run["steady_memory"] = json.loads(steady.read_text())
     summary = summarize(stored["scores"], runs, stored["summary"]["identities"],
                         stored["summary"]["rows"]["predicted"]["seconds_per_identity"])
     stored["settings"].setdefault("command", f"python -m difflora_toyworld.ti_study --world {a.world} --identities "
@@ -359,6 +461,9 @@ def run_all(a, work: Path) -> None:
     for method in ("trained", *TI_METHODS):
         runs[method] = run_subprocess(a.world, method, work, tuple(sensitivity["range"]))
         log.info("%s: %s", method, runs[method]["memory"])
+    for method in ("trained", *TI_METHODS):
+        runs[method]["steady_memory"] = run_memory_subprocess(a.world, method, work, tuple(sensitivity["range"]))
+        log.info("%s steady: %s", method, runs[method]["steady_memory"]["memory"])
     scores, names, predict_s = score_rows(a.world, work, a.identities)
     summary = summarize(scores, runs, names, predict_s)
     command = (f"python -m difflora_toyworld.ti_study --world {a.world} --identities {a.identities} --steps {a.steps} "
