@@ -236,6 +236,42 @@ def run_memory_subprocess(world_root: str, method: str, work: Path, timesteps: t
     return json.loads((work / f"{method}.memory.json").read_text())
 
 
+def estimate_quality(world_root: str, draws: int = 48) -> dict:
+    """Why ZO-TI learns slowly here: at the starting embedding of the first held-out identity, the
+    cosine to the expected gradient (the fp32 backprop gradient averaged over `draws` batches) of
+    one backprop gradient, one two-point estimate (int8 base) and its Subspace-Gradient projection."""
+    from difflora.train import textual_inversion as ti
+    from difflora.train.data import identity_folders
+    from difflora.train.zeroth_order import SubspaceGradient, two_point_estimate
+
+    from .world import World
+
+    world = World(world_root)
+    cfg = ti_config(world, "zo-ti", Path("unused"), (0, 700))
+    folder = identity_folders(cfg.data)[0]
+    files, prompts = ti.identity_photos(folder, cfg.instance_prompt)
+    model = ti.load_trigger_model(cfg)
+    data = model.encode(files, prompts, cfg.resolution)
+    batches = [model.batch(data, 1, cfg.batch_size, seed, (0, 700)) for seed in range(draws)]
+    x = model.initial()
+    grads = []
+    for b in batches:
+        v = x.clone().requires_grad_(True)
+        model.loss(v, b).backward()
+        grads.append(v.grad.detach())
+    mean = torch.stack(grads).mean(0)
+    model.quantize()
+    gen, sub = torch.Generator().manual_seed(0), SubspaceGradient(cfg.subspace_rank, cfg.subspace_history)
+    cos = {"backprop": [], "zo": [], "zo_projected": []}
+    for b, g in zip(batches, grads):
+        est, _ = two_point_estimate(lambda v: model.loss(v, b), x, cfg.zo_mu, 1, gen)
+        sub.update(est)
+        for key, vec in (("backprop", g), ("zo", est), ("zo_projected", sub.project(est))):
+            cos[key].append(float(torch.nn.functional.cosine_similarity(vec, mean, dim=0)))
+    return {"identity": folder.name, "draws": draws, "dimensions": x.numel(),
+            **{f"mean_cosine_{k}": float(np.mean(v[draws // 2:])) for k, v in cos.items()}}
+
+
 def run_subprocess(world_root: str, method: str, out: Path, timesteps: tuple[int, int]) -> dict:
     report = out / f"{method}.run.json"
     cmd = [sys.executable, "-m", "difflora_toyworld.ti_study", "train", "--world", world_root, "--method", method,
@@ -381,7 +417,7 @@ def markdown(summary: dict, settings: dict, command: str) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m difflora_toyworld.ti_study", description=__doc__.splitlines()[0])
-    p.add_argument("command", nargs="?", default="all", choices=("all", "train", "memory", "report"),
+    p.add_argument("command", nargs="?", default="all", choices=("all", "train", "memory", "report", "estimates"),
                    help="all: everything; train / memory: one method's training / steady memory (subprocesses of "
                         "all); report: the tables again from OUT/ti_study.json's scores and the run files")
     p.add_argument("--world", default="/tmp/ti-study/world", help="world folder (seeded from assets/toyworld if new)")
@@ -415,6 +451,9 @@ def main(argv=None) -> None:
         return
     if a.command == "report":
         report(a, work)
+        return
+    if a.command == "estimates":
+        print(json.dumps(estimate_quality(a.world), indent=1))
         return
     run_all(a, work)
 
