@@ -1,6 +1,7 @@
 """Textual Inversion against the LoRAs in the toy world (issue 28), on held-out identities.
 
-    python -m difflora_toyworld.ti_study --world WORLD --identities 8 [--out docs/toyworld_results]
+    python -m difflora_toyworld.ti_study --world WORLD --identities 8 --tokenizer <ComfyUI>/comfy/sd1_tokenizer
+        [--out docs/toyworld_results]     (then `train` / `memory` / `report` / `estimates`: see --help)
 
 Rows, scored by `study.Bench` (results.py's scenes, seeds, sampler and classifier): the base model;
 the identity's trained LoRA (identity-loras, the world's recipe, one identity at a time); DiffLoRA
@@ -422,6 +423,8 @@ def main(argv=None) -> None:
                         "all); report: the tables again from OUT/ti_study.json's scores and the run files")
     p.add_argument("--world", default="/tmp/ti-study/world", help="world folder (seeded from assets/toyworld if new)")
     p.add_argument("--identities", type=int, default=8, help="held-out identities")
+    p.add_argument("--tokenizer", default="", help="CLIP tokenizer folder (vocab.json, merges.txt), e.g. ComfyUI's "
+                                                   "comfy/sd1_tokenizer: needed when the world is new")
     p.add_argument("--out", default="docs/toyworld_results", help="ti_study.json / .md go here")
     p.add_argument("--method", choices=("trained", *TI_METHODS), help="train: the method")
     p.add_argument("--timesteps", default="0,1000", help="train: ZO-TI's partial range LOW,HIGH")
@@ -481,7 +484,7 @@ def report(a, work: Path) -> None:
 
 
 def run_all(a, work: Path) -> None:
-    from devtools.get_comfyui import get_comfyui
+    from difflora.errors import DiffLoRAError
 
     from .render import write_identity_folders
     from .results import atomic_write_text
@@ -490,7 +493,10 @@ def run_all(a, work: Path) -> None:
     t0 = time.perf_counter()
     cfg = WorldConfig()
     assets = Path(__file__).resolve().parents[1] / "assets" / "toyworld"
-    world = seed_base_from_assets(a.world, cfg, get_comfyui() / "comfy" / "sd1_tokenizer", assets)
+    if not a.tokenizer and not (World(a.world).base / "unet" / "trained").is_file():
+        raise DiffLoRAError("a new world needs --tokenizer: CLIP's tokenizer folder (vocab.json, merges.txt), e.g. "
+                            "ComfyUI's comfy/sd1_tokenizer.")
+    world = seed_base_from_assets(a.world, cfg, a.tokenizer, assets)
     write_identity_folders(world.data / "heldout", a.identities, cfg.lora_photos, cfg.seed, subject=TRIGGER,
                            first_identity=HELDOUT_FIRST)
     work.mkdir(parents=True, exist_ok=True)
@@ -506,7 +512,7 @@ def run_all(a, work: Path) -> None:
     scores, names, predict_s = score_rows(a.world, work, a.identities)
     summary = summarize(scores, runs, names, predict_s)
     command = (f"python -m difflora_toyworld.ti_study --world {a.world} --identities {a.identities} --steps {a.steps} "
-               f"--zo-steps {a.zo_steps}")
+               f"--zo-steps {a.zo_steps}" + (f" --tokenizer {a.tokenizer}" if a.tokenizer else ""))
     settings = {"identities": a.identities, "ti_recipe": TI_RECIPE, "zo_steps": ZO_STEPS["steps"], "command": command,
                 "timestep_sensitivity": sensitivity,
                 "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}
