@@ -135,25 +135,14 @@ def train_method(world_root: str, method: str, out: Path, timesteps: tuple[int, 
 def train_loras(world, memory: PeakMemory) -> dict:
     """identity-loras' trainer on the held-out folders, one identity at a time (K = 1, as TI trains):
     its photos checked and encoded, then its training loop alone under the memory block."""
-    from difflora.train.base_model import base_spec
     from difflora.train.data import identity_folders
-    from difflora.train.identity_filter import usable_photos
-    from difflora.train.identity_loras import IdentityTrainer
-    from difflora.train.loop import StopRequest, make_accelerator
+    from difflora.train.loop import StopRequest
 
-    from .identity_encoder import load_encoder
-    from .world import WorldConfig, identity_lora_config
-
-    cfg = WorldConfig.from_dict(json.loads(world.config.read_text()))
-    lora_cfg = identity_lora_config(world, "heldout", cfg, identities_per_pass=1, progress=False)
-    face, image = load_encoder(world.face), load_encoder(world.image)
-    trainer = IdentityTrainer(lora_cfg, base_spec(lora_cfg.base, lora_cfg.rank, lora_cfg.alpha or None),
-                              make_accelerator(lora_cfg.mixed_precision))
+    trainer, prepare = _lora_trainer(world)
     rows = []
-    for folder in identity_folders(lora_cfg.data):
+    for folder in identity_folders(trainer.cfg.data):
         t0 = time.perf_counter()
-        photos = usable_photos(folder, face, image, lora_cfg.min_face_similarity)
-        data = trainer.encode(folder.name, photos)
+        data = prepare(folder)
         with memory:
             trainer.train(data, StopRequest())
         rows.append({"identity": folder.name, "seconds": time.perf_counter() - t0, "status": "trained"})

@@ -63,17 +63,18 @@ def test_backprop_ti_lowers_the_loss_and_changes_only_the_embedding(model, toy_f
     before = _eval_loss(model, data, start)
     flat, losses = ti.train_backprop(model, data, _cfg(toy_folder, identities, tmp_path, steps=40, lr=2e-2))
     after = _eval_loss(model, data, flat)
-    # Measured on this seeded base: 0.2% lower after 40 steps; the bound only asks for lower.
+    # Measured 1.10252 -> 1.10143 (seeded, so the same every run): on this untrained base most of the
+    # loss is what no embedding can fix; the trained toy base's run loss falls 0.042 -> 0.033.
+    print(f"TI held-out-batch loss {before:.5f} -> {after:.5f}")
     assert after < before, (before, after)
     assert not torch.equal(flat, start)
     for name, state in frozen.items():
         now = getattr(model.pipe, name).state_dict()
         assert all(torch.equal(now[k], v) for k, v in state.items()), f"{name} changed"
         assert not any(p.requires_grad for p in getattr(model.pipe, name).parameters())
-    # The hook is gone after training: the encoder computes what the untouched model computes.
-    ids = data["ids_clip_l"][:1]
-    hooks = model.pipe.text_encoder.get_input_embeddings()._forward_hooks
-    assert not hooks
+    # The hooks are gone after training: the encoders are the untouched base again.
+    assert not model.pipe.text_encoder.get_input_embeddings()._forward_hooks
+    assert not model.pipe.text_encoder_2.get_input_embeddings()._forward_hooks
 
 
 def test_zeroth_order_ti_builds_no_graph_and_changes_only_the_embedding(model, toy_folder, identities, tmp_path):
