@@ -262,6 +262,23 @@ def estimate_quality(world_root: str, draws: int = 48) -> dict:
             **{f"mean_cosine_{k}": float(np.mean(v[draws // 2:])) for k, v in cos.items()}}
 
 
+def score_embeddings(world_root: str, folders: list[str], n: int) -> dict:
+    """Identity accuracy of the embeddings in each folder (<identity>.safetensors) on the first `n`
+    held-out identities, on the study's Bench: e.g. a longer `textual-inversion` run against the table's."""
+    from difflora.train.textual_inversion import embedding_in_pipeline, load_embedding
+
+    from .study import Bench
+
+    bench, out = Bench(world_root, identities=n), {}
+    for folder in folders:
+        ida = []
+        for person in bench.people:
+            with embedding_in_pipeline(bench.pipe, "sks", load_embedding(Path(folder) / f"{person.name}.safetensors")):
+                ida.append(bench.on([person]).score([None])["identity_accuracy"])
+        out[folder] = {"per_identity": ida, "identity_accuracy": float(np.mean(ida))}
+    return out
+
+
 def run_subprocess(world_root: str, method: str, out: Path, timesteps: tuple[int, int]) -> dict:
     report = out / f"{method}.run.json"
     cmd = [sys.executable, "-m", "difflora_toyworld.ti_study", "train", "--world", world_root, "--method", method,
@@ -407,11 +424,12 @@ def markdown(summary: dict, settings: dict, command: str) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m difflora_toyworld.ti_study", description=__doc__.splitlines()[0])
-    p.add_argument("command", nargs="?", default="all", choices=("all", "train", "memory", "report", "estimates"),
+    p.add_argument("command", nargs="?", default="all", choices=("all", "train", "memory", "report", "estimates", "score"),
                    help="all: everything; train / memory: one method's training / steady memory (subprocesses of "
                         "all); report: the tables again from OUT/ti_study.json's scores and the run files")
     p.add_argument("--world", default="/tmp/ti-study/world", help="world folder (seeded from assets/toyworld if new)")
     p.add_argument("--identities", type=int, default=8, help="held-out identities")
+    p.add_argument("--embeddings", nargs="*", default=[], help="score: folders of embeddings to score")
     p.add_argument("--tokenizer", default="", help="CLIP tokenizer folder (vocab.json, merges.txt), e.g. ComfyUI's "
                                                    "comfy/sd1_tokenizer: needed when the world is new")
     p.add_argument("--out", default="docs/toyworld_results", help="ti_study.json / .md go here")
@@ -443,6 +461,9 @@ def main(argv=None) -> None:
         return
     if a.command == "report":
         report(a, work)
+        return
+    if a.command == "score":
+        print(json.dumps(score_embeddings(a.world, a.embeddings, a.identities), indent=1))
         return
     if a.command == "estimates":
         print(json.dumps(estimate_quality(a.world), indent=1))
