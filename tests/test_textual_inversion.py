@@ -214,3 +214,16 @@ def test_missing_trigger_in_a_caption_is_refused(model, identities, tmp_path):
     files, _ = ti.identity_photos(folder, "")
     with pytest.raises(ti.DiffLoRAError, match="trigger"):
         model.encode(files, ["a photo of a person"] * len(files), RESOLUTION)
+
+
+def test_an_identity_whose_captions_lack_the_trigger_is_skipped_not_fatal(toy_folder, identities, tmp_path):
+    from difflora.train.__main__ import main
+    from difflora_toyworld.render import write_identity_folders
+
+    data = write_identity_folders(tmp_path / "ids", 1, 3, seed=0, subject="a person", first_identity=7)
+    for folder in identities.iterdir():  # one good identity beside it
+        (data / folder.name).symlink_to(folder)
+    out = tmp_path / "emb"
+    assert main(["textual-inversion", "--data", str(data), "--out", str(out), "--base", str(toy_folder),
+                 "--resolution", str(RESOLUTION), "--steps", "2"]) == 0
+    assert sorted(p.stem for p in out.glob("*.safetensors")) == [p.name for p in identities.iterdir()]

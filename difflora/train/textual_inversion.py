@@ -310,7 +310,12 @@ def train_textual_inversion(cfg: TextualInversionConfig, model: TriggerModel | N
                 if cfg.zeroth_order and cfg.quantize:
                     model.quantize()
             t0 = time.perf_counter()
-            trained = train_one(model, model.encode(files, prompts, cfg.resolution), cfg, stop)
+            try:
+                data = model.encode(files, prompts, cfg.resolution)
+            except (DiffLoRAError, OSError, ValueError) as e:  # a caption without the trigger, an unreadable photo
+                results.append(TIResult(folder.name, "skipped", str(e)))
+                continue
+            trained = train_one(model, data, cfg, stop)
             if trained is None:
                 results.append(TIResult(folder.name, "interrupted", "stopped during training; it restarts next run"))
                 continue
