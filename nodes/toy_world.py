@@ -41,11 +41,19 @@ def _toy_model_config(arch: dict, sd: dict, name: str):
             super().__init__(device=device, dtype=dtype, model_options={
                 **model_options, "clip_l_model_config": clip_l, "clip_g_model_config": clip_g})
 
+    class ToyTokenizer(comfy.sdxl_clip.SDXLTokenizer):
+        """SDXL's tokenizer reading embeddings ("embedding:NAME") at the toy CLIPs' widths, not 768/1280."""
+
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data)
+            self.clip_l.embedding_size = clip_l["hidden_size"]
+            self.clip_g.embedding_size = clip_g["hidden_size"]
+
     class ToySDXL(comfy.supported_models.SDXL):
         unet_config = arch["unet"]
 
         def clip_target(self, state_dict={}):
-            return comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, ToyClipModel)
+            return comfy.supported_models_base.ClipTarget(ToyTokenizer, ToyClipModel)
 
     detected = comfy.model_detection.detect_unet_config(sd, _UNET_PREFIX)
     if not ToySDXL.matches(detected, sd):
@@ -73,8 +81,8 @@ def load_toy_base(path: str):
     vae = comfy.sd.VAE(sd=vae_sd, config={"params": {"ddconfig": dict(arch["vae_ddconfig"]),
                                                       "embed_dim": arch["vae_embed_dim"]}})
     clip_sd = config.process_clip_state_dict(sd)
-    clip = comfy.sd.CLIP(config.clip_target(), tokenizer_data=clip_sd,
-                         parameters=comfy.utils.calculate_parameters(clip_sd))
+    clip = comfy.sd.CLIP(config.clip_target(), tokenizer_data=clip_sd, parameters=comfy.utils.calculate_parameters(clip_sd),
+                         embedding_directory=folder_paths.get_folder_paths("embeddings"))
     missing, _ = clip.load_sd(clip_sd, full_model=True)
     missing = [k for k in missing if ".logit_scale" not in k and ".transformer.text_projection.weight" not in k]
     if missing:

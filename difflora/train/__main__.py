@@ -7,6 +7,8 @@
     all             the three in one --work folder, then the hypernet
     export          a dit run's checkpoint -> hypernet .safetensors
     check           report which identity LoRAs are usable, and why others are not
+    textual-inversion  identity photo folders -> one trigger embedding per identity (--zeroth-order:
+                    forward passes only, on an int8 base)
 
 The same commands run on several GPUs or nodes under `accelerate launch -m difflora.train ...`.
 Exit status: 0 done, 1 error (a sentence says what to do), 130 stopped by SIGTERM / Ctrl-C
@@ -24,7 +26,8 @@ from pathlib import Path
 from ..errors import DiffLoRAError
 from ..plugins import load_plugins
 from .config import (AllStagesConfig, AugmentConfig, DiTTrainConfig, ExportConfig, IdentityLoraConfig, LAETrainConfig,
-                     LoopConfig, add_options, command_line_values, read_config_file, resolve_config)
+                     LoopConfig, TextualInversionConfig, add_options, command_line_values, read_config_file,
+                     resolve_config)
 
 # `all` takes these identity-loras options without a prefix (they are unique to that stage) ...
 PROMOTED = ("base", "base_config", "vae", "face_encoder", "insightface_root", "image_encoder")
@@ -57,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(command("dit", "Train the DiT + Mixed Image Features; writes the hypernet.", DiTTrainConfig),
                 DiTTrainConfig)
     add_options(command("export", "Write a hypernet file from a dit run.", ExportConfig), ExportConfig)
+    add_options(command("textual-inversion", "Learn one trigger embedding per identity folder.",
+                        TextualInversionConfig), TextualInversionConfig)
     check = command("check", "Report usable and skipped identity LoRAs (nothing is trained).")
     check.add_argument("--loras", required=True, help="Folder of identity LoRAs.")
 
@@ -168,7 +173,7 @@ def _run(ns) -> int:
         print(f"spec: {data.spec.describe()}; encoders: {data.encoders}")
         return 0
     cls = {"augment": AugmentConfig, "identity-loras": IdentityLoraConfig, "lae": LAETrainConfig, "dit": DiTTrainConfig,
-           "export": ExportConfig}[ns.command]
+           "export": ExportConfig, "textual-inversion": TextualInversionConfig}[ns.command]
     cfg = resolve_config(cls, file_values, command_line_values(ns), ns.command)
     if ns.command == "augment":
         from ..photos.augment import augment_identities
@@ -179,6 +184,14 @@ def _run(ns) -> int:
         from .identity_loras import train_identity_loras
 
         results = train_identity_loras(cfg)
+        return EXIT_INTERRUPTED if any(r.status == "interrupted" for r in results) else 0
+    if ns.command == "textual-inversion":
+        from .textual_inversion import train_textual_inversion
+
+        results = train_textual_inversion(cfg)
+        for r in results:
+            if r.status == "skipped":
+                logging.getLogger("difflora.train").warning("  skipped %s: %s", r.name, r.reason)
         return EXIT_INTERRUPTED if any(r.status == "interrupted" for r in results) else 0
     if ns.command == "export":
         from .export import export_hypernet

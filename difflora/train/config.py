@@ -312,3 +312,40 @@ def command_line_values(ns: argparse.Namespace, prefix: str = "") -> dict:
 def resolve_config(cls, file_values: dict, cli_values: dict, what: str):
     """Field defaults, overridden by the config file, overridden by the command line; checked."""
     return config_from_values(cls, {**file_values, **cli_values}, what)
+
+
+@dataclass
+class TextualInversionConfig(ValidatedConfig):
+    """textual-inversion: one learned trigger embedding per identity folder, for both SDXL text encoders
+    (backprop, or --zeroth-order: forward passes only on an int8 base; difflora/train/textual_inversion.py)."""
+
+    data: str = option("", "Folder with one sub-folder of photos per identity (identity-loras' layout).", metavar="PATH")
+    out: str = option("", "Folder the embeddings (<identity>.safetensors, ComfyUI's models/embeddings format) go to.",
+                      metavar="PATH")
+    base: str = option("", "Local SDXL: a diffusers folder (model_index.json) or a single-file .safetensors.", metavar="PATH")
+    base_config: str = option("", "For a single-file base: a diffusers SDXL folder giving the configs and tokenizers.",
+                              metavar="PATH")
+    vae: str = option("", "Optional diffusers VAE folder replacing the base's.", metavar="PATH")
+    trigger: str = option("sks", "The word of the captions whose token embeddings are learned (use the embedding "
+                                 "in its place: 'embedding:<identity>').")
+    instance_prompt: str = option("a photo of a sks person", "Prompt of photos without a caption file; holds --trigger.")
+    steps: int = option(300, "Optimizer steps per identity.", at_least=1)
+    batch_size: int = option(4, "Photos per step.", at_least=1)
+    lr: float = option(5e-3, "AdamW learning rate of the embedding.", above=0)
+    resolution: int = option(1024, "Training resolution (SDXL: 1024); photos are resized and centre-cropped.", at_least=8)
+    min_images: int = option(3, "Identities with fewer photos are skipped and reported.", at_least=1)
+    zeroth_order: bool = option(False, "Forward passes only (a two-point gradient estimate), no autograd graph or "
+                                       "activations kept: the ZOODiP recipe.")
+    quantize: bool = option(True, "--zeroth-order: the UNet and text encoders with int8 Linear weights.")
+    zo_directions: int = option(1, "--zeroth-order: random directions per step (2 forward passes each).", at_least=1)
+    zo_mu: float = option(1e-3, "--zeroth-order: perturbation size along each direction.", above=0)
+    subspace: bool = option(True, "--zeroth-order: Subspace Gradient, the estimate projected onto the top principal "
+                                  "directions of the recent raw estimates.")
+    subspace_rank: int = option(4, "--zeroth-order: dimensions of that subspace.", at_least=1)
+    subspace_history: int = option(32, "--zeroth-order: recent estimates the subspace is built from.", at_least=1)
+    uniform_timesteps: bool = option(False, "--zeroth-order: timesteps from the whole schedule instead of "
+                                            "--timestep-min..--timestep-max (Partial Uniform Timestep Sampling off).")
+    timestep_min: int = option(0, "--zeroth-order: lowest training timestep.", at_least=0)
+    timestep_max: int = option(700, "--zeroth-order: training timesteps are below this (the toy base's measured range, "
+                                    "docs/TOYWORLD.md: above 700 the embedding barely moves the loss).", at_least=1)
+    seed: int = option(0, "Seed of the photo order, noise, timesteps and directions.", at_least=0)
