@@ -3,8 +3,8 @@ look at what the user sees (for tests/test_browser.py and `python -m devtools.br
 
     python -m devtools.browser    # rewrites workflows/*.jpg (template thumbnails) and docs/screenshots/
 
-The frontend is the `comfyui-frontend-package` ComfyUI 0.3.75 pins (1.32.9), served by the harness
-server; the browser is the system's Chromium (Debian's `chromium`), driven by Playwright, whose own
+The frontend is the `comfyui-frontend-package` the harness ComfyUI pins (DIFFLORA_COMFYUI: 1.32.9 for
+0.3.75, 1.49.6 for 0.33.0; devtools/get_comfyui.py `frontend_root`), served by the harness server; the browser is the system's Chromium (Debian's `chromium`), driven by Playwright, whose own
 browser download cannot work on these machines.
 """
 
@@ -21,7 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-PACK = "comfyui-difflora"
 TOY_OUTPUTS = [16, 33]  # the toy-world template's Save Image nodes: personalized, base model
 
 # Every node's box as the frontend lays it out (title bar included), and the saved view.
@@ -37,12 +36,6 @@ def chromium_path() -> str | None:
         if found:
             return found
     return None
-
-
-def frontend_root() -> Path:
-    import comfyui_frontend_package
-
-    return Path(comfyui_frontend_package.__file__).resolve().parent / "static"
 
 
 @contextmanager
@@ -129,7 +122,7 @@ def harness_server(base_dir: Path):
     shipped graphs' file names, so every template finds what it names."""
     from . import harness_models
     from .comfy_server import ComfyServer
-    from .get_comfyui import get_comfyui
+    from .get_comfyui import frontend_root, get_comfyui
 
     server = ComfyServer(get_comfyui(), base_dir=base_dir, front_end_root=frontend_root())
     server.start()
