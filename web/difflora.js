@@ -1,18 +1,30 @@
-// The pack's two touches to the stock ComfyUI frontend (loaded from WEB_DIRECTORY):
+// The pack's touches to the stock ComfyUI frontend (loaded from WEB_DIRECTORY), written against the
+// frontend's public app/api objects so that every tested frontend (1.32 and 1.49) behaves the same:
 // - Sample Identity LoRA Latent starts with its seed fixed. The frontend gives every seed widget
 //   "randomize" and a V3 schema cannot choose otherwise; randomize would write a new identity
 //   LoRA on every Run. A saved workflow keeps its own choice (node configure runs after this).
 // - Save Predicted LoRA shows the name it saved: the stock frontend displays a node's ui "text"
-//   only for core Preview Any, so this node gets a read-only text line of its own.
+//   only for core Preview Any, so this node gets a read-only text line of its own. The line is read
+//   from the frontend's kept outputs, so it survives switching workflow tabs as the images do.
+// - Toy World Photo shows the chosen photo at once (before any Run) and follows the picked photo.
+// - An error raised by one of the pack's nodes is titled with the node's name, not its class id.
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
 
 const SAMPLE_NODE = "DiffLoRASampleLoraLatent";
 const SAVE_NODE = "DiffLoRASaveLora";
+const PHOTO_NODE = "DiffLoRAToyWorldPhoto";
+const NOT_SAVED = "not saved yet";
+
+// The outputs the frontend keeps for a node of the root graph (restored on a workflow tab switch).
+function keptOutput(node) {
+  return app.nodeOutputs?.[String(node.id)];
+}
 
 function addSavedNameWidget(node) {
   const line = document.createElement("div");
   line.style.cssText = "font: 12px monospace; opacity: 0.85; padding: 2px 6px; white-space: pre-wrap;";
-  line.textContent = "not saved yet";
+  line.textContent = NOT_SAVED;
   const widget = node.addDOMWidget("saved_lora", "difflora_saved_lora", line, {
     serialize: false, // neither in the workflow nor in the prompt: it only shows the last result
     getValue: () => line.textContent,
@@ -23,6 +35,56 @@ function addSavedNameWidget(node) {
   return widget;
 }
 
+function showSavedName(node) {
+  const widget = node.widgets?.find((w) => w.name === "saved_lora");
+  const text = keptOutput(node)?.text;
+  const shown = text?.length ? text.join("\n") : NOT_SAVED;
+  if (widget && widget.value !== shown) widget.value = shown;
+}
+
+function photoUrl(name) {
+  return api.apiURL(`/difflora/toy_photo/${encodeURIComponent(name)}`);
+}
+
+// The photo the node gives, drawn as its preview (as Load Image shows its file) until a Run's own
+// preview replaces it; picking another photo shows that one.
+function showToyPhoto(node) {
+  const name = node.widgets?.find((w) => w.name === "photo")?.value;
+  if (!name || node.difflora_photo === name) return;
+  node.difflora_photo = name;
+  const img = new Image();
+  img.onload = () => {
+    if (node.difflora_photo !== name) return; // another photo was picked meanwhile
+    node.imgs = [img];
+    node.setSizeForImage?.();
+    app.graph.setDirtyCanvas(true, true);
+  };
+  img.src = photoUrl(name);
+}
+
+// Runs every frame the node is drawn: cheap comparisons only.
+function followState(nodeType, sync) {
+  const onDrawForeground = nodeType.prototype.onDrawForeground;
+  nodeType.prototype.onDrawForeground = function () {
+    const r = onDrawForeground?.apply(this, arguments);
+    sync(this);
+    return r;
+  };
+}
+
+function packNodeTitle(detail) {
+  if (!detail?.node_type?.startsWith("DiffLoRA")) return null;
+  const node = app.graph?.getNodeById?.(Number(detail.node_id)) ?? app.graph?.getNodeById?.(detail.node_id);
+  return node?.title || globalThis.LiteGraph?.registered_node_types?.[detail.node_type]?.title || null;
+}
+
+// The frontend titles its execution-error dialog with the message's node_type (the class id).
+const dispatch = api.dispatchCustomEvent.bind(api);
+api.dispatchCustomEvent = (type, detail) => {
+  const title = type === "execution_error" ? packNodeTitle(detail) : null;
+  return dispatch(type, title ? { ...detail, node_type: title } : detail);
+};
+
 app.registerExtension({
   name: "DiffLoRA.NodeUI",
   nodeCreated(node) {
@@ -30,8 +92,18 @@ app.registerExtension({
       const control = node.widgets?.find((w) => w.name === "control_after_generate");
       if (control) control.value = "fixed";
     }
+    if (node.comfyClass === PHOTO_NODE) showToyPhoto(node);
   },
   beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name === PHOTO_NODE) {
+      followState(nodeType, showToyPhoto);
+      const onExecuted = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function () {
+        onExecuted?.apply(this, arguments);
+        this.difflora_photo = this.widgets?.find((w) => w.name === "photo")?.value; // the Run's preview is it
+      };
+      return;
+    }
     if (nodeData.name !== SAVE_NODE) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
@@ -44,5 +116,6 @@ app.registerExtension({
       const widget = this.widgets?.find((w) => w.name === "saved_lora");
       if (widget && output?.text?.length) widget.value = output.text.join("\n");
     };
+    followState(nodeType, showSavedName);
   },
 });
