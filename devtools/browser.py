@@ -17,11 +17,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .comfy_server import PACK_LINK_NAME
+
 REPO = Path(__file__).resolve().parent.parent
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOY_OUTPUTS = [16, 33]  # the toy-world template's Save Image nodes: personalized, base model
+TOY_PHOTO_NODE, TOY_SAVE_LORA, TOY_ENCODE = 2, 17, 6
+# Newer template browsers list a pack's templates under its folder name, the harness's install name.
+PACK_CATEGORY = PACK_LINK_NAME
 
 # Every node's box as the frontend lays it out (title bar included), and the saved view.
 _GEOMETRY_JS = """() => { const c = window.app.canvas, ds = c.ds;
@@ -58,12 +63,13 @@ def browser_page(url: str):
 
 def open_template(page, name: str) -> None:
     """Open the Templates browser (the side bar's button; it opens by itself on a first visit) and
-    click the template's card, as a user does."""
+    click the template's card, as a user does. Newer frontends list a pack's templates under the
+    pack's own category (its folder name) in the browser's side list."""
     card = page.get_by_text(name, exact=True).first
     try:
         card.wait_for(state="visible", timeout=10_000)
     except Exception:  # noqa: BLE001 - playwright's TimeoutError: the browser is not open yet
-        page.locator(".side-bar-button", has_text="Templates").first.click()
+        open_pack_templates(page)
         card.wait_for(state="visible", timeout=30_000)
     card.click()
     page.wait_for_function(f"() => window.app.graph._nodes.length > 0 && "
@@ -73,6 +79,116 @@ def open_template(page, name: str) -> None:
     page.wait_for_function("() => window.app.graph._nodes.filter(n => n.type === 'LoadImage')"
                            ".every(n => n.imgs && n.imgs.length && n.imgs[0].complete)", timeout=60_000)
     time.sleep(0.5)  # one more frame: sizes settle after the images draw
+
+
+def template_card_text(page, name: str) -> str:
+    """What the template browser's card of `name` says (the browser must be open on the pack's templates)."""
+    card = page.locator(f'[data-testid="template-workflow-{name}"]').first
+    card.wait_for(state="visible", timeout=30_000)
+    time.sleep(0.5)  # the pack's description goes in once the card is drawn
+    return card.inner_text()
+
+
+def open_pack_templates(page) -> None:
+    """The Templates browser (it opens by itself on a first visit), showing the pack's templates."""
+    category = page.get_by_text(PACK_CATEGORY, exact=True).first
+    try:
+        category.wait_for(state="visible", timeout=5_000)
+    except Exception:  # noqa: BLE001 - playwright's TimeoutError: the browser is not open
+        page.locator(".side-bar-button", has_text="Templates").first.click()
+    try:
+        category.wait_for(state="visible", timeout=10_000)
+        category.click()
+    except Exception:  # noqa: BLE001 - this frontend has no category list: it shows every template at once
+        pass
+
+
+def close_templates(page) -> None:
+    page.keyboard.press("Escape")
+    time.sleep(0.5)
+
+
+def switch_to_tab(page, name: str) -> None:
+    """Click the open workflow's tab, as a user switches between workflows."""
+    page.get_by_text(name, exact=True).first.click()
+    page.wait_for_function(f"() => window.app.extensionManager.workflow.activeWorkflow?.filename === {json.dumps(name)}",
+                           timeout=30_000)
+    time.sleep(1.0)  # the tab's graph and its kept outputs are restored, then drawn
+
+
+def error_report(page, contains: str, timeout: float = 120.0) -> str:
+    """Every error text the frontend shows after a Run, once it shows `contains`: a dialog (frontend 1.32),
+    or the errors panel its toast's "View details" opens, each entry's details expanded (frontend 1.49)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        details = page.get_by_role("button", name="View details")
+        if details.count() and details.first.is_visible():
+            _try_click(details.first)
+            time.sleep(1.0)
+        for info in page.locator("[aria-label^='Info for'][aria-expanded='false']").all():
+            if info.is_visible():
+                _try_click(info)
+        text = "\n".join([*open_dialogs(page), page.locator("body").inner_text()])
+        if contains in text:
+            return text
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no error showing {contains!r} after {timeout:.0f} s; the page shows:\n{text[-3000:]}")
+        time.sleep(1.0)
+
+
+def _try_click(locator) -> None:
+    try:
+        locator.click(timeout=5_000)
+    except Exception:  # noqa: BLE001 - covered or gone meanwhile: the next look tries again
+        pass
+
+
+def dismiss_errors(page) -> None:
+    """Close an error dialog (frontend 1.32) or the errors panel (frontend 1.49)."""
+    page.keyboard.press("Escape")
+    panel = page.locator("[aria-label='Toggle properties panel'], [aria-label='Close panel']")
+    if panel.count() and panel.first.is_visible():
+        panel.first.click()
+    time.sleep(0.5)
+
+
+def feed_image_to(page, filename: str, node_id: int, input_name: str) -> None:
+    """Add a Load Image node of `filename` (in the server's input folder) and connect it to an input."""
+    page.evaluate(f"""() => {{ const LG = window.LiteGraph, g = window.app.graph, target = g.getNodeById({node_id});
+        const n = LG.createNode('LoadImage'); n.pos = [target.pos[0] - 340, target.pos[1] + 700]; g.add(n);
+        n.widgets.find(w => w.name === 'image').value = {json.dumps(filename)};
+        n.connect(0, target, target.findInputSlot({json.dumps(input_name)})); }}""")
+    time.sleep(0.5)
+
+
+def combo_options(page, node_id: int, widget: str) -> list:
+    return page.evaluate(f"() => window.app.graph.getNodeById({node_id}).widgets.find(w => w.name === "
+                         f"{json.dumps(widget)}).options.values")
+
+
+def toy_photo_url(page, name: str) -> str:
+    """The address the pack serves a toy-world photo at (nodes/server_routes.py), as the page asks for it."""
+    return page.evaluate(f"() => new URL(window.comfyAPI.api.api.apiURL('/difflora/toy_photo/' + "
+                         f"encodeURIComponent({json.dumps(name)})), location.href).href")
+
+
+def node_value(page, node_id: int, widget: str):
+    return page.evaluate(f"() => window.app.graph.getNodeById({node_id}).widgets.find(w => w.name === "
+                         f"{json.dumps(widget)}).value")
+
+
+def pick(page, node_id: int, widget: str, value) -> None:
+    """Set a combo as picking from its menu does: the value, then the widget's callback."""
+    page.evaluate(f"""() => {{ const n = window.app.graph.getNodeById({node_id});
+        const w = n.widgets.find(w => w.name === {json.dumps(widget)});
+        w.value = {json.dumps(value)}; w.callback?.(w.value, window.app.canvas, n); }}""")
+
+
+def preview_sources(page, node_id: int, timeout: float = 15.0) -> list[str]:
+    """The sources of the images a node previews, once they have loaded."""
+    page.wait_for_function(f"() => (window.app.graph.getNodeById({node_id}).imgs || []).every(i => i.complete)",
+                           timeout=timeout * 1000)
+    return page.evaluate(f"() => (window.app.graph.getNodeById({node_id}).imgs || []).map(i => i.src)")
 
 
 def geometry(page) -> dict:

@@ -8,6 +8,8 @@
 //   from the frontend's kept outputs, so it survives switching workflow tabs as the images do.
 // - Toy World Photo shows the chosen photo at once (before any Run) and follows the picked photo.
 // - An error raised by one of the pack's nodes is titled with the node's name, not its class id.
+// - The template browser's cards of the pack's workflows say what each needs (the stock browser shows
+//   only the file name): the texts are web/templates.json, written by devtools/make_workflows.py.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -52,6 +54,8 @@ function showToyPhoto(node) {
   const name = node.widgets?.find((w) => w.name === "photo")?.value;
   if (!name || node.difflora_photo === name) return;
   node.difflora_photo = name;
+  // A Run's preview of the previous photo is kept by the frontend and would be drawn again.
+  if (keptOutput(node)?.images) delete app.nodeOutputs[String(node.id)];
   const img = new Image();
   img.onload = () => {
     if (node.difflora_photo !== name) return; // another photo was picked meanwhile
@@ -85,14 +89,60 @@ api.dispatchCustomEvent = (type, detail) => {
   return dispatch(type, title ? { ...detail, node_type: title } : detail);
 };
 
+const DESCRIPTION_CLASS = "difflora-template-description";
+
+async function describeTemplateCards() {
+  let descriptions = {};
+  try {
+    descriptions = (await (await fetch(new URL("./templates.json", import.meta.url))).json()).descriptions ?? {};
+  } catch (e) {
+    console.warn("DiffLoRA: no template descriptions", e);
+    return;
+  }
+  const describe = () => {
+    for (const [name, text] of Object.entries(descriptions)) {
+      for (const card of document.querySelectorAll(`[data-testid="template-workflow-${name}"]`)) {
+        if (card.querySelector(`.${DESCRIPTION_CLASS}`)) continue;
+        // The stock card repeats the file name as its description (dashes and underscores as spaces).
+        const stock = Array.from(card.querySelectorAll("p, span, div")).find(
+          (e) => e.children.length === 0 && e.textContent.trim() === name.replace(/[-_]/g, " "));
+        const line = stock ?? document.createElement("p");
+        line.textContent = text;
+        line.classList.add(DESCRIPTION_CLASS);
+        if (!stock) {
+          line.style.cssText = "margin: 0; font-size: 12px; opacity: 0.75; line-height: 1.3;";
+          const title = card.querySelector(`[title="${name}"]`) ?? card.lastElementChild;
+          title.after(line);
+        }
+      }
+    }
+  };
+  new MutationObserver(describe).observe(document.body, { childList: true, subtree: true });
+  describe();
+}
+
 app.registerExtension({
   name: "DiffLoRA.NodeUI",
+  setup() {
+    describeTemplateCards();
+  },
   nodeCreated(node) {
     if (node.comfyClass === SAMPLE_NODE) {
       const control = node.widgets?.find((w) => w.name === "control_after_generate");
       if (control) control.value = "fixed";
     }
-    if (node.comfyClass === PHOTO_NODE) showToyPhoto(node);
+    if (node.comfyClass === PHOTO_NODE) {
+      const widget = node.widgets?.find((w) => w.name === "photo");
+      const callback = widget?.callback;
+      if (widget) {
+        widget.callback = function () {
+          const r = callback?.apply(this, arguments);
+          showToyPhoto(node); // the picked photo at once, not at the next redraw
+          return r;
+        };
+      }
+      showToyPhoto(node);
+    }
   },
   beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === PHOTO_NODE) {
