@@ -104,8 +104,13 @@ def open_pack_templates(page) -> None:
 
 
 def close_templates(page) -> None:
-    page.keyboard.press("Escape")
-    time.sleep(0.5)
+    """Close the Templates browser with its close button: the text-less button at its top right."""
+    page.evaluate("""() => { const d = document.querySelector('[role=dialog]'); if (!d) return;
+        const right = b => b.getBoundingClientRect().right - b.getBoundingClientRect().top;
+        const close = Array.from(d.querySelectorAll('button')).filter(b => b.offsetParent && !b.innerText.trim())
+            .sort((a, b) => right(b) - right(a))[0];
+        close?.click(); }""")
+    page.locator('[data-testid^="template-workflow-"]').first.wait_for(state="hidden", timeout=10_000)
 
 
 def switch_to_tab(page, name: str) -> None:
