@@ -85,6 +85,8 @@ def test_toy_world_runs_from_the_run_button_and_keeps_what_it_shows(page):
     browser.run_from_ui(page, browser.TOY_OUTPUTS)
     shown = page.evaluate(f"() => {browser.TOY_OUTPUTS}.map(id => window.app.graph.getNodeById(id).imgs.length)")
     assert shown == [4, 4]  # a batch of four, personalized and base
+    titles = page.evaluate(f"() => {browser.TOY_OUTPUTS}.map(id => window.app.graph.getNodeById(id).title)")
+    assert len(set(titles)) == 2 and "Save Image" not in titles, titles  # the two rows told apart
     assert browser.open_dialogs(page) == []
     assert browser.overlaps(browser.geometry(page)["nodes"]) == []  # the previews fit where they show
     saved = browser.node_value(page, browser.TOY_SAVE_LORA, "saved_lora")
