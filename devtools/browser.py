@@ -252,21 +252,52 @@ def harness_server(base_dir: Path):
     return server
 
 
+@contextmanager
+def models_missing(server, files: list[tuple[str, str]]):
+    """The server as a bare install sees it: these (folder, name) model files moved away meanwhile."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as away:
+        moved = [(server.models_dir(folder) / name, Path(away) / f"{folder}__{name}") for folder, name in files]
+        for path, aside in moved:
+            path.rename(aside)
+        try:
+            yield
+        finally:
+            for path, aside in moved:
+                aside.rename(path)
+
+
+def show_missing_files(server, page) -> str:
+    """Queue difflora_basic with its checkpoint, CLIP vision and hypernet not installed; the report shown."""
+    from .make_workflows import CKPT, CLIP_VISION, HYPERNET
+
+    with models_missing(server, [("checkpoints", CKPT), ("clip_vision", CLIP_VISION), ("difflora", HYPERNET)]):
+        open_template(page, "difflora_basic")
+        page.get_by_role("button", name="Run").first.click()
+        return error_report(page, contains="Missing model files")
+
+
 def main() -> None:
-    """Template thumbnails (workflows/<name>.jpg, what the template browser shows) and screenshots."""
+    """Template thumbnails (workflows/<name>.jpg, what the template browser shows) and screenshots, on the
+    floor ComfyUI's frontend; on another (DIFFLORA_COMFYUI=0.33.0) the toy template after a Run and the
+    missing-files report, named after that frontend."""
     import tempfile
 
     from PIL import Image
 
+    from .get_comfyui import COMFYUI_VERSION, SOURCES, selected_version
     from .make_workflows import graphs, VIEW
 
     shots = REPO / "docs" / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
+    floor = selected_version() == COMFYUI_VERSION
+    suffix = "" if floor else f"_frontend-{SOURCES[selected_version()].frontend}"
     with tempfile.TemporaryDirectory() as tmp:
         server = harness_server(Path(tmp))
         try:
             with browser_page(server.url) as page:
-                for name in sorted(graphs()):
+                for name in sorted(graphs()) if floor else []:
                     open_template(page, name)
                     png = shots / f"template_{name}.png"
                     page.screenshot(path=str(png))
@@ -277,8 +308,11 @@ def main() -> None:
                     print(f"wrote {png.relative_to(REPO)} and workflows/{name}.jpg")
                 open_template(page, "difflora_toy_world")
                 run_from_ui(page, TOY_OUTPUTS)
-                page.screenshot(path=str(shots / "toy_world_run.png"))
-                print("wrote docs/screenshots/toy_world_run.png")
+                page.screenshot(path=str(shots / f"toy_world_run{suffix}.png"))
+                print(f"wrote docs/screenshots/toy_world_run{suffix}.png")
+                show_missing_files(server, page)
+                page.screenshot(path=str(shots / f"missing_files{suffix}.png"))
+                print(f"wrote docs/screenshots/missing_files{suffix}.png")
         finally:
             server.stop()
 
