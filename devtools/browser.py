@@ -4,8 +4,9 @@ look at what the user sees (for tests/test_browser.py and `python -m devtools.br
     python -m devtools.browser    # rewrites workflows/*.jpg (template thumbnails) and docs/screenshots/
 
 The frontend is the `comfyui-frontend-package` the harness ComfyUI pins (DIFFLORA_COMFYUI: 1.32.9 for
-0.3.75, 1.49.6 for 0.33.0; devtools/get_comfyui.py `frontend_root`), served by the harness server; the browser is the system's Chromium (Debian's `chromium`), driven by Playwright, whose own
-browser download cannot work on these machines.
+0.3.75, 1.49.6 for 0.33.0; devtools/get_comfyui.py `frontend_root`), served by the harness server; the
+browser is the system's Chromium (Debian's `chromium`), driven by Playwright, whose own browser download
+cannot work on these machines.
 """
 
 from __future__ import annotations

@@ -148,8 +148,9 @@ NOTE_ID = 90  # never used by a real node
 # What each template card says (the stock template browser shows only the file name: web/difflora.js
 # puts these in place of it, read from web/templates.json, which write_all writes from here).
 DESCRIPTIONS = {
-    "difflora_toy_world": "No downloads: every file ships with the pack. The toy world (64x64 faces) runs the whole "
-                          "DiffLoRA chain on a CPU in seconds: one photo, a predicted LoRA, images with and without it.",
+    "difflora_toy_world": "No downloads: every file ships with the pack. The toy world (64x64 faces) runs the "
+                          "whole DiffLoRA chain on a CPU in seconds: one photo, a predicted LoRA, images with and "
+                          "without it.",
     "difflora_basic": "Needs downloads: an SDXL checkpoint, CLIP vision ViT-H and a DiffLoRA hypernet. One photo of "
                       "a person: a predicted SDXL LoRA, saved, and images of that person.",
     "difflora_multi_reference": "Needs downloads (as difflora_basic). Three photos of one person, averaged into one "

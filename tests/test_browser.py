@@ -96,7 +96,8 @@ def test_toy_world_runs_from_the_run_button_and_keeps_what_it_shows(page):
     browser.open_template(page, "difflora_basic")
     browser.switch_to_tab(page, TOY)
     assert browser.node_value(page, browser.TOY_SAVE_LORA, "saved_lora") == saved
-    assert page.evaluate(f"() => {browser.TOY_OUTPUTS}.map(id => window.app.graph.getNodeById(id).imgs.length)") == [4, 4]
+    shown = page.evaluate(f"() => {browser.TOY_OUTPUTS}.map(id => window.app.graph.getNodeById(id).imgs.length)")
+    assert shown == [4, 4]
 
     # After a Run, the photo node shows the Run's preview; picking another person shows that one.
     other = next(p for p in browser.combo_options(page, browser.TOY_PHOTO_NODE, "photo")
@@ -118,7 +119,8 @@ def test_no_face_error_names_the_node_and_asks_for_no_pixel_size(served):
     # where the class id belongs.
     shown = "\n".join(line for line in report.splitlines() if '"type"' not in line)
     assert "Encode Mixed Features" in shown and "DiffLoRAEncodeMixedFeatures" not in shown
-    assert "px" not in report.split("No face detected", 1)[1].split("\n", 1)[0]  # no pixel size: the toy world's are 64 px
+    # No pixel size in the advice: the toy world's faces are 64 px.
+    assert "px" not in report.split("No face detected", 1)[1].split("\n", 1)[0]
     browser.dismiss_errors(page)
 
 
