@@ -38,6 +38,7 @@ function addSavedNameWidget(node) {
 }
 
 function showSavedName(node) {
+  if (!app.nodeOutputs) return; // a frontend that keeps no outputs: the line keeps what onExecuted wrote
   const widget = node.widgets?.find((w) => w.name === "saved_lora");
   const text = keptOutput(node)?.text;
   const shown = text?.length ? text.join("\n") : NOT_SAVED;
