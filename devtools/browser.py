@@ -312,6 +312,7 @@ def main() -> None:
                 page.screenshot(path=str(shots / f"toy_world_run{suffix}.png"))
                 print(f"wrote docs/screenshots/toy_world_run{suffix}.png")
                 show_missing_files(server, page)
+                time.sleep(1.5)  # the expanded details fade in
                 page.screenshot(path=str(shots / f"missing_files{suffix}.png"))
                 print(f"wrote docs/screenshots/missing_files{suffix}.png")
         finally:
