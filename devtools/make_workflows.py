@@ -75,13 +75,13 @@ def _common_front(ref_nodes: list[N]) -> tuple[list[N], list[Link]]:
 
 
 def _sampling(apply_id: int, strength: float, ksampler_id: int, decode_id: int, save_id: int, x: int, y: int,
-              prefix: str) -> tuple[list[N], list[Link]]:
+              prefix: str, save_title: str | None = None) -> tuple[list[N], list[Link]]:
     nodes = [
         N(apply_id, "DiffLoRAApplyLora", (x, y), {"strength": strength}),
         N(ksampler_id, "KSampler", (x + 340, y), {"seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "dpmpp_2m",
                                                   "scheduler": "karras", "denoise": 1.0}),
         N(decode_id, "VAEDecode", (x + 680, y)),
-        N(save_id, "SaveImage", (x + 1020, y), {"filename_prefix": prefix}),
+        N(save_id, "SaveImage", (x + 1020, y), {"filename_prefix": prefix}, save_title),
     ]
     links = [(1, 0, apply_id, "model"), (8, 0, apply_id, "lora"), (apply_id, 0, ksampler_id, "model"),
              (10, 0, ksampler_id, "positive"), (11, 0, ksampler_id, "negative"), (12, 0, ksampler_id, "latent_image"),
@@ -115,9 +115,11 @@ def _toy_world() -> tuple[list[N], list[Link]]:
     links = [(5, 0, 6, "hypernet"), (2, 0, 6, "images"), (5, 0, 7, "hypernet"), (6, 0, 7, "features"),
              (5, 0, 8, "hypernet"), (7, 0, 8, "lora_latent"), (1, 1, 10, "clip"), (1, 1, 11, "clip"),
              (8, 0, 17, "lora")]
-    for i, (strength, prefix) in enumerate(((1.0, "difflora/toy_personalized"), (0.0, "difflora/toy_base"))):
+    rows = ((1.0, "difflora/toy_personalized", "Personalized (predicted LoRA)"),
+            (0.0, "difflora/toy_base", "Base model (LoRA off, same seed)"))
+    for i, (strength, prefix, title) in enumerate(rows):
         base = 13 if i == 0 else 30
-        s, sl = _sampling(base, strength, base + 1, base + 2, base + 3, 1020, 0 if i == 0 else 700, prefix)
+        s, sl = _sampling(base, strength, base + 1, base + 2, base + 3, 1020, 0 if i == 0 else 700, prefix, title)
         for n in s:
             if n.type == "KSampler":
                 n.widgets.update(steps=20, cfg=4.0)
@@ -142,6 +144,22 @@ NOTES = {
                                "predicted LoRA adds. The rest is as in difflora_basic.",
 }
 NOTE_ID = 90  # never used by a real node
+
+# What each template card says (the stock template browser shows only the file name: web/difflora.js
+# puts these in place of it, read from web/templates.json, which write_all writes from here).
+DESCRIPTIONS = {
+    "difflora_toy_world": "No downloads: every file ships with the pack. The toy world (64x64 faces) runs the "
+                          "whole DiffLoRA chain on a CPU in seconds: one photo, a predicted LoRA, images with and "
+                          "without it.",
+    "difflora_basic": "Needs downloads: an SDXL checkpoint, CLIP vision ViT-H and a DiffLoRA hypernet. One photo of "
+                      "a person: a predicted SDXL LoRA, saved, and images of that person.",
+    "difflora_multi_reference": "Needs downloads (as difflora_basic). Three photos of one person, averaged into one "
+                                "identity.",
+    "difflora_export_lora": "Needs downloads: CLIP vision ViT-H and a DiffLoRA hypernet (no SDXL checkpoint). "
+                            "Predicts and saves the LoRA only.",
+    "difflora_strength_sweep": "Needs downloads (as difflora_basic). The same seed at LoRA strength 0.0, 0.5 and 1.0.",
+}
+TEMPLATE_INDEX = Path(__file__).resolve().parent.parent / "web" / "templates.json"
 
 
 def graphs() -> dict[str, tuple[list[N], list[Link]]]:
@@ -180,7 +198,7 @@ def _graphs() -> dict[str, tuple[list[N], list[Link]]]:
     for i, strength in enumerate((0.0, 0.5, 1.0)):
         base = 30 + 4 * i
         s, sl = _sampling(base, strength, base + 1, base + 2, base + 3, 1020, 0 if i == 0 else 300 + 400 * i,
-                          f"difflora/strength_{strength:.1f}")
+                          f"difflora/strength_{strength:.1f}", f"LoRA strength {strength:.1f}")
         nodes, all_links = nodes + s, all_links + sl
     out["difflora_strength_sweep"] = (nodes, all_links)
     return out
@@ -316,6 +334,10 @@ def write_all(object_info: dict, folder: Path = WORKFLOWS) -> list[Path]:
     return written
 
 
+def template_index() -> str:
+    return json.dumps({"descriptions": DESCRIPTIONS}, indent=1) + "\n"
+
+
 def main() -> None:
     from .comfy_server import ComfyServer
     from .get_comfyui import get_comfyui
@@ -323,6 +345,8 @@ def main() -> None:
     with ComfyServer(get_comfyui()) as server:
         for path in write_all(server.object_info()):
             print(f"wrote {path} and its preview")
+    TEMPLATE_INDEX.write_text(template_index())
+    print(f"wrote {TEMPLATE_INDEX}")
 
 
 if __name__ == "__main__":

@@ -64,5 +64,7 @@ def ui_to_api(workflow: dict, object_info: dict, overrides: dict | None = None,
         for name, value in {**(class_overrides or {}).get(kind, {}),
                             **(overrides or {}).get(str(node["id"]), {})}.items():
             inputs[name] = value
-        prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs}
+        # As the frontend queues a graph: each node's title under _meta (the pack's reports name nodes by it).
+        title = node.get("title") or info.get("display_name") or kind
+        prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs, "_meta": {"title": title}}
     return copy.deepcopy(prompt)

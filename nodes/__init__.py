@@ -6,9 +6,11 @@ from .folders import register_model_folders
 from .loaders import LoadDiffLoRAHypernet, LoadFaceAnalysis
 from .lora_nodes import ApplyPredictedLora, SavePredictedLora
 from .predict import DecodeLora, EncodeMixedFeatures, SampleLoraLatent
+from .server_routes import register_server_routes
 from .toy_world import LoadToyWorldBase, ToyWorldPhoto
 
 register_model_folders()
+register_server_routes()
 
 NODES: list[type[io.ComfyNode]] = [
     LoadDiffLoRAHypernet,

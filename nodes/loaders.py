@@ -13,6 +13,7 @@ from ..difflora.validation import DTYPES, parse_dtype
 from .model_files import MissingFile, missing_files_message
 from .folders import (HYPERNET_FOLDER, INSIGHTFACE_FOLDER, insightface_pack_installed, insightface_root,
                       missing_model_message)
+from .graph_files import queued_graph_missing
 from .types import CATEGORY, FaceAnalysis, Hypernet
 
 # One hypernet stays loaded between runs (re-reading a paper-size file takes seconds).
@@ -50,7 +51,10 @@ class LoadDiffLoRAHypernet(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, hypernet_name):
-        # At validation, with ComfyUI's own loaders: the first Run names every missing file at once.
+        # Every missing file of the queued graph, core loaders' included: the first Run names them all.
+        missing = queued_graph_missing()
+        if missing:
+            return missing_files_message(missing)
         return missing_model_message(HYPERNET_FOLDER, hypernet_name, "Load DiffLoRA Hypernet")
 
     @classmethod

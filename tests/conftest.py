@@ -1,6 +1,8 @@
 """Session fixtures for the ComfyUI harness (devtools/). Fixture names are a contract:
 
-- `comfy_path`: Path of the harness ComfyUI 0.3.75 (COMFYUI_PATH, or obtained into .cache/comfyui).
+- `comfy_path`: Path of the harness ComfyUI (COMFYUI_PATH, or the version DIFFLORA_COMFYUI names,
+  default 0.3.75, obtained into .cache/). Every test that uses it, directly or through the fixtures
+  below, is marked `comfy`: scripts/run_tests.sh reruns exactly those on each tested version.
 - `tiny_sdxl_checkpoint`: Path of the tiny SDXL `.safetensors` (built once per session).
 - `comfy_server`: a running `devtools.comfy_server.ComfyServer` (CPU, free port) with the
   pack and the tiny-SDXL registration in custom_nodes/ and the tiny checkpoint in
@@ -11,6 +13,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +25,19 @@ if str(REPO_ROOT) not in sys.path:  # devtools/ lives at the root; append so not
 
 from devtools import comfy_inprocess as _inproc  # noqa: E402
 from devtools.comfy_server import ComfyServer  # noqa: E402
-from devtools.get_comfyui import ComfyUIUnavailable, get_comfyui  # noqa: E402
+from devtools.get_comfyui import ComfyUIUnavailable, get_comfyui, selected_version  # noqa: E402
 from devtools.tiny_sdxl import CHECKPOINT_NAME, build_tiny_sdxl_checkpoint  # noqa: E402
+
+
+def pytest_report_header(config):
+    return f"ComfyUI harness: {os.environ.get('COMFYUI_PATH') or selected_version()}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs ComfyUI is a `comfy` test, whether or not its module says so."""
+    for item in items:
+        if "comfy_path" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.comfy)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,6 +12,7 @@ from difflora.eval import DEFAULT_PROMPTS, EvalLayout
 from difflora.eval.__main__ import main
 from difflora.eval.layout import fill, image_name
 from difflora.eval.protocol import evaluate, load_models
+from difflora.eval.report import markdown_table
 from difflora.eval.report import markdown_table, write_report
 from tests.support.tiny_eval_models import (build_fid_inception_stand_in, build_tiny_clip, build_tiny_dino,
                                            synthetic_images)
@@ -81,6 +82,17 @@ def test_perfect_method_scores_max_and_beats_shuffled(layout, models_dir, tmp_pa
     assert "fid skipped: needs the standard FID Inception weights pt_inception-2015-12-05-6726825d.pth" in table
     with Image.open(paths["png"]) as png:
         assert png.size[0] >= 300 and png.getextrema() != ((255, 255),) * 3
+
+
+@pytest.mark.parametrize("std, shown", [(0.0, "100.0"), (3e-8, "100.0"), (4e-4, "100.0"),
+                                        (6e-4, "100.0 ± 0.1"), (0.012, "100.0 ± 1.2")])
+def test_report_prints_a_spread_only_when_it_shows_at_the_printed_precision(std, shown):
+    # A perfect method's std is float noise (3e-8 on one machine, exactly 0 on another): never printed.
+    result = {"methods": {"m": {"metrics": {"clip_i": {"mean": 1.0, "std": std, "n": 2}},
+                                "counts": {"identities": 2, "prompts": 1, "images_per_prompt": 1, "images": 2,
+                                           "images_expected": 2, "paper_protocol": False}}}}
+    row = next(line for line in markdown_table(result).splitlines() if line.startswith("| m |"))
+    assert row.split(" | ")[2] == shown
 
 
 def test_face_sim_and_fid_in_the_protocol(layout, tmp_path):

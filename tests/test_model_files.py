@@ -23,8 +23,8 @@ def _load_model_files():
 
 
 _model_files = _load_model_files()
-MissingFile, describe, missing_files_message = (_model_files.MissingFile, _model_files.describe,
-                                                _model_files.missing_files_message)
+MissingFile, describe, files_in_graph, missing_files_message = (
+    _model_files.MissingFile, _model_files.describe, _model_files.files_in_graph, _model_files.missing_files_message)
 
 
 def test_missing_files_are_described_from_the_manifest():
@@ -35,11 +35,26 @@ def test_missing_files_are_described_from_the_manifest():
     text = missing_files_message([MissingFile("difflora", "difflora_sdxl.safetensors", "#5 Load DiffLoRA Hypernet"),
                                   MissingFile("loras", "mine.safetensors")])
     lines = text.splitlines()
-    assert lines[0] == "2 file(s) this graph needs are not installed:"
+    assert lines[0] == ("Missing model files (ComfyUI/models/...): models/difflora/difflora_sdxl.safetensors, "
+                        "models/loras/mine.safetensors (2 files, each below)")
     assert lines[1].startswith("- ComfyUI/models/difflora/difflora_sdxl.safetensors (asked for by #5 Load DiffLoRA "
                                "Hypernet): DiffLoRA hypernet for SDXL") and "python -m difflora.train" in lines[1]
     assert lines[2] == "- ComfyUI/models/loras/mine.safetensors"
     assert "difflora_toy_world" in lines[3]
+    one = missing_files_message([MissingFile("difflora", "difflora_sdxl.safetensors")]).splitlines()[0]
+    assert one == "Missing model file (ComfyUI/models/...): models/difflora/difflora_sdxl.safetensors"
+
+
+def test_every_file_a_graph_names_is_found_core_loaders_included():
+    graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"},
+                   "_meta": {"title": "Load Checkpoint"}},
+             "3": {"class_type": "SomeonesLoader", "inputs": {"clip": "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
+                                                              "strength": 1.0, "model": ["1", 0]}},
+             "10": {"class_type": "LoraLoader", "inputs": {"lora_name": "mine.safetensors", "text": "a photo"}}}
+    found = files_in_graph(graph, {("LoraLoader", "lora_name"): "loras"})
+    assert found == [MissingFile("checkpoints", "sd_xl_base_1.0.safetensors", "#1 Load Checkpoint"),
+                     MissingFile("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "#3 SomeonesLoader"),
+                     MissingFile("loras", "mine.safetensors", "#10 LoraLoader")]
 
 
 class _Face:

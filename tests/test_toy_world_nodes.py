@@ -5,6 +5,8 @@ with only this pack installed runs the toy-world template to a personalized imag
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +102,8 @@ def test_stock_comfyui_with_only_the_pack_runs_the_toy_template(stock_server):
 
 def test_every_missing_file_is_reported_by_the_first_run(stock_server):
     """The SDXL graph on an install without its models: one validation response names the checkpoint, the
-    CLIP vision model, the photo and the hypernet, the pack's with its folder, what it is for and its source."""
+    CLIP vision model, the photo and the hypernet; the pack's own line names every missing model file of
+    the graph, core loaders' included, each with its folder, what it is for and its source."""
     server = stock_server
     workflow = json.loads((REPO / "workflows" / "difflora_basic.json").read_text())
     with pytest.raises(ComfyServerError) as e:
@@ -108,6 +111,28 @@ def test_every_missing_file_is_reported_by_the_first_run(stock_server):
     errors = json.loads(str(e.value).split(":", 1)[1])["node_errors"]
     assert set(errors) == {"1", "2", "3", "5"}  # checkpoint, photo, CLIP vision, hypernet: all at once
     (ours,) = errors["5"]["errors"]
-    text = ours["details"]
-    assert "ComfyUI/models/difflora/difflora_sdxl.safetensors (asked for by Load DiffLoRA Hypernet)" in text, text
-    assert "DiffLoRA hypernet for SDXL" in text and "python -m difflora.train" in text and "difflora_toy_world" in text
+    lines = ours["details"].split(" - ", 1)[1].splitlines()
+    # The first line carries every file with its folder (a frontend may show only that line at first).
+    assert lines[0] == ("Missing model files (ComfyUI/models/...): models/checkpoints/sd_xl_base_1.0.safetensors, "
+                        "models/clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors, "
+                        "models/difflora/difflora_sdxl.safetensors (3 files, each below)")
+    ckpt, clip_vision, hypernet = lines[1:4]
+    assert ckpt.startswith("- ComfyUI/models/checkpoints/sd_xl_base_1.0.safetensors (asked for by #1 Load Checkpoint)")
+    assert "SDXL base checkpoint" in ckpt and "Get it: https://huggingface.co/stabilityai/" in ckpt
+    assert clip_vision.startswith("- ComfyUI/models/clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors "
+                                  "(asked for by #3 Load CLIP Vision)") and "h94/IP-Adapter" in clip_vision
+    assert hypernet.startswith("- ComfyUI/models/difflora/difflora_sdxl.safetensors (asked for by #5 Load "
+                               "DiffLoRA Hypernet)")
+    assert "DiffLoRA hypernet for SDXL" in hypernet and "python -m difflora.train" in hypernet
+    assert "difflora_toy_world" in lines[4]
+
+
+def test_toy_photos_are_served_for_their_preview(stock_server):
+    """Toy World Photo shows its photo before any Run: the pack serves its own photos, by exact name only."""
+    name = "heldout_00.png"
+    with urllib.request.urlopen(f"{stock_server.url}/difflora/toy_photo/{name}") as r:
+        assert r.read() == (REPO / "assets" / "toyworld" / "photos" / name).read_bytes()
+    for bad in ("nobody.png", "..%2F..%2Fweights_manifest.json"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{stock_server.url}/difflora/toy_photo/{bad}")
+        assert e.value.code == 404

@@ -10,7 +10,7 @@ from PIL import Image
 
 from devtools import harness_models
 from devtools.comfy_server import txt2img_graph
-from devtools.make_workflows import CKPT, graphs
+from devtools.make_workflows import CKPT, DESCRIPTIONS, TEMPLATE_INDEX, graphs, template_index
 from devtools.workflow_api import ui_to_api
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
@@ -39,6 +39,20 @@ def test_node_ids_are_stable():
     for name, (nodes, _) in graphs().items():
         shipped = json.loads((WORKFLOWS / f"{name}.json").read_text())
         assert {n["id"]: n["type"] for n in shipped["nodes"]} == {n.id: n.type for n in nodes}
+
+
+def test_every_template_card_says_what_it_needs_and_outputs_have_distinct_titles():
+    assert TEMPLATE_INDEX.read_text() == template_index(), "run `python -m devtools.make_workflows` and commit web/"
+    assert sorted(DESCRIPTIONS) == SHIPPED
+    for name, text in DESCRIPTIONS.items():
+        assert name.replace("_", " ") not in text and text != name  # more than the file name the card shows
+        # The one template that needs no downloads says so; every other names what it needs.
+        assert text.startswith("No downloads" if name == "difflora_toy_world" else "Needs downloads"), name
+    for name in SHIPPED:
+        nodes = json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"]
+        saves = [n.get("title") for n in nodes if n["type"] == "SaveImage"]
+        if len(saves) > 1:  # a user tells the rows apart by their titles
+            assert None not in saves and len(set(saves)) == len(saves), (name, saves)
 
 
 def test_templates_are_served(server):

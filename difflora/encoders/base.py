@@ -183,9 +183,10 @@ def encode_references(images, face_encoder: FaceEncoder | None, image_encoder: I
             faces = face_encoder.detect(array)
             found = len(faces)
             if not faces and on_no_face == "error":
+                # No pixel size here: what a detector needs depends on it (the toy world's photos are 64 px).
                 raise EncoderError(
-                    f"No face detected in {name}: use a clearer, front-facing photo where the "
-                    "face is at least ~100 px wide, or set on_no_face to image_only.")
+                    f"No face detected in {name}: use a clearer, front-facing photo where the face "
+                    "fills much of the picture, or set on_no_face to image_only.")
             if faces:
                 chosen = choose_face(faces, face_choice, face_index)
                 if found > 1:

@@ -34,7 +34,10 @@ def _cell(entry: dict | None, scale: float, skipped: bool) -> str:
         return "n/a"
     digits = 1 if scale != 1.0 or abs(mean) >= 10 else 3
     text = f"{mean * scale:.{digits}f}"
-    return text + (f" ± {std * scale:.{digits}f}" if std else "")
+    # A spread that rounds to zero at the printed precision is float noise (a perfect method's
+    # std is ~1e-7, not 0, depending on the machine): print ± only when it shows a difference.
+    spread = f"{(std or 0.0) * scale:.{digits}f}"
+    return text + (f" ± {spread}" if float(spread) else "")
 
 
 def markdown_table(result: dict) -> str:
