@@ -31,11 +31,33 @@ from .data import (EMB_SUFFIX, META_DOWN_HASH, META_HASH, META_WEIGHT_SPACE, ide
                    read_metadata, write_embeddings, write_identity_lora)
 from .identity_filter import UsablePhotos, usable_photos
 from .input_cache import InputCache, base_fingerprint, cache_setup
-from .loop import StopRequest, make_accelerator, step_seed, stream_indices
-from .multi_lora import FREE, SHARED_DOWN, StackedLoras, down_hash, initial_down
+from .lora_fit import FitConfig, diverged, fit_loras, noisy_batch, squared_errors, start_loras, step_generator, step_indices
+from .loop import StopRequest, make_accelerator, step_seed
+from .multi_lora import FREE, SHARED_DOWN, down_hash, initial_down, target_modules
 
 log = logging.getLogger("difflora.train")
 ADAPTER = "difflora"
+
+
+class UNetDenoiser:
+    """A diffusers SDXL UNet behind lora_fit's `LoraDenoiser`, run under the accelerator's autocast
+    in the weight dtype."""
+
+    def __init__(self, unet, accelerator, weight_dtype: torch.dtype):
+        self.unet, self.acc, self.dtype = unet, accelerator, weight_dtype
+        self.device = accelerator.device
+
+    def targets(self, spec: LoraSpec) -> list:
+        return target_modules(self.unet, spec)
+
+    def condition(self, data: dict, idx: torch.Tensor, flip: torch.Tensor) -> dict:
+        return {"embeds": data["embeds"][idx], "text_embeds": data["pooled"][idx], "time_ids": data["time_ids"][idx, flip]}
+
+    def __call__(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        extra = {k: cond[k].to(self.device, self.dtype) for k in ("text_embeds", "time_ids")}
+        with self.acc.autocast():
+            return self.unet(noisy.to(self.device, self.dtype), t.to(self.device),
+                             cond["embeds"].to(self.device, self.dtype), added_cond_kwargs=extra).sample
 
 
 @dataclass
@@ -57,6 +79,9 @@ class IdentityTrainer:
 
     def __init__(self, cfg: IdentityLoraConfig, spec: LoraSpec, accelerator, unet=None, noise=None):
         self.cfg, self.spec, self.acc = cfg, spec, accelerator
+        self.fit = FitConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                             lr_scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
+                             max_grad_norm=cfg.max_grad_norm, weight_space=cfg.weight_space)
         self.device = accelerator.device
         self.pipe, self.prior, self.peft_params, self.cache = None, None, None, None
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
@@ -72,8 +97,9 @@ class IdentityTrainer:
             self.unet.to(dtype=self.weight_dtype)
         if self.cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        self.denoiser = UNetDenoiser(self.unet, self.acc, self.weight_dtype)
         # Every identity starts from one down-projection (the only one, in the shared-down space).
-        self.down = initial_down(self.unet, self.spec, step_seed(self.cfg.seed, "lora-init"))
+        self.down = initial_down(self.denoiser.targets(self.spec), self.spec, step_seed(self.cfg.seed, "lora-init"))
 
     def load(self):
         """Load the base pipeline once (the first identity to encode or train needs it)."""
@@ -131,22 +157,14 @@ class IdentityTrainer:
         return self.cache.get(name, photos.files, prompts, lambda: self._encode(photos.files, prompts))
 
     def _batch(self, data: dict, idx: torch.Tensor, gen: torch.Generator):
-        flip = torch.randint(0, data["mean"].shape[1], (len(idx),), generator=gen)
-        mean, std = data["mean"][idx, flip], data["std"][idx, flip]                       # (B, 4, h, w)
-        latents = (mean + std * torch.randn(mean.shape, generator=gen) - data["shift"]) * data["scale"]
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (len(idx),), generator=gen)
-        noisy = self.noise.add_noise(latents, noise, t)
-        target = noise if self.noise.config.prediction_type == "epsilon" else self.noise.get_velocity(latents, noise, t)
-        cond = {"text_embeds": data["pooled"][idx], "time_ids": data["time_ids"][idx, flip]}
-        return noisy, t, data["embeds"][idx], cond, target
+        noisy, t, target, flip = noisy_batch(data, idx, gen, self.noise)
+        return noisy, t, self.denoiser.condition(data, idx, flip), target
 
     def _step_batches(self, data: dict, step: int):
         """Identity `data`'s instance (and prior) batch of `step`: the same streams in both trainers."""
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(step_seed(cfg.seed, "identity", step))
-        idx = stream_indices(data["mean"].shape[0], step_seed(cfg.seed, "identity"), (step - 1) * cfg.batch_size,
-                             cfg.batch_size)
+        gen = step_generator(self.fit, step)
+        idx = step_indices(data, self.fit, step)
         batch = self._batch(data, idx, gen)
         if self.prior is None:
             return batch, None
@@ -155,12 +173,11 @@ class IdentityTrainer:
 
     def _losses(self, batch, groups: int) -> torch.Tensor:
         """(groups,) mean squared errors, one per identity-major group of batch rows."""
-        noisy, t, embeds, cond, target = (x.to(self.device) if torch.is_tensor(x) else
-                                          {k: v.to(self.device) for k, v in x.items()} for x in batch)
-        with self.acc.autocast():
-            pred = self.unet(noisy.to(self.weight_dtype), t, embeds.to(self.weight_dtype),
-                             added_cond_kwargs={k: v.to(self.weight_dtype) for k, v in cond.items()}).sample
-        return (pred.float() - target.float()).pow(2).reshape(groups, -1).mean(1)
+        noisy, t, cond, target = batch
+        return squared_errors(self.denoiser(noisy, t, cond), target.to(self.device), groups)
+
+    def _scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler("cuda", enabled=self.weight_dtype == torch.float16)
 
     def _optimizer(self, params):
         from diffusers.optimization import get_scheduler
@@ -169,7 +186,7 @@ class IdentityTrainer:
         opt = torch.optim.AdamW(params, lr=cfg.lr)
         sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)
-        return opt, sched, torch.amp.GradScaler("cuda", enabled=self.weight_dtype == torch.float16)
+        return opt, sched, self._scaler()
 
     def train(self, data: dict, stop: StopRequest):
         """One identity with peft: its layers dict, or a sentence saying why it failed, or None when stopped."""
@@ -199,7 +216,7 @@ class IdentityTrainer:
             if prior is not None:  # DreamBooth prior preservation on the class photos
                 loss = loss + cfg.prior_loss_weight * self._losses(prior, 1)[0]
             if not torch.isfinite(loss):
-                return _diverged(step)
+                return diverged(step)
             scaler.scale(loss).backward()
             if cfg.max_grad_norm > 0:
                 scaler.unscale_(opt)
@@ -213,43 +230,27 @@ class IdentityTrainer:
         peft_sd = {k: v.float().cpu() for k, v in get_peft_model_state_dict(self.unet, adapter_name=ADAPTER).items()}
         return from_peft(spec, peft_sd, alpha=spec.alpha)
 
-    def train_group(self, datas: list[dict], stop: StopRequest) -> list:
-        """Identities `datas` together, rows routed to their own factors: per identity what `train`
-        returns (one diverging identity fails alone); all None when stopped."""
+    def train_group(self, datas: list[dict], stop: StopRequest, inits: list[dict | None] | None = None) -> list:
+        """Identities `datas` together, rows routed to their own factors (lora_fit's loop): per
+        identity what `train` returns (one diverging identity fails alone); all None when stopped.
+        `inits`: per identity a LoRA (layers dict) to start from instead of the recipe's start."""
         if self.unet is None:
             self._load()
         cfg, count = self.cfg, len(datas)
-        loras = StackedLoras(self.unet, self.spec, count, self.down, cfg.weight_space)
-        opt, sched, scaler = self._optimizer(loras.trainable())
-        failed: list[str | None] = [None] * count
+        loras = start_loras(self.denoiser, self.spec, self.fit, inits or [None] * count)
+
+        def step_losses(step: int) -> torch.Tensor:
+            batches = [self._step_batches(d, step) for d in datas]
+            losses = self._losses(_concat([b for b, _ in batches]), count)
+            if self.prior is not None:  # DreamBooth prior preservation on the class photos
+                losses = losses + cfg.prior_loss_weight * self._losses(_concat([p for _, p in batches]), count)
+            return losses
+
         self.unet.train()
-        with loras:
-            for step in range(1, cfg.steps + 1):
-                batches = [self._step_batches(d, step) for d in datas]
-                losses = self._losses(_concat([b for b, _ in batches]), count)
-                if self.prior is not None:
-                    losses = losses + cfg.prior_loss_weight * self._losses(_concat([p for _, p in batches]), count)
-                bad = (~torch.isfinite(losses.detach())).tolist()
-                scaler.scale(losses.masked_fill(torch.tensor(bad, device=losses.device), 0).sum()).backward()
-                for k in range(count):
-                    if bad[k] and failed[k] is None:
-                        failed[k] = _diverged(step)
-                    if failed[k] is not None:
-                        loras.zero_identity_grad_(k)
-                if cfg.max_grad_norm > 0:
-                    scaler.unscale_(opt)
-                    loras.clip_per_identity_(cfg.max_grad_norm)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                if stop.flag:
-                    return [None] * count
-        return [failed[k] or loras.layers(k) for k in range(count)]
+        done = fit_loras(loras, step_losses, self.fit, self._scaler(), should_stop=lambda: stop.flag)
+        return [None] * count if done is None else done
 
 
-def _diverged(step: int) -> str:
-    return f"the loss became NaN/inf at step {step}: lower --lr or use --mixed-precision bf16/no"
 
 
 def _concat(batches: list) -> tuple:
