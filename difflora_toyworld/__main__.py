@@ -1,8 +1,9 @@
-"""python -m difflora_toyworld build|results|study: rebuild the toy world, or measure it.
+"""python -m difflora_toyworld build|results|study|refine: rebuild the toy world, or measure it.
 
     python -m difflora_toyworld build   --world WORLD --tokenizer CLIP_TOKENIZER_DIR [--size default]
     python -m difflora_toyworld results --world WORLD [--out WORLD/results]
     python -m difflora_toyworld study   --world WORLD [--parts baselines,sampling,photos,ablations,...]
+    python -m difflora_toyworld refine  --world WORLD --tokenizer DIR --assets assets/toyworld [--identities 8]
 
 `build` resumes a stopped build (run it again with the same options). The tokenizer is CLIP's
 (vocab.json + merges.txt), e.g. ComfyUI's comfy/sd1_tokenizer, so that prompts encode to the
@@ -55,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated: baselines, sampling, photos, ablations, validation, weight-space")
     st.add_argument("--ablations", default="", help="comma-separated ablations to train and score (default: all "
                                                     "of study.ABLATIONS)")
+    rf = sub.add_parser("refine", help="predict, then refine: accuracy against refine steps from three starts "
+                                       "(refine_study.py), on the shipped base, hypernet and classifier")
+    rf.add_argument("--world", required=True, help="world folder (seeded from --assets; rows resume)")
+    rf.add_argument("--tokenizer", required=True, help="CLIP tokenizer folder (vocab.json, merges.txt)")
+    rf.add_argument("--assets", required=True, help="the shipped toy-world files, e.g. assets/toyworld")
+    rf.add_argument("--identities", type=int, default=8, help="held-out identities to measure")
+    rf.add_argument("--out", default="", help="folder for refine.md/.json/.png (default: WORLD/results)")
+    rf.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.command == "build":
@@ -76,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 seed_base_from_assets(a.world, cfg, a.tokenizer, a.base_from_assets)
             build_world(a.world, cfg, a.tokenizer, processes=processes)
+        elif a.command == "refine":
+            from .refine_study import run_refine_study
+
+            run_refine_study(a.world, a.assets, a.tokenizer, identities=a.identities, out=a.out or None,
+                             device=a.device)
         elif a.command == "study":
             from .study import ABLATIONS, PARTS, run_study
 

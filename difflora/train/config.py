@@ -107,6 +107,10 @@ class IdentityLoraConfig(Checked):
     min_face_similarity: float = opt(-1.0, "Cosine similarity to the reference face an image needs; -1: the "
                                            "encoder's default (dlib 0.91, ArcFace 0.35, toy-face 0.8).",
                                      at_least=-1, at_most=1)
+    init_from: str = opt("", "A hypernet .safetensors: each identity's LoRA starts from the hypernet's prediction "
+                             "from its first usable photo (predict, then refine: far fewer --steps reach a "
+                             "trained LoRA's quality, docs/TOYWORLD.md) instead of from zero. Needs --weight-space "
+                             "free.", metavar="PATH")
     class_data: str = opt("", "Prior preservation (off when empty): a folder of generic photos of the class.", metavar="PATH")
     class_prompt: str = opt("a photo of a person", "Prompt of the prior-preservation images.")
     prior_loss_weight: float = opt(1.0, "Weight of the prior-preservation loss.", at_least=0)

@@ -27,7 +27,7 @@ from ..lora_format import from_peft
 from ..lora_spec import LoraSpec
 from .base_model import base_spec, encode_images, encode_prompts, load_sdxl
 from .config import IdentityLoraConfig
-from .data import (EMB_SUFFIX, META_DOWN_HASH, META_HASH, META_WEIGHT_SPACE, identity_folders, read_caption,
+from .data import (EMB_SUFFIX, META_DOWN_HASH, META_INIT, META_HASH, META_WEIGHT_SPACE, identity_folders, read_caption,
                    read_metadata, write_embeddings, write_identity_lora)
 from .identity_filter import UsablePhotos, usable_photos
 from .input_cache import InputCache, base_fingerprint, cache_setup
@@ -84,6 +84,7 @@ class IdentityTrainer:
                              max_grad_norm=cfg.max_grad_norm, weight_space=cfg.weight_space)
         self.device = accelerator.device
         self.pipe, self.prior, self.peft_params, self.cache = None, None, None, None
+        self.init_hypernet = None  # --init-from: identities start from its prediction
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
                                                                                  torch.float32)
         self.unet = None
@@ -236,19 +237,24 @@ class IdentityTrainer:
         `inits`: per identity a LoRA (layers dict) to start from instead of the recipe's start."""
         if self.unet is None:
             self._load()
-        cfg, count = self.cfg, len(datas)
+        count = len(datas)
         loras = start_loras(self.denoiser, self.spec, self.fit, inits or [None] * count)
+        self.unet.train()
+        done = fit_loras(loras, self.step_losses(datas), self.fit, self._scaler(), should_stop=lambda: stop.flag)
+        return [None] * count if done is None else done
 
-        def step_losses(step: int) -> torch.Tensor:
+    def step_losses(self, datas: list[dict]):
+        """step -> the (len(datas),) losses of that step, identity-major (lora_fit.fit_loras' input)."""
+        cfg, count = self.cfg, len(datas)
+
+        def losses_of(step: int) -> torch.Tensor:
             batches = [self._step_batches(d, step) for d in datas]
             losses = self._losses(_concat([b for b, _ in batches]), count)
             if self.prior is not None:  # DreamBooth prior preservation on the class photos
                 losses = losses + cfg.prior_loss_weight * self._losses(_concat([p for _, p in batches]), count)
             return losses
 
-        self.unet.train()
-        done = fit_loras(loras, step_losses, self.fit, self._scaler(), should_stop=lambda: stop.flag)
-        return [None] * count if done is None else done
+        return losses_of
 
 
 
@@ -330,6 +336,7 @@ def train_identity_loras(cfg: IdentityLoraConfig, face_encoder=None, image_encod
             results.append(IdentityResult(folder.name, "done", "finished in an earlier run") if state == "done"
                            else IdentityResult(folder.name, "skipped", state))
     trainer = IdentityTrainer(cfg, spec, accelerator)
+    trainer.init_hypernet = _init_hypernet(cfg, spec, accelerator.device)
     with StopRequest() as stop, accelerator.split_between_processes(pending) as mine:
         from tqdm.auto import tqdm
 
@@ -354,6 +361,32 @@ def train_identity_loras(cfg: IdentityLoraConfig, face_encoder=None, image_encod
                 log.warning("  skipped %s: %s", r.name, r.reason)
     accelerator.wait_for_everyone()
     return results
+
+
+def _init_hypernet(cfg: IdentityLoraConfig, spec: LoraSpec, device):
+    """The --init-from hypernet, checked to predict LoRAs of this run's spec; None without the option."""
+    if not cfg.init_from:
+        return None
+    from ..hypernet_file import load_hypernet
+
+    if cfg.weight_space != FREE:
+        raise DiffLoRAError(f"--init-from needs --weight-space free: a predicted LoRA has its own down-projection, "
+                            f"not the one {cfg.weight_space} keeps frozen.")
+    hn = load_hypernet(cfg.init_from, device=device)
+    if hn.spec.hash != spec.hash:
+        raise DiffLoRAError(f"--init-from {cfg.init_from} predicts LoRAs for another base or rank (spec {hn.spec.hash}, "
+                            f"this run's {spec.hash}): use a hypernet trained on LoRAs of this --base and --rank.")
+    return hn
+
+
+def predicted_start(hn, photos: UsablePhotos, spec: LoraSpec, seed: int, face_encoder, image_encoder) -> dict:
+    """The hypernet's LoRA (layers dict) from the identity's first usable photo: where its training starts."""
+    from ..encoders import load_image_file
+    from ..lora_format import from_kohya
+    from ..pipeline import features_from_images, predict_lora
+
+    features = features_from_images(hn, [load_image_file(photos.files[0])], face_encoder, image_encoder)
+    return from_kohya(spec, predict_lora(hn, features, seed=seed))
 
 
 def _shard(folders: list[Path], shard: str) -> tuple[list[Path], str]:
@@ -403,7 +436,11 @@ def _train_group(group: list[Path], out: Path, spec: LoraSpec, cfg: IdentityLora
     for r in ready:
         log.info("%s: %s; training %d steps.", r.folder.name, r.photos.describe(), cfg.steps)
     t0 = time.perf_counter()
-    if cfg.identities_per_pass == 1:
+    if trainer.init_hypernet is not None:  # predict, then refine (the batched loop takes starting LoRAs)
+        inits = [predicted_start(trainer.init_hypernet, r.photos, spec, cfg.seed, face_encoder, image_encoder)
+                 for r in ready]
+        trained = trainer.train_group([r.data for r in ready], stop, inits)
+    elif cfg.identities_per_pass == 1:
         trained = [trainer.train(r.data, stop) for r in ready]
     else:
         trained = trainer.train_group([r.data for r in ready], stop)
@@ -430,6 +467,8 @@ def _write_identity(out: Path, name: str, spec: LoraSpec, cfg: IdentityLoraConfi
             "difflora_image_kind": image_encoder.kind, META_WEIGHT_SPACE: cfg.weight_space}
     if cfg.weight_space == SHARED_DOWN:
         meta[META_DOWN_HASH] = down_hash(trainer.down)
+    if trainer.init_hypernet is not None:
+        meta[META_INIT] = Path(cfg.init_from).name
     # Written last: its presence marks the identity done. A shared-down LoRA is stored as trained:
     # the SVD canonical form would rotate each identity's basis away from the shared one.
     write_identity_lora(out / f"{name}.safetensors", spec, layers, meta, canonical=cfg.weight_space == FREE)
