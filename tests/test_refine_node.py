@@ -62,3 +62,65 @@ def test_refine_trains_the_lora_only_and_keeps_its_keys_and_metadata(toy):
     assert out.metadata.items() >= start.metadata.items() and out.metadata["difflora_refine_steps"] == "3"
     moved = [k for k in start if k.endswith("lora_up.weight") and not torch.allclose(out[k], start[k].float())]
     assert len(moved) == sum(k.endswith("lora_up.weight") for k in start)
+
+
+def test_from_zero_it_trains_a_lora_of_the_models_own_layers(toy):
+    start = predicted(toy)
+    out = refine(toy, steps=2)
+    assert set(out) == set(start)  # the hypernet's spec is the model's: every target layer, same keys
+    assert out.metadata["difflora_refine_start"] == "zero" and out.metadata["difflora_refine_prompt"] == "a sks person"
+    ups = [out[k] for k in out if k.endswith("lora_up.weight")]
+    assert all(u.abs().max() > 0 for u in ups)  # trained away from the zero start
+
+
+def test_cancel_mid_run_stops_with_the_model_unchanged(toy, monkeypatch):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    model = toy[1]
+    before = model_state(model)
+    seen = []
+
+    def cancel_at_step_2(self, value, total=None, preview=None):
+        seen.append(value)
+        if value == 2:
+            mm.interrupt_current_processing(True)  # what the Cancel button does
+
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", cancel_at_step_2)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            refine(toy, steps=50, lora=predicted(toy))
+    finally:
+        mm.interrupt_current_processing(False)
+    assert seen == [1, 2]  # stopped at the next step's check
+    after = model.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(m._forward_hooks for m in model.model.modules())
+    assert not any(p.requires_grad and p.grad is not None for p in model.model.parameters())
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), 0.0, -1e-3])
+def test_a_learning_rate_that_is_not_a_positive_number_is_refused(toy, lr):
+    with pytest.raises(Exception, match=r"learning_rate is .*give a finite number above 0"):
+        refine(toy, learning_rate=lr)
+
+
+def test_bad_images_are_refused_with_a_sentence(toy):
+    _, _, _, _, hypernet, first, second = toy
+    with pytest.raises(Exception, match="No images: connect one or a few photos"):
+        refine(toy, images=first[:0])
+    with pytest.raises(Exception, match=r"more than one person: image 2 \(-?0\.\d\d\) differ.*one person only"):
+        refine(toy, images=torch.cat([first, second]), hypernet=hypernet)
+    refine(toy, images=torch.cat([first, first]), hypernet=hypernet, steps=1)  # one person twice: fine
+
+
+def test_a_lora_for_another_base_is_refused_with_a_sentence(toy):
+    start = predicted(toy)
+    narrower = dict(start)
+    key = next(k for k in start if k.endswith("lora_down.weight"))
+    narrower[key] = start[key][:, :-1].clone()
+    foreign = {"lora_unet_not_a_layer.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_not_a_layer.lora_up.weight": torch.zeros(8, 4), "lora_unet_not_a_layer.alpha": torch.tensor(4.0)}
+    for lora in (narrower, {**start, **foreign}):
+        with pytest.raises(Exception, match=r"the LoRA is for another base model\. Connect the model it was made for"):
+            refine(toy, lora=lora)
