@@ -92,7 +92,8 @@ class ComfyDenoiser:
             for table, name, tensor in reversed(swapped):
                 table[name] = tensor
             for p, flag in flags.items():
-                p.requires_grad_(flag)
+                if p.requires_grad != flag:  # (a swapped inference tensor was never changed)
+                    p.requires_grad_(flag)
 
 
 def _plain_view(tensor: torch.Tensor, parameter: bool) -> torch.Tensor:
