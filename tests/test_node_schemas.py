@@ -34,7 +34,7 @@ def pack(comfy_inprocess, pack_nodes, tmp_path_factory):
 def infos(pack) -> dict[str, dict]:
     _, classes = pack
     info = {node_id: cls.GET_NODE_INFO_V1() for node_id, cls in classes.items()}
-    assert len(info) == 9  # the nine of nodes/__init__.py's NODES
+    assert len(info) == 10  # the ten of nodes/__init__.py's NODES
     return info
 
 
@@ -65,6 +65,7 @@ def test_identity_nodes_are_found_by_identity(infos):
     by_id = {node_id: info["display_name"] for node_id, info in infos.items()}
     assert "identity" in by_id["DiffLoRASampleLoraLatent"].lower()
     assert "identity" in by_id["DiffLoRADecodeLora"].lower()
+    assert "identity" in by_id["DiffLoRARefineLora"].lower()
 
 
 def test_seed_has_a_control_widget_and_the_frontend_extension_fixes_it(pack, infos):
