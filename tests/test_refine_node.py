@@ -124,3 +124,48 @@ def test_a_lora_for_another_base_is_refused_with_a_sentence(toy):
     for lora in (narrower, {**start, **foreign}):
         with pytest.raises(Exception, match=r"the LoRA is for another base model\. Connect the model it was made for"):
             refine(toy, lora=lora)
+
+
+def test_the_models_adapter_trains_what_identity_loras_trains(toy, tmp_path):
+    """The same toy base as ComfyUI's MODEL (the node's adapter) and as a diffusers UNet (identity-
+    loras' adapter), the same encoded photos: refining from zero gives the same LoRA, so the node's
+    loss, schedule, timesteps and layer mapping are identity-loras'. Measured: factors within 3.2e-5
+    of their norm (two UNet implementations round differently); the bound is 1e-3."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from devtools.get_comfyui import get_comfyui
+    from difflora.lora_spec import LoraSpec
+    from difflora.train.identity_loras import UNetDenoiser
+    from difflora.train.lora_fit import FitConfig, refine_lora
+    from difflora.train.loop import make_accelerator
+    from difflora_toyworld.toy_sdxl import pipeline_folder_from_checkpoint
+
+    import comfy.model_management as mm
+    from importlib import import_module
+
+    adapter = import_module(toy[0]["DiffLoRARefineLora"].__module__.rsplit(".", 1)[0] + ".comfy_denoiser")
+    model = toy[1]
+    folder = pipeline_folder_from_checkpoint(harness_models.toy_asset("checkpoints/toy_sdxl.safetensors"),
+                                             tmp_path / "base", get_comfyui() / "comfy" / "sd1_tokenizer")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    n, pooled = 3, torch.randn(3, 32, generator=g)
+    common = {"mean": torch.randn(n, 1, 4, 8, 8, generator=g), "std": torch.zeros(n, 1, 4, 8, 8), "shift": 0.0,
+              "scale": 0.13025}
+    embeds = torch.randn(n, 77, 64, generator=g)
+    ours = adapter.ComfyDenoiser(model)
+    with torch.inference_mode():
+        y = model.model.encode_adm(pooled_output=pooled, width=64, height=64)
+    y = y.clone()
+    diffusers_data = {**common, "embeds": embeds, "pooled": pooled,
+                      "time_ids": torch.tensor([64.0, 64, 0, 0, 64, 64]).expand(n, 1, 6).clone()}
+    comfy_data = {**common, "context": embeds, "y": y}
+    fit = FitConfig(steps=3, batch_size=2, lr=1e-2)
+    spec = LoraSpec.from_unet(unet)
+    reference = refine_lora(UNetDenoiser(unet, make_accelerator("no"), torch.float32), spec, diffusers_data,
+                            DDPMScheduler.from_pretrained(folder / "scheduler"), fit)
+    with ours.training():
+        got = refine_lora(ours, spec, comfy_data, ours.schedule(), fit)
+    for name, (down, up) in reference.items():
+        assert (got[name][1] - up).norm() <= 1e-3 * up.norm(), name
+        assert (got[name][0] - down).norm() <= 1e-3 * down.norm(), name
