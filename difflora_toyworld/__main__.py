@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     rf.add_argument("--identities", type=int, default=8, help="held-out identities to measure")
     rf.add_argument("--out", default="", help="folder for refine.md/.json/.png (default: WORLD/results)")
     rf.add_argument("--device", default="cpu")
+    rf.add_argument("--plain-start", action="store_true", help="given starts as they are, not rescaled to the "
+                                                               "recipe's factor sizes (refine_plain.*)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.command == "build":
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             from .refine_study import run_refine_study
 
             run_refine_study(a.world, a.assets, a.tokenizer, identities=a.identities, out=a.out or None,
-                             device=a.device)
+                             device=a.device, balance=not a.plain_start)
         elif a.command == "study":
             from .study import ABLATIONS, PARTS, run_study
 

@@ -65,7 +65,7 @@ class Refiner:
     """The world's identity-LoRA trainer (its base, recipe and input cache), fitting several starts
     of one identity at once with snapshots at REFINE_STEPS."""
 
-    def __init__(self, world, cfg, face, image, work: Path):
+    def __init__(self, world, cfg, face, image, work: Path, balance: bool = True):
         from difflora.train.identity_loras import IdentityTrainer
         from difflora.train.loop import make_accelerator
         from difflora.train.base_model import base_spec
@@ -77,6 +77,7 @@ class Refiner:
                                         steps=max(REFINE_STEPS), progress=False)
         self.spec = base_spec(self.cfg.base, self.cfg.rank, None)
         self.trainer = IdentityTrainer(self.cfg, self.spec, make_accelerator("no"))
+        self.trainer.fit = dataclasses.replace(self.trainer.fit, balance_start=balance)
         self.trainer.load()
 
     def encode(self, folder: Path) -> dict:
@@ -187,10 +188,11 @@ class Scorer:
 
 
 def run_refine_study(world_root, assets, tokenizer, identities: int = 8, out: str | os.PathLike | None = None,
-                     device: str = "cpu") -> Path:
+                     device: str = "cpu", balance: bool = True) -> Path:
     """Seed a world with the shipped base, classifier and encoders, measure `identities` held-out
     people, write refine.json / refine.md / refine.png to `out` (default WORLD/results); resumable
-    per identity (WORLD/refine/rows.json)."""
+    per identity (WORLD/refine/rows.json). `balance=False`: given starts as they are (no rescaling of
+    their factors, multi_lora.balanced), written as refine_plain.*."""
     from difflora.hypernet_file import load_hypernet
 
     from .results import atomic_write_text
@@ -202,13 +204,14 @@ def run_refine_study(world_root, assets, tokenizer, identities: int = 8, out: st
     hn = load_hypernet(Path(assets) / ARTIFACTS["hypernet"], device=device)
     work = world.root / "refine"
     work.mkdir(parents=True, exist_ok=True)
-    refiner = Refiner(world, cfg, hn.face_encoder, hn.image_encoder, work)
+    refiner = Refiner(world, cfg, hn.face_encoder, hn.image_encoder, work, balance)
+    name = "refine" if balance else "refine_plain"
     scorer = Scorer(world, cfg, device)
     means_file = work / "training_face_means.pt"
     if not means_file.is_file():
         torch.save(training_face_means(cfg, hn.face_encoder), means_file)
     means = torch.load(means_file)
-    rows_file = work / "rows.json"
+    rows_file = work / f"{name}_rows.json"
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
     for index in range(len(rows), identities):
         rows.append(measure_identity(refiner, scorer, hn, means, index))
@@ -221,12 +224,12 @@ def run_refine_study(world_root, assets, tokenizer, identities: int = 8, out: st
                 "lora_photos": cfg.lora_photos, "sampler_steps": scorer.steps, "guidance": scorer.guidance,
                 "torch_threads": torch.get_num_threads(), "device": device}
     payload = {"summary": summary, "settings": settings, "identities": rows, "seconds": time.perf_counter() - t0}
-    atomic_write_text(out / "refine.json", json.dumps(payload, indent=1))
-    atomic_write_text(out / "refine.md", markdown(summary, settings))
-    tmp = out / ".refine.png.tmp"
+    atomic_write_text(out / f"{name}.json", json.dumps(payload, indent=1))
+    atomic_write_text(out / f"{name}.md", markdown(summary, settings))
+    tmp = out / f".{name}.png.tmp"
     plot(summary).save(tmp, format="PNG")
-    os.replace(tmp, out / "refine.png")
-    print((out / "refine.md").read_text())
+    os.replace(tmp, out / f"{name}.png")
+    print((out / f"{name}.md").read_text())
     return out
 
 
@@ -279,7 +282,8 @@ def targets(summary: dict) -> dict:
 def markdown(summary: dict, settings: dict) -> str:
     n = summary["identities"]
     lines = [f"# Predict, then refine ({n} held-out identities)", "",
-             "Reproduce: `python -m devtools.toyworld refine --identities " f"{n}`", "",
+             "Reproduce: `python -m devtools.toyworld refine --identities " f"{n}"
+             + ("" if settings["recipe"]["balance_start"] else " --plain-start") + "`", "",
              "Identity accuracy (mean ± SE over identities) after K refine steps; in brackets the paired "
              f"difference to the trained LoRA (zero start at {TRAINED_STEPS} steps) ± its paired SE.", "",
              "| start | " + " | ".join(f"K={t}" for t in REFINE_STEPS) + " |",
@@ -305,7 +309,9 @@ def markdown(summary: dict, settings: dict) -> str:
                                          else f"{val:.3g}" if isinstance(val, float) else str(val))
         lines.append(f"| {k.replace('_', ' ')} | {val} | {v['target']} |")
     r = settings["recipe"]
-    lines += ["", f"Recipe: {settings['lora_photos']} photos, batch {r['batch_size']}, lr {r['lr']:g} "
+    start = ("given starts rescaled to the recipe's factor sizes (dW unchanged)" if r["balance_start"]
+             else "given starts as they are")
+    lines += ["", f"Recipe: {start}; {settings['lora_photos']} photos, batch {r['batch_size']}, lr {r['lr']:g} "
               f"({r['lr_scheduler']}), max grad norm {r['max_grad_norm']:g}, seed {r['seed']}. Scoring: "
               f"{settings['sampler_steps']} sampler steps, guidance {settings['guidance']:g}, the scenes and seeds "
               f"of results.md. Device {settings['device']}, {settings['torch_threads']} torch threads.", ""]

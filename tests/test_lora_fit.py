@@ -17,6 +17,12 @@ from difflora.train.loop import StopRequest
 from tests.test_train_batched import random_inputs, trainer
 
 
+def same_dw(a: dict, b: dict, rtol: float = 1e-5) -> bool:
+    """Every layer's up @ down agrees (factors of one dW differ by a rescaling)."""
+    return a.keys() == b.keys() and all(
+        (a[n][1] @ a[n][0] - b[n][1] @ b[n][0]).norm() <= rtol * (b[n][1] @ b[n][0]).norm() for n in a)
+
+
 def layers_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(x, y) for n in a for x, y in zip(a[n], b[n]))
 
@@ -40,7 +46,11 @@ def test_a_given_lora_is_where_refining_starts_and_it_never_leaks_into_another_i
     t = trainer("free")
     data = random_inputs(t.unet, 3, seed=1)
     given = random_lora(t.spec, seed=5)
-    assert layers_equal(start_loras(t.denoiser, t.spec, t.fit, [given]).layers(0), given)
+    started = start_loras(t.denoiser, t.spec, t.fit, [given]).layers(0)
+    assert same_dw(started, given)  # the given LoRA's dW, its factors sized as the recipe's start
+    assert all(torch.allclose(started[n][0].norm(), t.down[n].norm()) for n in given)
+    plain = start_loras(t.denoiser, t.spec, dataclasses.replace(t.fit, balance_start=False), [given]).layers(0)
+    assert layers_equal(plain, given)
     with StopRequest() as stop:  # (groups of one size: another batch size rounds differently)
         alone = t.train_group([data, data], stop)[1]
         beside = t.train_group([data, data], stop, inits=[given, None])
@@ -48,7 +58,7 @@ def test_a_given_lora_is_where_refining_starts_and_it_never_leaks_into_another_i
     assert not layers_equal(beside[0], alone)
     tiny_step = dataclasses.replace(t.fit, steps=1, lr=1e-12)
     nudged = refine_lora(t.denoiser, t.spec, data, t.noise, tiny_step, init=given)
-    assert all(torch.allclose(nudged[n][i], given[n][i], atol=1e-9) for n in given for i in (0, 1))
+    assert same_dw(nudged, given, rtol=1e-6)
 
 
 def test_the_loop_descends_the_loss_it_is_given():

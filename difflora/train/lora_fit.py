@@ -52,6 +52,7 @@ class FitConfig(ConfigDict):
     warmup_steps: int = 0
     max_grad_norm: float = 1.0     # per identity; 0: off
     weight_space: str = FREE
+    balance_start: bool = True     # a given start rescaled to the recipe's factor sizes (multi_lora.balanced)
 
 
 def noisy_batch(data: dict, idx: torch.Tensor, gen: torch.Generator, schedule):
@@ -90,7 +91,7 @@ def start_loras(denoiser: LoraDenoiser, spec: LoraSpec, cfg: FitConfig,
     (down, up) at `spec.scale`), or None for the recipe's start (down drawn from the seed, up 0)."""
     targets = denoiser.targets(spec)
     down = initial_down(targets, spec, step_seed(cfg.seed, "lora-init"))
-    return StackedLoras(targets, spec, len(inits), down, cfg.weight_space, inits=inits)
+    return StackedLoras(targets, spec, len(inits), down, cfg.weight_space, inits=inits, balance=cfg.balance_start)
 
 
 def fit_loras(loras: StackedLoras, step_losses: Callable[[int], torch.Tensor], cfg: FitConfig,

@@ -53,14 +53,27 @@ def down_hash(down: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def balanced(init: tuple[torch.Tensor, torch.Tensor], reference_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down * c, up / c) with c making down as large as the recipe's starting down: dW is unchanged,
+    but AdamW moves each factor by about lr an entry, so dW moves by about lr x the other factor's size.
+    A given LoRA in canonical form has small factors (sqrt of small singular values) and would
+    barely move at the learning rate that trains a LoRA from zero."""
+    down, up = (x.to(reference_down) for x in init)
+    norm = down.norm()
+    c = reference_down.norm() / norm if norm > 0 else torch.ones((), dtype=down.dtype, device=down.device)
+    return down * c, up / c
+
+
 class StackedLoras(nn.Module):
     """Per-identity factors of `count` identities on the `targets` (spec layer name, Linear) of a
     frozen model, hooked in while the context is open. Each identity starts from the shared `down`
     and a zero up-projection, or from its entry of `inits` (a layers dict at `spec.scale`: refining a
-    given LoRA). Factors are float32 parameters (they train in fp32 under autocast)."""
+    given LoRA; with `balance`, rescaled as `balanced` does). Factors are float32 parameters (they
+    train in fp32 under autocast)."""
 
     def __init__(self, targets: list[tuple[str, nn.Linear]], spec: LoraSpec, count: int,
-                 down: dict[str, torch.Tensor], weight_space: str = FREE, inits: list[dict | None] | None = None):
+                 down: dict[str, torch.Tensor], weight_space: str = FREE, inits: list[dict | None] | None = None,
+                 balance: bool = True):
         super().__init__()
         self.spec, self.count, self.weight_space = spec, count, weight_space
         self.names = [name for name, _ in targets]
@@ -74,7 +87,7 @@ class StackedLoras(nn.Module):
             b = torch.zeros(count, m.out_features, spec.rank, device=device)
             for k, init in enumerate(inits):
                 if init is not None:
-                    a[k], b[k] = init[name][0].to(a), init[name][1].to(b)
+                    a[k], b[k] = balanced(init[name], a[k]) if balance else (init[name][0].to(a), init[name][1].to(b))
             self.down.append(nn.Parameter(a, requires_grad=weight_space == FREE))
             self.up.append(nn.Parameter(b))
         self._hooks = []
