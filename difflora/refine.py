@@ -88,7 +88,8 @@ def model_spec(unet_shapes: Mapping[str, object], start: Mapping[str, torch.Tens
 
 
 def refine_identity_lora(denoiser, spec: LoraSpec, data: dict, schedule, settings: RefineSettings,
-                         start: Mapping[str, torch.Tensor] | None = None, start_metadata: Mapping[str, str] | None = None,
+                         start: Mapping[str, torch.Tensor] | None = None,
+                         start_metadata: Mapping[str, str] | None = None,
                          prompt: str = "", on_step: Callable[[int], None] | None = None) -> tuple[dict, dict]:
     """(kohya state dict, metadata) of the LoRA refined on the encoded photos `data` for
     `settings.steps` steps, from `start` (kohya keys) or from zero. `denoiser` is a

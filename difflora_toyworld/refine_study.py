@@ -50,7 +50,8 @@ def training_face_means(cfg, face, chunk: int = 250) -> torch.Tensor:
     means = []
     for first in range(0, cfg.train_identities, chunk):
         n = min(chunk, cfg.train_identities - first)
-        photos = np.stack([s.image for s in iter_dataset(n, cfg.lora_photos, cfg.seed, first_identity=TRAIN_FIRST + first)])
+        samples = iter_dataset(n, cfg.lora_photos, cfg.seed, first_identity=TRAIN_FIRST + first)
+        photos = np.stack([s.image for s in samples])
         emb = face.embed_batch(photos).reshape(n, cfg.lora_photos, -1)                  # (n, photos, Df)
         means += [torch.nn.functional.normalize(average_references(e.float()), dim=0) for e in emb]
     return torch.stack(means)
@@ -196,7 +197,7 @@ def run_refine_study(world_root, assets, tokenizer, identities: int = 8, out: st
     from difflora.hypernet_file import load_hypernet
 
     from .results import atomic_write_text
-    from .world import ARTIFACTS, World, WorldConfig, seed_base_from_assets
+    from .world import ARTIFACTS, WorldConfig, seed_base_from_assets
 
     t0 = time.perf_counter()
     cfg = WorldConfig()
@@ -220,7 +221,8 @@ def run_refine_study(world_root, assets, tokenizer, identities: int = 8, out: st
     summary = summarize(rows)
     out = Path(out or world.root / "results")
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"identities": len(rows), "refine_steps": REFINE_STEPS, "recipe": dataclasses.asdict(refiner.trainer.fit),
+    settings = {"identities": len(rows), "refine_steps": REFINE_STEPS,
+                "recipe": dataclasses.asdict(refiner.trainer.fit),
                 "lora_photos": cfg.lora_photos, "sampler_steps": scorer.steps, "guidance": scorer.guidance,
                 "torch_threads": torch.get_num_threads(), "device": device}
     payload = {"summary": summary, "settings": settings, "identities": rows, "seconds": time.perf_counter() - t0}
@@ -241,8 +243,8 @@ def _stats(values) -> dict:
 def summarize(rows: list[dict]) -> dict:
     """Means and standard errors per start and step; paired differences against the trained LoRA
     (zero at TRAINED_STEPS) and the base; the issue's targets."""
-    ida = lambda r, s, t: r[s][str(t)]["identity_accuracy"]  # noqa: E731
-    pa = lambda r, s, t: r[s][str(t)]["prompt_accuracy"]  # noqa: E731
+    ida = lambda r, s, t: r[s][str(t)]["identity_accuracy"]
+    pa = lambda r, s, t: r[s][str(t)]["prompt_accuracy"]
     per_step = float(np.mean([r["seconds"]["per_step"] for r in rows]))
     start_cost = {"predicted": float(np.mean([r["seconds"]["predict"] for r in rows])),
                   "nearest": float(np.mean([r["seconds"]["nearest_search"] for r in rows])), "zero": 0.0}
@@ -295,13 +297,15 @@ def markdown(summary: dict, settings: dict) -> str:
         lines.append(f"| {LABELS[s]} | " + " | ".join(cells) + " |")
     lines += ["", "Prompt accuracy (mean) and seconds per identity (start + K x "
               f"{summary['seconds_per_step']:.3f} s a step):", "",
-              "| start | " + " | ".join(f"K={t}" for t in REFINE_STEPS) + " |", "| --- |" + " --- |" * len(REFINE_STEPS)]
+              "| start | " + " | ".join(f"K={t}" for t in REFINE_STEPS) + " |",
+              "| --- |" + " --- |" * len(REFINE_STEPS)]
     for s in STARTS:
         lines.append(f"| {LABELS[s]} | " + " | ".join(
             f"{summary[s][str(t)]['prompt_accuracy']['mean']:.3f} / {summary[s][str(t)]['seconds']:.2f} s"
             for t in REFINE_STEPS) + " |")
     base = summary["base"]
-    lines += ["", f"Base model: identity {base['identity_accuracy']['mean']:.3f} ± {base['identity_accuracy']['se']:.3f}, "
+    ida = base["identity_accuracy"]
+    lines += ["", f"Base model: identity {ida['mean']:.3f} ± {ida['se']:.3f}, "
               f"prompt {base['prompt_accuracy']['mean']:.3f}.", "", "| target | value | goal |", "| --- | --- | --- |"]
     for k, v in summary["targets"].items():
         val = v["value"]
@@ -334,15 +338,16 @@ def plot(summary: dict, width: int = 900, height: int = 380):
         vals = [summary[s][str(t)][metric]["mean"] for s in STARTS for t in REFINE_STEPS] + \
             [summary["base"][metric]["mean"]]
         lo, hi = max(0.0, min(vals) - 0.05), min(1.0, max(vals) + 0.05)
-        px = lambda i: x0 + (x1 - x0) * i / (len(REFINE_STEPS) - 1)  # noqa: E731
-        py = lambda v: y1 - (y1 - y0) * (v - lo) / (hi - lo)  # noqa: E731
+        px = lambda i: x0 + (x1 - x0) * i / (len(REFINE_STEPS) - 1)
+        py = lambda v: y1 - (y1 - y0) * (v - lo) / (hi - lo)
         d.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
         d.text((x0, 12), metric.replace("_", " ") + " vs refine steps", fill=(0, 0, 0))
         for i, t in enumerate(REFINE_STEPS):
             d.text((px(i) - 8, y1 + 6), str(t), fill=(0, 0, 0))
         for v in np.linspace(lo, hi, 5):
             d.text((x0 - 40, py(v) - 6), f"{v:.2f}", fill=(0, 0, 0))
-        for value, label in ((summary["base"][metric]["mean"], "base"),) + (((trained, "trained (80)"),) if p == 0 else ()):
+        lines_at = [(summary["base"][metric]["mean"], "base")] + ([(trained, "trained (80)")] if p == 0 else [])
+        for value, label in lines_at:
             for xs in range(int(x0), int(x1), 12):
                 d.line((xs, py(value), xs + 6, py(value)), fill=(120, 120, 120))
             d.text((x1 - 80, py(value) - 12), label, fill=(90, 90, 90))

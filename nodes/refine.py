@@ -63,7 +63,8 @@ class RefineIdentityLora(io.ComfyNode):
                 io.Float.Input("learning_rate", default=2e-3, min=1e-7, max=1.0, step=1e-4,
                                tooltip="AdamW learning rate of the LoRA factors (the toy world's recipe: 0.002)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Seed of the noise, timesteps and photo order; the same seed gives the same LoRA."),
+                             tooltip="Seed of the noise, timesteps and photo order; the same seed gives the same "
+                                     "LoRA."),
                 io.String.Input("prompt", default="a photo of {trigger}",
                                 tooltip="Caption of the photos; {trigger} is replaced by the trigger."),
                 io.String.Input("trigger", default="sks person",

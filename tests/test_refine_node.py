@@ -4,7 +4,6 @@ Identity LoRA's keys and metadata, and refuses bad inputs with a sentence."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -120,7 +119,8 @@ def test_a_lora_for_another_base_is_refused_with_a_sentence(toy):
     key = next(k for k in start if k.endswith("lora_down.weight"))
     narrower[key] = start[key][:, :-1].clone()
     foreign = {"lora_unet_not_a_layer.lora_down.weight": torch.zeros(4, 8),
-               "lora_unet_not_a_layer.lora_up.weight": torch.zeros(8, 4), "lora_unet_not_a_layer.alpha": torch.tensor(4.0)}
+               "lora_unet_not_a_layer.lora_up.weight": torch.zeros(8, 4),
+               "lora_unet_not_a_layer.alpha": torch.tensor(4.0)}
     for lora in (narrower, {**start, **foreign}):
         with pytest.raises(Exception, match=r"the LoRA is for another base model\. Connect the model it was made for"):
             refine(toy, lora=lora)
@@ -140,7 +140,6 @@ def test_the_models_adapter_trains_what_identity_loras_trains(toy, tmp_path):
     from difflora.train.loop import make_accelerator
     from difflora_toyworld.toy_sdxl import pipeline_folder_from_checkpoint
 
-    import comfy.model_management as mm
     from importlib import import_module
 
     adapter = import_module(toy[0]["DiffLoRARefineLora"].__module__.rsplit(".", 1)[0] + ".comfy_denoiser")

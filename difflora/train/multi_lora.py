@@ -53,7 +53,8 @@ def down_hash(down: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def balanced(init: tuple[torch.Tensor, torch.Tensor], reference_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced(init: tuple[torch.Tensor, torch.Tensor],
+             reference_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(down * c, up / c) with c making down as large as the recipe's starting down: dW is unchanged,
     but AdamW moves each factor by about lr an entry, so dW moves by about lr x the other factor's size.
     A given LoRA in canonical form has small factors (sqrt of small singular values) and would
