@@ -169,9 +169,9 @@ def _sdxl_refine() -> tuple[list[N], list[Link]]:
 NOTES = {
     "difflora_refine": "Predict, then refine, with nothing to download (the toy world). The top row draws the person "
                        "with the LoRA predicted from 'Reference photo'; the bottom row with that LoRA after 20 steps "
-                       "of Refine Identity LoRA on the same photo (a few seconds on a CPU). In the toy world 20 refine "
-                       "steps from the prediction match 80 steps of training from zero (docs/TOYWORLD.md). The "
-                       "refined LoRA is saved to models/loras/difflora/.",
+                       "of Refine Identity LoRA on the same photo (about a second on a CPU). In the toy world the "
+                       "prediction is worth about 60 steps of training from zero, and refined 80 steps it beats a "
+                       "LoRA trained 80 steps (docs/TOYWORLD.md). The refined LoRA is saved to models/loras/difflora/.",
     "difflora_refine_sdxl": "Predict, then refine on your SDXL: as difflora_basic, then Refine Identity LoRA trains the "
                             "predicted LoRA 40 steps further on the reference photo(s) (only the LoRA trains; a GPU "
                             "takes seconds, a CPU minutes). Bottom row: the refined LoRA; top: the prediction alone. "

@@ -1,12 +1,12 @@
 // The pack's two touches to the stock ComfyUI frontend (loaded from WEB_DIRECTORY):
-// - Sample Identity LoRA Latent starts with its seed fixed. The frontend gives every seed widget
+// - Sample Identity LoRA Latent and Refine Identity LoRA start with their seed fixed. The frontend gives every seed widget
 //   "randomize" and a V3 schema cannot choose otherwise; randomize would write a new identity
-//   LoRA on every Run. A saved workflow keeps its own choice (node configure runs after this).
+//   LoRA on every Run (and retrain a refined one). A saved workflow keeps its own choice (node configure runs after this).
 // - Save Predicted LoRA shows the name it saved: the stock frontend displays a node's ui "text"
 //   only for core Preview Any, so this node gets a read-only text line of its own.
 import { app } from "../../scripts/app.js";
 
-const SAMPLE_NODE = "DiffLoRASampleLoraLatent";
+const FIXED_SEED_NODES = ["DiffLoRASampleLoraLatent", "DiffLoRARefineLora"];
 const SAVE_NODE = "DiffLoRASaveLora";
 
 function addSavedNameWidget(node) {
@@ -26,7 +26,7 @@ function addSavedNameWidget(node) {
 app.registerExtension({
   name: "DiffLoRA.NodeUI",
   nodeCreated(node) {
-    if (node.comfyClass === SAMPLE_NODE) {
+    if (FIXED_SEED_NODES.includes(node.comfyClass)) {
       const control = node.widgets?.find((w) => w.name === "control_after_generate");
       if (control) control.value = "fixed";
     }
