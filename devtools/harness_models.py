@@ -29,6 +29,7 @@ TINY_RUN = {
     "EmptyLatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 2},
     "DiffLoRASampleLoraLatent": {"steps": 4},
+    "DiffLoRARefineLora": {"steps": 3},
 }
 
 

@@ -3,6 +3,7 @@
     python -m devtools.toyworld build   [--world .cache/toyworld]   # hours on a CPU (docs/TOYWORLD.md); resumes
     python -m devtools.toyworld results [--world .cache/toyworld]   # results.md / .json / grid.png
     python -m devtools.toyworld study   [--world .cache/toyworld]   # study.md / .json (baselines, ablations)
+    python -m devtools.toyworld refine  [--world .cache/toyworld-refine] [--identities 8]  # -> docs/toyworld_results/refine.*
     python -m devtools.toyworld export  [--world .cache/toyworld] [--hypernet PATH]  # -> assets/toyworld + manifest
 
 `build` is `python -m difflora_toyworld build` with the test harness's ComfyUI supplying CLIP's
@@ -22,6 +23,7 @@ from .harness_models import REPO, TOY_ASSETS as ASSETS
 
 MANIFEST = REPO / "weights_manifest.json"
 DEFAULT_WORLD = REPO / ".cache" / "toyworld"
+REFINE_WORLD = REPO / ".cache" / "toyworld-refine"  # seeded from the shipped files only
 
 
 def update_manifest(files: dict[str, Path]) -> None:
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from difflora_toyworld.__main__ import main as toyworld_main
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("build", "results", "study", "export"))
+    ap.add_argument("command", choices=("build", "results", "study", "refine", "export"))
     ap.add_argument("--world", default=str(DEFAULT_WORLD))
     a, rest = ap.parse_known_args(argv)
     if a.command == "export":
@@ -58,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
                             "--tokenizer", str(get_comfyui() / "comfy" / "sd1_tokenizer"), *rest])
         print(f"[toyworld] build took {time.monotonic() - t0:.0f} s")
         return rc
+    if a.command == "refine":  # on the shipped files: the full world need not be built
+        from .get_comfyui import get_comfyui
+
+        world = a.world if a.world != str(DEFAULT_WORLD) else str(REFINE_WORLD)
+        return toyworld_main(["refine", "--world", world, "--tokenizer", str(get_comfyui() / "comfy" / "sd1_tokenizer"),
+                              "--assets", str(ASSETS), "--out", str(REPO / "docs" / "toyworld_results"), *rest])
     if a.command in ("results", "study"):
         return toyworld_main([a.command, "--world", a.world, *rest])
     from difflora_toyworld.world import export_artifacts, export_photos

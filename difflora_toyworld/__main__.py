@@ -1,8 +1,9 @@
-"""python -m difflora_toyworld build|results|study: rebuild the toy world, or measure it.
+"""python -m difflora_toyworld build|results|study|refine: rebuild the toy world, or measure it.
 
     python -m difflora_toyworld build   --world WORLD --tokenizer CLIP_TOKENIZER_DIR [--size default]
     python -m difflora_toyworld results --world WORLD [--out WORLD/results]
     python -m difflora_toyworld study   --world WORLD [--parts baselines,sampling,photos,ablations,...]
+    python -m difflora_toyworld refine  --world WORLD --tokenizer DIR --assets assets/toyworld [--identities 8]
 
 `build` resumes a stopped build (run it again with the same options). The tokenizer is CLIP's
 (vocab.json + merges.txt), e.g. ComfyUI's comfy/sd1_tokenizer, so that prompts encode to the
@@ -55,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated: baselines, sampling, photos, ablations, validation, weight-space")
     st.add_argument("--ablations", default="", help="comma-separated ablations to train and score (default: all "
                                                     "of study.ABLATIONS)")
+    rf = sub.add_parser("refine", help="predict, then refine: accuracy against refine steps from three starts "
+                                       "(refine_study.py), on the shipped base, hypernet and classifier")
+    rf.add_argument("--world", required=True, help="world folder (seeded from --assets; rows resume)")
+    rf.add_argument("--tokenizer", required=True, help="CLIP tokenizer folder (vocab.json, merges.txt)")
+    rf.add_argument("--assets", required=True, help="the shipped toy-world files, e.g. assets/toyworld")
+    rf.add_argument("--identities", type=int, default=8, help="held-out identities to measure")
+    rf.add_argument("--out", default="", help="folder for refine.md/.json/.png (default: WORLD/results)")
+    rf.add_argument("--device", default="cpu")
+    rf.add_argument("--plain-start", action="store_true", help="given starts as they are, not rescaled to the "
+                                                               "recipe's factor sizes (refine_plain.*)")
     return ap
 
 
@@ -64,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.command == "build":
             _build(a)
+        elif a.command == "refine":
+            from .refine_study import run_refine_study
+
+            run_refine_study(a.world, a.assets, a.tokenizer, identities=a.identities, out=a.out or None,
+                             device=a.device, balance=not a.plain_start)
         elif a.command == "study":
             _study(a)
         else:

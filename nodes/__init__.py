@@ -6,6 +6,7 @@ from .folders import register_model_folders
 from .loaders import LoadDiffLoRAHypernet, LoadFaceAnalysis
 from .lora_nodes import ApplyPredictedLora, SavePredictedLora
 from .predict import DecodeLora, EncodeMixedFeatures, SampleLoraLatent
+from .refine import RefineIdentityLora
 from .server_routes import register_server_routes
 from .toy_world import LoadToyWorldBase, ToyWorldPhoto
 
@@ -18,6 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     EncodeMixedFeatures,
     SampleLoraLatent,
     DecodeLora,
+    RefineIdentityLora,
     ApplyPredictedLora,
     SavePredictedLora,
     LoadToyWorldBase,

@@ -34,7 +34,7 @@ def pack(comfy_inprocess, pack_nodes, tmp_path_factory):
 def infos(pack) -> dict[str, dict]:
     _, classes = pack
     info = {node_id: cls.GET_NODE_INFO_V1() for node_id, cls in classes.items()}
-    assert len(info) == 9  # the nine of nodes/__init__.py's NODES
+    assert len(info) == 10  # the ten of nodes/__init__.py's NODES
     return info
 
 
@@ -65,6 +65,7 @@ def test_identity_nodes_are_found_by_identity(infos):
     by_id = {node_id: info["display_name"] for node_id, info in infos.items()}
     assert "identity" in by_id["DiffLoRASampleLoraLatent"].lower()
     assert "identity" in by_id["DiffLoRADecodeLora"].lower()
+    assert "identity" in by_id["DiffLoRARefineLora"].lower()
 
 
 def test_seed_has_a_control_widget_and_the_frontend_extension_fixes_it(pack, infos):
@@ -72,13 +73,15 @@ def test_seed_has_a_control_widget_and_the_frontend_extension_fixes_it(pack, inf
     # carry its value after the seed) and always starts it at "randomize"; web/difflora.js, which
     # ComfyUI serves from the pack's WEB_DIRECTORY, sets it to "fixed" on node creation.
     c, _ = pack
-    seed = infos["DiffLoRASampleLoraLatent"]["input"]["required"]["seed"]
-    assert seed[0] == "INT" and seed[1]["control_after_generate"] is True
+    for node_id in ("DiffLoRASampleLoraLatent", "DiffLoRARefineLora"):
+        seed = infos[node_id]["input"]["required"]["seed"]
+        assert seed[0] == "INT" and seed[1]["control_after_generate"] is True
     web_dir = (REPO / "web").resolve()
     served = [name for name, path in c.nodes.EXTENSION_WEB_DIRS.items() if Path(path).resolve() == web_dir]
     assert len(served) == 1, f"web/ is served under {served}: the script must load exactly once"
     script = (web_dir / "difflora.js").read_text()
     assert '"DiffLoRASampleLoraLatent"' in script and 'control.value = "fixed"' in script
+    assert '"DiffLoRARefineLora"' in script
     assert '"DiffLoRASaveLora"' in script and "output?.text" in script
 
 

@@ -17,7 +17,8 @@ from difflora.train.__main__ import main
 from difflora.train.base_model import base_spec
 from difflora.train.data import EMB_SUFFIX
 from difflora.train.logs import CsvLog
-from tests.support.train_data import make_identities, tiny_base, tiny_clip, tiny_run_args
+from devtools import harness_models
+from tests.support.train_data import SAME_PERSON, make_identities, tiny_base, tiny_clip, tiny_run_args
 
 PEOPLE = {"alice": 0, "bob": 1, "carol": 2}
 
@@ -129,3 +130,34 @@ def test_single_file_base(tmp_path, tmp_path_factory, caplog):
     assert main(["identity-loras", "--data", str(data), "--out", str(tmp_path / "x"), "--base",
                  str(tmp_path / "model.ckpt"), "--image-encoder", str(clip)]) == 1  # missing / pickle: refused
     assert "not found" in caplog.text
+
+
+def test_identity_loras_init_from_a_hypernet_start_at_its_prediction(trained, tmp_path, tmp_path_factory, caplog):
+    """--init-from: each identity's training starts from the hypernet's LoRA from its first usable
+    photo. At a vanishing learning rate the written LoRA is that prediction (same dW per layer)."""
+    from difflora.lora_weights import canonicalize_layers
+
+    work, _, base = trained
+    hypernet = work / "hypernet.safetensors"
+    data = make_identities(tmp_path / "ids", {"dana": 4}, per_person=3)
+    args = ["identity-loras", "--data", str(data), "--out", str(tmp_path / "loras"), "--base", str(base),
+            "--face-encoder", "dlib", "--image-encoder", str(tiny_clip(tmp_path_factory)), "--steps", "1",
+            "--lr", "1e-12", "--resolution", "64", "--min-images", "2", "--min-face-similarity", str(SAME_PERSON),
+            "--no-progress", "--init-from", str(hypernet)]
+    assert main(args) == 0
+    hn = load_hypernet(hypernet)
+    path = tmp_path / "loras" / "dana.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["difflora_init"] == "hypernet.safetensors"
+    emb = load_file(str(tmp_path / "loras" / f"dana{EMB_SUFFIX}"))
+    want = canonicalize_layers(hn.spec, from_kohya(hn.spec, predict_lora(
+        hn, encode_features(hn, emb["face"][:1], emb["image"][:1]), seed=0)))
+    got = load_lora_file(hn.spec, path)
+    for name, (down, up) in want.items():
+        dw_want, dw_got = up @ down, got[name][1].float() @ got[name][0].float()
+        assert (dw_got - dw_want).norm() <= 1e-3 * dw_want.norm() + 1e-8, name
+    # A hypernet for another base, and a weight space that freezes another down-projection: refused.
+    toy = harness_models.toy_asset("difflora/difflora_toy.safetensors")
+    assert main(args[:-1] + [str(toy)]) == 1 and "another base or rank" in caplog.text
+    assert main(args + ["--weight-space", "shared-down", "--out", str(tmp_path / "x")]) == 1
+    assert "--init-from needs --weight-space free" in caplog.text

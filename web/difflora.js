@@ -1,8 +1,9 @@
 // The pack's touches to the stock ComfyUI frontend (loaded from WEB_DIRECTORY), written against the
 // frontend's public app/api objects so that every tested frontend (1.32 and 1.49) behaves the same:
-// - Sample Identity LoRA Latent starts with its seed fixed. The frontend gives every seed widget
+// - Sample Identity LoRA Latent and Refine Identity LoRA start with their seed fixed. The frontend
+//   gives every seed widget
 //   "randomize" and a V3 schema cannot choose otherwise; randomize would write a new identity
-//   LoRA on every Run. A saved workflow keeps its own choice (node configure runs after this).
+//   LoRA on every Run (and retrain a refined one). A saved workflow keeps its own choice (node configure runs after this).
 // - Save Predicted LoRA shows the name it saved: the stock frontend displays a node's ui "text"
 //   only for core Preview Any, so this node gets a read-only text line of its own. The line is read
 //   from the frontend's kept outputs, so it survives switching workflow tabs as the images do.
@@ -13,7 +14,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const SAMPLE_NODE = "DiffLoRASampleLoraLatent";
+const FIXED_SEED_NODES = ["DiffLoRASampleLoraLatent", "DiffLoRARefineLora"];
 const SAVE_NODE = "DiffLoRASaveLora";
 const PHOTO_NODE = "DiffLoRAToyWorldPhoto";
 const NOT_SAVED = "not saved yet";
@@ -128,7 +129,7 @@ app.registerExtension({
     describeTemplateCards();
   },
   nodeCreated(node) {
-    if (node.comfyClass === SAMPLE_NODE) {
+    if (FIXED_SEED_NODES.includes(node.comfyClass)) {
       const control = node.widgets?.find((w) => w.name === "control_after_generate");
       if (control) control.value = "fixed";
     }

@@ -88,6 +88,10 @@ class IdentityLoraConfig(ValidatedConfig):
                                               "encoder's default (dlib 0.91, ArcFace 0.35; a plugin's face analysis brings "
                                               "its own).",
                                         at_least=-1, at_most=1)
+    init_from: str = option("", "A hypernet .safetensors: each identity's LoRA starts from the hypernet's prediction "
+                                "from its first usable photo (predict, then refine: fewer --steps for a trained "
+                                "LoRA's quality, docs/TOYWORLD.md) instead of from zero. Needs --weight-space "
+                                "free.", metavar="PATH")
     class_data: str = option("", "Prior preservation (off when empty): a folder of generic photos of the class.", metavar="PATH")
     class_prompt: str = option("a photo of a person", "Prompt of the prior-preservation images.")
     prior_loss_weight: float = option(1.0, "Weight of the prior-preservation loss.", at_least=0)

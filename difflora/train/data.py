@@ -42,6 +42,7 @@ META_SPEC, META_HASH, META_IDENTITY = "difflora_lora_spec", "difflora_spec_hash"
 # identity-loras' weight space (multi_lora.py): "free" LoRAs are stored and read in the canonical SVD
 # form; "shared-down" ones as trained, all with one down-projection (its fingerprint: META_DOWN_HASH).
 META_WEIGHT_SPACE, META_DOWN_HASH = "difflora_weight_space", "difflora_down_hash"
+META_INIT = "difflora_init"  # the hypernet file whose prediction the LoRA was refined from (--init-from)
 
 
 @dataclass

@@ -28,15 +28,37 @@ from ..lora_format import from_peft
 from ..lora_spec import LoraSpec
 from .base_model import base_spec, encode_images, encode_prompts, load_sdxl
 from .config import IdentityLoraConfig
-from .data import (EMB_SUFFIX, META_DOWN_HASH, META_HASH, META_WEIGHT_SPACE, identity_folders, read_caption,
+from .data import (EMB_SUFFIX, META_DOWN_HASH, META_INIT, META_HASH, META_WEIGHT_SPACE, identity_folders, read_caption,
                    read_metadata, write_embeddings, write_identity_lora)
 from .identity_filter import UsablePhotos, usable_photos
 from .input_cache import InputCache, base_fingerprint, cache_setup
-from .loop import StopRequest, make_accelerator, step_seed, stream_indices
-from .multi_lora import FREE, SHARED_DOWN, StackedLoras, down_hash, initial_down
+from .lora_fit import FitConfig, diverged, fit_loras, noisy_batch, squared_errors, start_loras, step_generator, step_indices
+from .loop import StopRequest, make_accelerator, step_seed
+from .multi_lora import FREE, SHARED_DOWN, down_hash, initial_down, target_modules
 
 log = logging.getLogger("difflora.train")
 ADAPTER = "difflora"
+
+
+class UNetDenoiser:
+    """A diffusers SDXL UNet behind lora_fit's `LoraDenoiser`, run under the accelerator's autocast
+    in the weight dtype."""
+
+    def __init__(self, unet, accelerator, weight_dtype: torch.dtype):
+        self.unet, self.acc, self.dtype = unet, accelerator, weight_dtype
+        self.device = accelerator.device
+
+    def targets(self, spec: LoraSpec) -> list:
+        return target_modules(self.unet, spec)
+
+    def condition(self, data: dict, idx: torch.Tensor, flip: torch.Tensor) -> dict:
+        return {"embeds": data["embeds"][idx], "text_embeds": data["pooled"][idx], "time_ids": data["time_ids"][idx, flip]}
+
+    def __call__(self, noisy: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        extra = {k: cond[k].to(self.device, self.dtype) for k in ("text_embeds", "time_ids")}
+        with self.acc.autocast():
+            return self.unet(noisy.to(self.device, self.dtype), t.to(self.device),
+                             cond["embeds"].to(self.device, self.dtype), added_cond_kwargs=extra).sample
 
 
 @dataclass
@@ -58,8 +80,12 @@ class IdentityTrainer:
 
     def __init__(self, cfg: IdentityLoraConfig, spec: LoraSpec, accelerator, unet=None, noise=None):
         self.cfg, self.spec, self.acc = cfg, spec, accelerator
+        self.fit = FitConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                             lr_scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
+                             max_grad_norm=cfg.max_grad_norm, weight_space=cfg.weight_space)
         self.device = accelerator.device
         self.pipe, self.prior, self.peft_params, self.cache = None, None, None, None
+        self.init_hypernet = None  # --init-from: identities start from its prediction
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
                                                                                  torch.float32)
         self.unet = None
@@ -73,8 +99,9 @@ class IdentityTrainer:
             self.unet.to(dtype=self.weight_dtype)
         if self.cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        self.denoiser = UNetDenoiser(self.unet, self.acc, self.weight_dtype)
         # Every identity starts from one down-projection (the only one, in the shared-down space).
-        self.down = initial_down(self.unet, self.spec, step_seed(self.cfg.seed, "lora-init"))
+        self.down = initial_down(self.denoiser.targets(self.spec), self.spec, step_seed(self.cfg.seed, "lora-init"))
 
     def load(self):
         """Load the base pipeline once (the first identity to encode or train needs it)."""
@@ -132,22 +159,14 @@ class IdentityTrainer:
         return self.cache.get(name, photos.files, prompts, lambda: self._encode(photos.files, prompts))
 
     def _batch(self, data: dict, idx: torch.Tensor, gen: torch.Generator):
-        flip = torch.randint(0, data["mean"].shape[1], (len(idx),), generator=gen)
-        mean, std = data["mean"][idx, flip], data["std"][idx, flip]                       # (B, 4, h, w)
-        latents = (mean + std * torch.randn(mean.shape, generator=gen) - data["shift"]) * data["scale"]
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (len(idx),), generator=gen)
-        noisy = self.noise.add_noise(latents, noise, t)
-        target = noise if self.noise.config.prediction_type == "epsilon" else self.noise.get_velocity(latents, noise, t)
-        cond = {"text_embeds": data["pooled"][idx], "time_ids": data["time_ids"][idx, flip]}
-        return noisy, t, data["embeds"][idx], cond, target
+        noisy, t, target, flip = noisy_batch(data, idx, gen, self.noise)
+        return noisy, t, self.denoiser.condition(data, idx, flip), target
 
     def _step_batches(self, data: dict, step: int):
         """Identity `data`'s instance (and prior) batch of `step`: the same streams in both trainers."""
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(step_seed(cfg.seed, "identity", step))
-        idx = stream_indices(data["mean"].shape[0], step_seed(cfg.seed, "identity"), (step - 1) * cfg.batch_size,
-                             cfg.batch_size)
+        gen = step_generator(self.fit, step)
+        idx = step_indices(data, self.fit, step)
         batch = self._batch(data, idx, gen)
         if self.prior is None:
             return batch, None
@@ -156,12 +175,11 @@ class IdentityTrainer:
 
     def _losses(self, batch, groups: int) -> torch.Tensor:
         """(groups,) mean squared errors, one per identity-major group of batch rows."""
-        noisy, t, embeds, cond, target = (x.to(self.device) if torch.is_tensor(x) else
-                                          {k: v.to(self.device) for k, v in x.items()} for x in batch)
-        with self.acc.autocast():
-            pred = self.unet(noisy.to(self.weight_dtype), t, embeds.to(self.weight_dtype),
-                             added_cond_kwargs={k: v.to(self.weight_dtype) for k, v in cond.items()}).sample
-        return (pred.float() - target.float()).pow(2).reshape(groups, -1).mean(1)
+        noisy, t, cond, target = batch
+        return squared_errors(self.denoiser(noisy, t, cond), target.to(self.device), groups)
+
+    def _scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler("cuda", enabled=self.weight_dtype == torch.float16)
 
     def _optimizer(self, params):
         from diffusers.optimization import get_scheduler
@@ -170,7 +188,7 @@ class IdentityTrainer:
         opt = torch.optim.AdamW(params, lr=cfg.lr)
         sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)
-        return opt, sched, torch.amp.GradScaler("cuda", enabled=self.weight_dtype == torch.float16)
+        return opt, sched, self._scaler()
 
     def train(self, data: dict, stop: StopRequest):
         """One identity with peft: its layers dict, or a sentence saying why it failed, or None when stopped."""
@@ -200,7 +218,7 @@ class IdentityTrainer:
             if prior is not None:  # DreamBooth prior preservation on the class photos
                 loss = loss + cfg.prior_loss_weight * self._losses(prior, 1)[0]
             if not torch.isfinite(loss):
-                return _diverged(step)
+                return diverged(step)
             scaler.scale(loss).backward()
             if cfg.max_grad_norm > 0:
                 scaler.unscale_(opt)
@@ -214,43 +232,32 @@ class IdentityTrainer:
         peft_sd = {k: v.float().cpu() for k, v in get_peft_model_state_dict(self.unet, adapter_name=ADAPTER).items()}
         return from_peft(spec, peft_sd, alpha=spec.alpha)
 
-    def train_group(self, datas: list[dict], stop: StopRequest) -> list:
-        """Identities `datas` together, rows routed to their own factors: per identity what `train`
-        returns (one diverging identity fails alone); all None when stopped."""
+    def train_group(self, datas: list[dict], stop: StopRequest, inits: list[dict | None] | None = None) -> list:
+        """Identities `datas` together, rows routed to their own factors (lora_fit's loop): per
+        identity what `train` returns (one diverging identity fails alone); all None when stopped.
+        `inits`: per identity a LoRA (layers dict) to start from instead of the recipe's start."""
         if self.unet is None:
             self._load()
-        cfg, count = self.cfg, len(datas)
-        loras = StackedLoras(self.unet, self.spec, count, self.down, cfg.weight_space)
-        opt, sched, scaler = self._optimizer(loras.trainable())
-        failed: list[str | None] = [None] * count
+        count = len(datas)
+        loras = start_loras(self.denoiser, self.spec, self.fit, inits or [None] * count)
         self.unet.train()
-        with loras:
-            for step in range(1, cfg.steps + 1):
-                batches = [self._step_batches(d, step) for d in datas]
-                losses = self._losses(_concat([b for b, _ in batches]), count)
-                if self.prior is not None:
-                    losses = losses + cfg.prior_loss_weight * self._losses(_concat([p for _, p in batches]), count)
-                bad = (~torch.isfinite(losses.detach())).tolist()
-                scaler.scale(losses.masked_fill(torch.tensor(bad, device=losses.device), 0).sum()).backward()
-                for k in range(count):
-                    if bad[k] and failed[k] is None:
-                        failed[k] = _diverged(step)
-                    if failed[k] is not None:
-                        loras.zero_identity_grad_(k)
-                if cfg.max_grad_norm > 0:
-                    scaler.unscale_(opt)
-                    loras.clip_per_identity_(cfg.max_grad_norm)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                if stop.flag:
-                    return [None] * count
-        return [failed[k] or loras.layers(k) for k in range(count)]
+        done = fit_loras(loras, self.step_losses(datas), self.fit, self._scaler(), should_stop=lambda: stop.flag)
+        return [None] * count if done is None else done
+
+    def step_losses(self, datas: list[dict]):
+        """step -> the (len(datas),) losses of that step, identity-major (lora_fit.fit_loras' input)."""
+        cfg, count = self.cfg, len(datas)
+
+        def losses_of(step: int) -> torch.Tensor:
+            batches = [self._step_batches(d, step) for d in datas]
+            losses = self._losses(_concat([b for b, _ in batches]), count)
+            if self.prior is not None:  # DreamBooth prior preservation on the class photos
+                losses = losses + cfg.prior_loss_weight * self._losses(_concat([p for _, p in batches]), count)
+            return losses
+
+        return losses_of
 
 
-def _diverged(step: int) -> str:
-    return f"the loss became NaN/inf at step {step}: lower --lr or use --mixed-precision bf16/no"
 
 
 def _concat(batches: list) -> tuple:
@@ -327,6 +334,7 @@ def train_identity_loras(cfg: IdentityLoraConfig, face_encoder=None, image_encod
             results.append(IdentityResult(folder.name, "done", "finished in an earlier run") if state == "done"
                            else IdentityResult(folder.name, "skipped", state))
     trainer = IdentityTrainer(cfg, spec, accelerator)
+    trainer.init_hypernet = _init_hypernet(cfg, spec, accelerator.device)
     with StopRequest() as stop, accelerator.split_between_processes(pending) as mine:
         from tqdm.auto import tqdm
 
@@ -358,6 +366,32 @@ def _write_report(path: Path, spec: LoraSpec, cfg: IdentityLoraConfig, results: 
     for r in results:
         if r.status == "skipped":
             log.warning("  skipped %s: %s", r.name, r.reason)
+
+
+def _init_hypernet(cfg: IdentityLoraConfig, spec: LoraSpec, device):
+    """The --init-from hypernet, checked to predict LoRAs of this run's spec; None without the option."""
+    if not cfg.init_from:
+        return None
+    from ..hypernet_file import load_hypernet
+
+    if cfg.weight_space != FREE:
+        raise DiffLoRAError(f"--init-from needs --weight-space free: a predicted LoRA has its own down-projection, "
+                            f"not the one {cfg.weight_space} keeps frozen.")
+    hn = load_hypernet(cfg.init_from, device=device)
+    if hn.spec.hash != spec.hash:
+        raise DiffLoRAError(f"--init-from {cfg.init_from} predicts LoRAs for another base or rank (spec {hn.spec.hash}, "
+                            f"this run's {spec.hash}): use a hypernet trained on LoRAs of this --base and --rank.")
+    return hn
+
+
+def predicted_start(hn, photos: UsablePhotos, spec: LoraSpec, seed: int, face_encoder, image_encoder) -> dict:
+    """The hypernet's LoRA (layers dict) from the identity's first usable photo: where its training starts."""
+    from ..encoders import load_image_file
+    from ..lora_format import from_kohya
+    from ..pipeline import features_from_images, predict_lora
+
+    features = features_from_images(hn, [load_image_file(photos.files[0])], face_encoder, image_encoder)
+    return from_kohya(spec, predict_lora(hn, features, seed=seed))
 
 
 def _shard(folders: list[Path], shard: str) -> tuple[list[Path], str]:
@@ -412,7 +446,11 @@ def _train_group(group: list[Path], out: Path, spec: LoraSpec, cfg: IdentityLora
     for r in ready:
         log.info("%s: %s; training %d steps.", r.folder.name, r.photos.describe(), cfg.steps)
     t0 = time.perf_counter()
-    if cfg.identities_per_pass == 1:
+    if trainer.init_hypernet is not None:  # predict, then refine (the batched loop takes starting LoRAs)
+        inits = [predicted_start(trainer.init_hypernet, r.photos, spec, cfg.seed, face_encoder, image_encoder)
+                 for r in ready]
+        trained = trainer.train_group([r.data for r in ready], stop, inits)
+    elif cfg.identities_per_pass == 1:
         trained = [trainer.train(r.data, stop) for r in ready]
     else:
         trained = trainer.train_group([r.data for r in ready], stop)
@@ -439,6 +477,8 @@ def _write_identity(out: Path, name: str, spec: LoraSpec, cfg: IdentityLoraConfi
             "difflora_image_kind": image_encoder.kind, META_WEIGHT_SPACE: cfg.weight_space}
     if cfg.weight_space == SHARED_DOWN:
         meta[META_DOWN_HASH] = down_hash(trainer.down)
+    if trainer.init_hypernet is not None:
+        meta[META_INIT] = Path(cfg.init_from).name
     # Written last: its presence marks the identity done. A shared-down LoRA is stored as trained:
     # the SVD canonical form would rotate each identity's basis away from the shared one.
     write_identity_lora(out / f"{name}.safetensors", spec, layers, meta, canonical=cfg.weight_space == FREE)

@@ -35,12 +35,13 @@ def target_modules(unet: nn.Module, spec: LoraSpec) -> list[tuple[str, nn.Linear
     return [(name, m) for name, m in unet.named_modules() if name in wanted]
 
 
-def initial_down(unet: nn.Module, spec: LoraSpec, seed: int) -> dict[str, torch.Tensor]:
-    """A of every layer, (r, in) float32: exactly the draws of peft's gaussian reset after
-    `torch.manual_seed(seed)`, so this trainer and the peft one start from the same LoRA."""
+def initial_down(targets: list[tuple[str, nn.Linear]], spec: LoraSpec, seed: int) -> dict[str, torch.Tensor]:
+    """A of every target layer, (r, in) float32: exactly the draws of peft's gaussian reset after
+    `torch.manual_seed(seed)` (`targets` in the UNet's module order, `target_modules`), so this
+    trainer and the peft one start from the same LoRA."""
     g = torch.Generator().manual_seed(seed)
     return {name: torch.empty(spec.rank, m.in_features).normal_(0.0, 1.0 / spec.rank, generator=g)
-            for name, m in target_modules(unet, spec)}
+            for name, m in targets}
 
 
 def down_hash(down: dict[str, torch.Tensor]) -> str:
@@ -52,24 +53,44 @@ def down_hash(down: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-class StackedLoras(nn.Module):
-    """Per-identity factors of `count` identities on every spec layer of `unet`, hooked in while
-    the context is open. Factors are float32 parameters (they train in fp32 under autocast)."""
+def balanced(init: tuple[torch.Tensor, torch.Tensor],
+             reference_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down * c, up / c) with c making down as large as the recipe's starting down: dW is unchanged,
+    but AdamW moves each factor by about lr an entry, so dW moves by about lr x the other factor's size.
+    A given LoRA in canonical form has small factors (sqrt of small singular values) and would
+    barely move at the learning rate that trains a LoRA from zero."""
+    down, up = (x.to(reference_down) for x in init)
+    norm = down.norm()
+    c = reference_down.norm() / norm if norm > 0 else torch.ones((), dtype=down.dtype, device=down.device)
+    return down * c, up / c
 
-    def __init__(self, unet: nn.Module, spec: LoraSpec, count: int, down: dict[str, torch.Tensor],
-                 weight_space: str = FREE):
+
+class StackedLoras(nn.Module):
+    """Per-identity factors of `count` identities on the `targets` (spec layer name, Linear) of a
+    frozen model, hooked in while the context is open. Each identity starts from the shared `down`
+    and a zero up-projection, or from its entry of `inits` (a layers dict at `spec.scale`: refining a
+    given LoRA; with `balance`, rescaled as `balanced` does). Factors are float32 parameters (they
+    train in fp32 under autocast)."""
+
+    def __init__(self, targets: list[tuple[str, nn.Linear]], spec: LoraSpec, count: int,
+                 down: dict[str, torch.Tensor], weight_space: str = FREE, inits: list[dict | None] | None = None,
+                 balance: bool = True):
         super().__init__()
         self.spec, self.count, self.weight_space = spec, count, weight_space
-        targets = target_modules(unet, spec)
         self.names = [name for name, _ in targets]
-        self._targets = [m for _, m in targets]  # a plain list: the UNet is not part of this module
-        device = next(unet.parameters()).device
+        self._targets = [m for _, m in targets]  # a plain list: the model is not part of this module
+        device = targets[0][1].weight.device
+        inits = inits or [None] * count
         self.down = nn.ParameterList()
         self.up = nn.ParameterList()
         for name, m in targets:
             a = down[name].to(device).expand(count, -1, -1).clone()
+            b = torch.zeros(count, m.out_features, spec.rank, device=device)
+            for k, init in enumerate(inits):
+                if init is not None:
+                    a[k], b[k] = balanced(init[name], a[k]) if balance else (init[name][0].to(a), init[name][1].to(b))
             self.down.append(nn.Parameter(a, requires_grad=weight_space == FREE))
-            self.up.append(nn.Parameter(torch.zeros(count, m.out_features, spec.rank, device=device)))
+            self.up.append(nn.Parameter(b))
         self._hooks = []
 
     def trainable(self) -> list[nn.Parameter]:
