@@ -141,7 +141,8 @@ def _refine_rows(nodes: list[N], links: list[Link], settings: dict, prefix: str,
     links = links + [(1, 0, REFINE_ID, "model"), (1, 1, REFINE_ID, "clip"), (1, 2, REFINE_ID, "vae"),
                      (2, 0, REFINE_ID, "images"), (8, 0, REFINE_ID, "lora"), *extra_links]
     for base, y, name in ((13, 0, "predicted"), (30, 900, "refined")):
-        s, sl = _sampling(base, 1.0, base + 1, base + 2, base + 3, 1020, y, f"{prefix}_{name}")
+        title = "Predicted LoRA only" if name == "predicted" else "Refined LoRA"
+        s, sl = _sampling(base, 1.0, base + 1, base + 2, base + 3, 1020, y, f"{prefix}_{name}", title)
         if base == 30:  # the refined LoRA instead of the predicted one
             sl = [(REFINE_ID, 0, base, "lora") if (d, n) == (base, "lora") else (a, b, d, n) for a, b, d, n in sl]
         for n in s:
@@ -208,6 +209,10 @@ DESCRIPTIONS = {
     "difflora_export_lora": "Needs downloads: CLIP vision ViT-H and a DiffLoRA hypernet (no SDXL checkpoint). "
                             "Predicts and saves the LoRA only.",
     "difflora_strength_sweep": "Needs downloads (as difflora_basic). The same seed at LoRA strength 0.0, 0.5 and 1.0.",
+    "difflora_refine": "No downloads: every file ships with the pack. Predict, then refine, in the toy world: the "
+                       "predicted LoRA's image beside the one after 20 steps of Refine Identity LoRA.",
+    "difflora_refine_sdxl": "Needs downloads (as difflora_basic). Predict, then refine on your SDXL: the predicted "
+                            "LoRA's image beside the refined one (without a LoRA input, Refine starts from zero).",
 }
 TEMPLATE_INDEX = Path(__file__).resolve().parent.parent / "web" / "templates.json"
 
