@@ -215,6 +215,14 @@ DESCRIPTIONS = {
                             "LoRA's image beside the refined one (without a LoRA input, Refine starts from zero).",
 }
 TEMPLATE_INDEX = Path(__file__).resolve().parent.parent / "web" / "templates.json"
+# Loaders of files a user downloads (the toy world's files ship with the pack).
+DOWNLOADED = {"CheckpointLoaderSimple": "ckpt_name", "CLIPVisionLoader": "clip_name",
+              "DiffLoRAHypernetLoader": "hypernet_name"}
+
+
+def needs_downloads(nodes: list[N]) -> bool:
+    """Whether a graph loads a file the pack does not ship (what its template card must say)."""
+    return any(n.type in DOWNLOADED and n.widgets.get(DOWNLOADED[n.type]) != TOY_HYPERNET for n in nodes)
 
 
 def graphs() -> dict[str, tuple[list[N], list[Link]]]:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from devtools import harness_models
 from devtools.comfy_server import txt2img_graph
-from devtools.make_workflows import CKPT, DESCRIPTIONS, TEMPLATE_INDEX, graphs, template_index
+from devtools.make_workflows import CKPT, DESCRIPTIONS, TEMPLATE_INDEX, graphs, needs_downloads, template_index
 from devtools.workflow_api import ui_to_api
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
@@ -46,8 +46,9 @@ def test_every_template_card_says_what_it_needs_and_outputs_have_distinct_titles
     assert sorted(DESCRIPTIONS) == SHIPPED
     for name, text in DESCRIPTIONS.items():
         assert name.replace("_", " ") not in text and text != name  # more than the file name the card shows
-        # The one template that needs no downloads says so; every other names what it needs.
-        assert text.startswith("No downloads" if name == "difflora_toy_world" else "Needs downloads"), name
+        # A template that loads only the pack's own files says so; every other names what it needs.
+        assert text.startswith("Needs downloads" if needs_downloads(graphs()[name][0]) else "No downloads"), name
+    assert not needs_downloads(graphs()["difflora_toy_world"][0]) and needs_downloads(graphs()["difflora_basic"][0])
     for name in SHIPPED:
         nodes = json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"]
         saves = [n.get("title") for n in nodes if n["type"] == "SaveImage"]
