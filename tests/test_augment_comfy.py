@@ -23,10 +23,7 @@ from difflora_toyworld.render import write_identity_folders
 from difflora_toyworld.toy_sdxl import pipeline_folder_from_checkpoint
 from difflora_toyworld.world import HELDOUT_FIRST
 
-# Known defect, found when the version matrix met the hardened client: on ComfyUI 0.33.0 augment stalls after its
-# first prompt fails, although the same graph runs there through the harness's own client. Until it is found,
-# this end-to-end test runs on the floor version only (the closing note of this change says what is known).
-pytestmark = [pytest.mark.comfy, pytest.mark.slow, pytest.mark.comfy_floor_only]
+pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 # The toy generator's photos sit far from toy-face's 0.8 (measured: same-person similarity 0.0-0.66 for
 # photos drawn from a predicted LoRA; docs/TRAINING.md), so the test filters at 0.3.
 SIMILARITY = 0.3

@@ -15,6 +15,7 @@ import signal
 import struct
 import threading
 import time
+import uuid
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -452,7 +453,8 @@ def test_prompts_given_up_on_are_taken_off_a_real_comfyui(comfy_server):
     client = ComfyClient(comfy_server.url, timeout=2.0, poll=0.05)
     seed = int(time.time()) % 10**6   # an identical graph would be served from ComfyUI's cache
     endless = txt2img_graph(CHECKPOINT_NAME, seed=seed, steps=10000)       # hours on a CPU
-    running = client.queue(txt2img_graph(CHECKPOINT_NAME, seed=seed + 1, steps=10000), prompt_id=f"running-{seed}")
+    # A canonical UUID: ComfyUI 0.33.0 refuses any other prompt_id.
+    running = client.queue(txt2img_graph(CHECKPOINT_NAME, seed=seed + 1, steps=10000), prompt_id=str(uuid.uuid4()))
     with pytest.raises(GeneratorError, match="did not finish prompt"):
         client.run(endless)       # waits behind `running` until its time-out: deleted from the queue
     client.cancel(running)        # running: interrupted

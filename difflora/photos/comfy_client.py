@@ -201,7 +201,8 @@ class ComfyClient:
         lost answer) is cancelled on the server first, so a retry never leaves it running beside."""
         deadline = time.monotonic() + self.timeout
         # Our own id (ComfyUI's /prompt takes one): a prompt whose answer was lost can be cancelled too.
-        prompt_id = uuid.uuid4().hex
+        # The canonical hyphenated form: newer ComfyUI refuses any other with HTTP 400 (0.33.0 does).
+        prompt_id = str(uuid.uuid4())
         try:
             prompt_id = self.queue(prompt, deadline, prompt_id)
             outputs = self.wait(prompt_id, deadline)
