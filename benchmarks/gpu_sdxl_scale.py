@@ -121,6 +121,8 @@ class IdentitiesPerPass(OneIdentityAtATime):
         from difflora.train.loop import StopRequest
 
         self.trainer.cfg = dataclasses.replace(self.cfg, steps=steps, resolution=resolution)
+        # The batched trainer's loop reads its own optimization settings (lora_fit.FitConfig).
+        self.trainer.fit = dataclasses.replace(self.trainer.fit, steps=steps)
         results = self.trainer.train_group(self._inputs(identities), StopRequest())
         if not all(isinstance(r, dict) for r in results):
             raise RuntimeError(f"identity training did not finish: {results}")
