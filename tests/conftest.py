@@ -4,6 +4,7 @@
   default 0.3.75, obtained into .cache/). Every test that uses it, directly or through the fixtures
   below, is marked `comfy`: scripts/run_tests.sh reruns exactly those on each tested version.
 - `tiny_sdxl_checkpoint`: Path of the tiny SDXL `.safetensors` (built once per session).
+- `toy_folder`: Path of the toy base's seeded (untrained) diffusers folder.
 - `comfy_server`: a running `devtools.comfy_server.ComfyServer` (CPU, free port) with the
   pack and the tiny-SDXL registration in custom_nodes/ and the tiny checkpoint in
   models/checkpoints/ as `tiny_sdxl.safetensors`.
@@ -65,6 +66,16 @@ def comfy_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_checkpoint(tmp_path_factory) -> Path:
     return build_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("tiny_sdxl") / CHECKPOINT_NAME, seed=0)
+
+
+@pytest.fixture(scope="session")
+def toy_folder(comfy_path, tmp_path_factory) -> Path:
+    """The toy base's diffusers folder at its seeded initialisation (untrained), with ComfyUI's CLIP
+    tokenizer: built once, read by the toy-base and Textual Inversion tests."""
+    from difflora_toyworld import toy_sdxl
+
+    return toy_sdxl.init_pipeline_folder(tmp_path_factory.mktemp("toy_sdxl") / "pipe",
+                                         comfy_path / "comfy" / "sd1_tokenizer", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -17,14 +17,6 @@ RESOLUTION = 64
 
 
 @pytest.fixture(scope="module")
-def toy_folder(comfy_path, tmp_path_factory):
-    from difflora_toyworld import toy_sdxl
-
-    return toy_sdxl.init_pipeline_folder(tmp_path_factory.mktemp("toy_ti") / "pipe",
-                                         comfy_path / "comfy" / "sd1_tokenizer", seed=0)
-
-
-@pytest.fixture(scope="module")
 def identities(tmp_path_factory):
     from difflora_toyworld.render import write_identity_folders
 

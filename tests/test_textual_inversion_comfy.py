@@ -20,12 +20,6 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def toy_folder(comfy_path, tmp_path_factory):
-    return toy_sdxl.init_pipeline_folder(tmp_path_factory.mktemp("toy_ti_comfy") / "pipe",
-                                         comfy_path / "comfy" / "sd1_tokenizer", seed=0)
-
-
-@pytest.fixture(scope="module")
 def trigger_model(toy_folder):
     from difflora.train.base_model import load_sdxl
 

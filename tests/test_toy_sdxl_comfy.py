@@ -33,12 +33,6 @@ class _Records(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def toy_folder(comfy_path, tmp_path_factory):
-    return toy_sdxl.init_pipeline_folder(tmp_path_factory.mktemp("toy_sdxl") / "pipe",
-                                         comfy_path / "comfy" / "sd1_tokenizer", seed=0)
-
-
-@pytest.fixture(scope="module")
 def toy_checkpoint(toy_folder):
     return toy_sdxl.export_checkpoint(toy_folder, toy_folder.parent / TOY_CHECKPOINT_NAME)
 
