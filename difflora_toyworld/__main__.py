@@ -1,9 +1,10 @@
-"""python -m difflora_toyworld build|results|study|refine: rebuild the toy world, or measure it.
+"""python -m difflora_toyworld build|results|study|refine|base-quality: rebuild the toy world, or measure it.
 
     python -m difflora_toyworld build   --world WORLD --tokenizer CLIP_TOKENIZER_DIR [--size default]
     python -m difflora_toyworld results --world WORLD [--out WORLD/results]
     python -m difflora_toyworld study   --world WORLD [--parts baselines,sampling,photos,ablations,...]
     python -m difflora_toyworld refine  --world WORLD --tokenizer DIR --assets assets/toyworld [--identities 8]
+    python -m difflora_toyworld base-quality --world WORLD [--identities 32]
 
 `build` resumes a stopped build (run it again with the same options). The tokenizer is CLIP's
 (vocab.json + merges.txt), e.g. ComfyUI's comfy/sd1_tokenizer, so that prompts encode to the
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--device", default="cpu")
     rf.add_argument("--plain-start", action="store_true", help="given starts as they are, not rescaled to the "
                                                                "recipe's factor sizes (refine_plain.*)")
+    bq = sub.add_parser("base-quality", help="where the base model loses detail: renders, VAE round trip, "
+                                             "described prompts, trigger prompt (base_quality.py)")
+    bq.add_argument("--world", required=True)
+    bq.add_argument("--out", default="", help="folder for base_quality.md/.json/.png (default: WORLD/results)")
+    bq.add_argument("--identities", type=int, default=32, help="held-out identities to draw")
+    bq.add_argument("--device", default="cpu")
     return ap
 
 
@@ -82,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                              device=a.device, balance=not a.plain_start)
         elif a.command == "study":
             _study(a)
+        elif a.command == "base-quality":
+            from .base_quality import write_base_quality
+
+            write_base_quality(a.world, a.out or None, identities=a.identities, device=a.device)
         else:
             from .results import write_results
 

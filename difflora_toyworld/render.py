@@ -147,6 +147,15 @@ def describe(identity: Identity, scene: Scene, rng: np.random.Generator, subject
     return caption(scene, who)
 
 
+def describe_fully(identity: Identity, scene: Scene, subject: str = "a person") -> str:
+    """The scene caption with every identity attribute said, in `describe`'s words: the prompt that
+    asks the base model for one exact person (base_quality.py measures how well it draws them)."""
+    hair = f"{identity.hair_colour} {identity.hair_style}".replace("bun", "bun-style") + " hair"
+    words = [hair] + [template.format(getattr(identity, name)) for name, template in DESCRIBE.items()
+                      if not (name == "glasses" and identity.glasses == "none")]
+    return caption(scene, f"{subject} with {', '.join(words)}")
+
+
 def _shade(rgb, f: float) -> tuple[int, int, int]:
     return tuple(int(min(255, max(0, round(c * f)))) for c in rgb)
 

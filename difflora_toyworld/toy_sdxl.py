@@ -33,11 +33,9 @@ POOLED_DIM = 32                 # CLIP-G projection
 ADM_IN_CHANNELS = POOLED_DIM + 6 * 256
 IMAGE_SIZE = 64
 
-UNET_CONFIG = {  # diffusers UNet2DConditionModel(**UNET_CONFIG)
+_UNET_COMMON = {  # diffusers UNet2DConditionModel(**unet_config(size))
     "sample_size": IMAGE_SIZE // 8,
     "in_channels": 4, "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
     "block_out_channels": [64, 128],
     "layers_per_block": 1,
     "transformer_layers_per_block": [1, 1],
@@ -49,16 +47,55 @@ UNET_CONFIG = {  # diffusers UNet2DConditionModel(**UNET_CONFIG)
     "projection_class_embeddings_input_dim": ADM_IN_CHANNELS,
     "norm_num_groups": 32,
 }
-
-# What ComfyUI's model detection reports for this UNet; the registration matches exactly this.
-COMFY_UNET_CONFIG = {
+_COMFY_UNET_COMMON = {  # what ComfyUI's model detection reports; the loaders match exactly this
     "model_channels": 64, "in_channels": 4, "out_channels": 4,
     "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-    "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
     "transformer_depth_middle": 1, "context_dim": CONTEXT_DIM,
     "adm_in_channels": ADM_IN_CHANNELS, "use_linear_in_transformer": True,
     "use_temporal_attention": False,
 }
+# The UNet's sizes by name (WorldConfig.unet_size), each as diffusers builds it and as ComfyUI detects it.
+# "toy": attention (text, and so a LoRA) at the 4x4 level only, like SDXL's attention-free top level.
+# "toy-attn": attention at the 8x8 level too, where eyes, noses and glasses are drawn, so a LoRA reaches
+# them (docs/TOYWORLD.md, "Toy world v2").
+UNET_SIZES = {
+    "toy": ({"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]},
+            {"transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1]}),
+    "toy-attn": ({"down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]},
+                 {"transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1]}),
+}
+DEFAULT_UNET_SIZE = "toy"
+
+
+def unet_config(size: str = DEFAULT_UNET_SIZE) -> dict:
+    """The diffusers UNet2DConditionModel config of a named size."""
+    return {**_UNET_COMMON, **_unet_size(size)[0]}
+
+
+def comfy_unet_config(size: str = DEFAULT_UNET_SIZE) -> dict:
+    """The same UNet as ComfyUI's model detection reports it."""
+    return {**_COMFY_UNET_COMMON, **_unet_size(size)[1]}
+
+
+def unet_size_of(config: dict) -> str:
+    """The name of the size a diffusers UNet config (e.g. a saved folder's) was built with."""
+    for size in UNET_SIZES:
+        if all(config.get(k) == v for k, v in unet_config(size).items() if k.endswith("_block_types")):
+            return size
+    raise DiffLoRAError(f"a UNet with blocks {config.get('down_block_types')} is none of the toy sizes "
+                        f"({', '.join(UNET_SIZES)}).")
+
+
+def _unet_size(size: str):
+    if size not in UNET_SIZES:
+        raise DiffLoRAError(f"unknown toy UNet size {size!r}: use one of {', '.join(UNET_SIZES)}.")
+    return UNET_SIZES[size]
+
+
+UNET_CONFIG = unet_config()            # the shipped base's (the sizes of older files)
+COMFY_UNET_CONFIG = comfy_unet_config()
 
 _CLIP_COMMON = {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2,
                 "projection_dim": POOLED_DIM, "max_position_embeddings": 77, "vocab_size": 49408,
@@ -85,10 +122,16 @@ COMFY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": IMAGE_SIZ
 # pack's Load Toy World Base node builds it without teaching ComfyUI's detection anything.
 _COMFY_CLIP = {k: _CLIP_COMMON[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                             "num_attention_heads", "projection_dim")}
-COMFY_ARCHITECTURE = {"unet": COMFY_UNET_CONFIG,
-                      "clip_l": {**_COMFY_CLIP, "hidden_act": CLIP_L_CONFIG["hidden_act"]},
-                      "clip_g": {**_COMFY_CLIP, "hidden_act": CLIP_G_CONFIG["hidden_act"]},
-                      "vae_ddconfig": COMFY_VAE_DDCONFIG, "vae_embed_dim": VAE_CONFIG["latent_channels"]}
+
+
+def comfy_architecture(unet_size: str = DEFAULT_UNET_SIZE) -> dict:
+    return {"unet": comfy_unet_config(unet_size),
+            "clip_l": {**_COMFY_CLIP, "hidden_act": CLIP_L_CONFIG["hidden_act"]},
+            "clip_g": {**_COMFY_CLIP, "hidden_act": CLIP_G_CONFIG["hidden_act"]},
+            "vae_ddconfig": COMFY_VAE_DDCONFIG, "vae_embed_dim": VAE_CONFIG["latent_channels"]}
+
+
+COMFY_ARCHITECTURE = comfy_architecture()
 
 SCHEDULER_CONFIG = {  # SDXL base's scheduler config (Euler, epsilon, scaled-linear betas)
     "_class_name": "EulerDiscreteScheduler",
@@ -131,7 +174,8 @@ def _write_tokenizer(src: Path, dst: Path, pad: str) -> None:
     tok.save_pretrained(dst)
 
 
-def init_pipeline_folder(folder: str | os.PathLike, tokenizer: str | os.PathLike, seed: int = 0) -> Path:
+def init_pipeline_folder(folder: str | os.PathLike, tokenizer: str | os.PathLike, seed: int = 0,
+                         unet_size: str = DEFAULT_UNET_SIZE) -> Path:
     """A diffusers SDXL folder with seeded, untrained weights (written atomically); returns it."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -140,7 +184,7 @@ def init_pipeline_folder(folder: str | os.PathLike, tokenizer: str | os.PathLike
 
     def write(tmp: Path) -> None:
         torch.manual_seed(seed)
-        UNet2DConditionModel(**UNET_CONFIG).save_pretrained(tmp / "unet")
+        UNet2DConditionModel(**unet_config(unet_size)).save_pretrained(tmp / "unet")
         torch.manual_seed(seed + 1)
         CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG)).save_pretrained(tmp / "text_encoder")
         torch.manual_seed(seed + 2)
@@ -187,10 +231,11 @@ def export_checkpoint(folder: str | os.PathLike, path: str | os.PathLike, metada
     vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
     clip_l = load_file(folder / "text_encoder" / "model.safetensors")
     clip_g = load_file(folder / "text_encoder_2" / "model.safetensors")
-    sd = single_file_state_dict(unet.state_dict(), UNET_CONFIG, clip_l, clip_g, vae.state_dict())
+    size = unet_size_of(dict(unet.config))
+    sd = single_file_state_dict(unet.state_dict(), unet_config(size), clip_l, clip_g, vae.state_dict())
     meta = {"modelspec.architecture": "stable-diffusion-xl-v1-base (difflora toy world, 64x64)",
             "modelspec.resolution": f"{IMAGE_SIZE}x{IMAGE_SIZE}",
-            ARCHITECTURE_KEY: json.dumps(COMFY_ARCHITECTURE, sort_keys=True), **(metadata or {})}
+            ARCHITECTURE_KEY: json.dumps(comfy_architecture(size), sort_keys=True), **(metadata or {})}
     return save_file_atomic(sd, path, metadata=meta)
 
 
@@ -207,15 +252,20 @@ def pipeline_folder_from_checkpoint(checkpoint: str | os.PathLike, folder: str |
     from difflora.sdxl_checkpoint import hf_clip_names, hf_clip_to_open_clip
     from difflora.unet_names import diffusers_to_sgm
 
+    from .architecture import read_architecture
+
+    size = next((s for s in UNET_SIZES if comfy_unet_config(s) == read_architecture(checkpoint)["unet"]), None)
+    if size is None:
+        raise DiffLoRAError(f"{checkpoint}: its UNet is none of the toy sizes ({', '.join(UNET_SIZES)}).")
     sd = {k: v.float() for k, v in load_file(str(checkpoint)).items()}
     target = Path(folder)
-    folder = init_pipeline_folder(target.with_name(target.name + ".from-checkpoint"), tokenizer, seed)
+    folder = init_pipeline_folder(target.with_name(target.name + ".from-checkpoint"), tokenizer, seed, size)
 
     def part(prefix: str) -> dict:
         return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
-    names = {sgm: name for sgm, name in diffusers_to_sgm({k: k for k in unet.state_dict()}, UNET_CONFIG).items()}
+    names = {sgm: name for sgm, name in diffusers_to_sgm({k: k for k in unet.state_dict()}, unet_config(size)).items()}
     unet.load_state_dict({names[k]: v for k, v in part("model.diffusion_model.").items()}, strict=True)
     vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
     vae.load_state_dict(part("first_stage_model."), strict=True)

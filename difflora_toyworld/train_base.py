@@ -65,6 +65,33 @@ def train_vae(vae, images: np.ndarray, *, steps: int, batch_size: int = 16, lr: 
     return vae.cpu()
 
 
+def train_vae_decoder(vae, images: np.ndarray, *, steps: int, batch_size: int = 16, lr: float = 3e-4, seed: int = 0,
+                      device: str = "cpu", progress: Progress | None = None):
+    """Fine-tune the decoder alone on whole photos (as SD's ft-MSE VAE was), in place: the encoder and
+    so the latent space stay as they are, and the decoder learns to draw what the latents hold at
+    full size (crop training sees every part of a face only at a crop's edge)."""
+    gen = torch.Generator().manual_seed(seed)
+    vae.to(device).train()
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = cosine_schedule(opt, steps, max(1, steps // 20))
+    pixels = to_pixels(images)
+    for step in range(steps):
+        x = pixels[torch.randint(0, len(pixels), (batch_size,), generator=gen)].to(device)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+        if progress:
+            progress(step + 1, steps, loss.item())
+    return vae.eval().cpu()
+
+
 @torch.no_grad()
 def fold_latent_scale(vae, pixels: torch.Tensor) -> float:
     """Rescale the latent space so that latents x SDXL's 0.13025 have unit variance (ComfyUI's stock

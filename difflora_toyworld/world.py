@@ -54,6 +54,8 @@ class WorldConfig(ConfigDict):
     vae_steps: int = 2000
     vae_batch: int = 16
     vae_crop: int = 32                 # random crops: a quarter of the cost of whole photos
+    vae_decoder_steps: int = 0         # then the decoder alone on whole photos (0: none)
+    unet_size: str = "toy"             # toy_sdxl.UNET_SIZES
     unet_steps: int = 6000
     unet_batch: int = 32
     unet_lr: float = 1e-3
@@ -73,7 +75,8 @@ class WorldConfig(ConfigDict):
 WORLD_SIZES = {
     "default": WorldConfig(),
     # A world that builds in about a minute: for tests of the build machinery, not of quality.
-    "smoke": WorldConfig(base_identities=60, classifier_steps=20, encoder_steps=20, vae_steps=10, unet_steps=10,
+    "smoke": WorldConfig(base_identities=60, classifier_steps=20, encoder_steps=20, vae_steps=10, vae_decoder_steps=3,
+                         unet_size="toy-attn", unet_steps=10,
                          train_identities=4, heldout_identities=2, lora_photos=3, lora_steps=3, lae_steps=10,
                          dit_steps=10, unet_batch=8),
 }
@@ -104,7 +107,8 @@ def _stage(name: str, done: bool, t0: float) -> bool:
 def _check_config(world: World, cfg: WorldConfig) -> None:
     """A world folder is built with one config; resuming with another would mix two worlds."""
     if world.config.is_file():
-        old = json.loads(world.config.read_text())
+        # Fields added since a world was built read as their defaults, which reproduce the old build.
+        old = {**WorldConfig().to_dict(), **json.loads(world.config.read_text())}
         if old != cfg.to_dict():
             changed = sorted(k for k in cfg.to_dict() if old.get(k) != cfg.to_dict()[k])
             raise DiffLoRAError(f"{world.root} was built with other settings ({', '.join(changed)} differ); "
@@ -128,7 +132,7 @@ def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.P
     base_photos = _made_once(lambda: make_dataset(cfg.base_identities, cfg.photos_per_identity, cfg.seed))
 
     if not (world.base / "model_index.json").is_file():
-        toy_sdxl.init_pipeline_folder(world.base, tokenizer, cfg.seed)
+        toy_sdxl.init_pipeline_folder(world.base, tokenizer, cfg.seed, cfg.unet_size)
     _vae_stage(world, cfg, base_photos, t0)
     _classifier_and_encoder_stages(world, cfg, base_photos, t0)
     _unet_and_checkpoint_stages(world, cfg, base_photos, t0)
@@ -161,7 +165,7 @@ def _made_once(make):
 
 
 def _vae_stage(world: World, cfg: WorldConfig, base_photos, t0: float) -> None:
-    from .train_base import ProgressPrinter, train_vae
+    from .train_base import ProgressPrinter, train_vae, train_vae_decoder
 
     vae_done = world.base / "vae"
     if _stage("vae", (vae_done / "trained").is_file(), t0):
@@ -170,6 +174,9 @@ def _vae_stage(world: World, cfg: WorldConfig, base_photos, t0: float) -> None:
         vae = AutoencoderKL.from_pretrained(vae_done, local_files_only=True)
         train_vae(vae, base_photos().images, steps=cfg.vae_steps, batch_size=cfg.vae_batch, crop=cfg.vae_crop,
                   seed=cfg.seed, device=cfg.device, progress=ProgressPrinter("vae"))
+        if cfg.vae_decoder_steps:
+            train_vae_decoder(vae, base_photos().images, steps=cfg.vae_decoder_steps, batch_size=cfg.vae_batch,
+                              seed=cfg.seed, device=cfg.device, progress=ProgressPrinter("vae decoder"))
 
         def save_vae(tmp):
             vae.save_pretrained(tmp)
@@ -234,7 +241,7 @@ def _data_stage(world: World, cfg: WorldConfig, t0: float) -> None:
 # The fields that decide the base stages (vae, classifier, encoders, unet): two configs that agree
 # on these build the same base model, classifier and encoders.
 BASE_FIELDS = ("seed", "base_identities", "photos_per_identity", "classifier_steps", "encoder_steps", "vae_steps",
-               "vae_batch", "vae_crop", "unet_steps", "unet_batch", "unet_lr")
+               "vae_batch", "vae_crop", "vae_decoder_steps", "unet_size", "unet_steps", "unet_batch", "unet_lr")
 
 
 def seed_base_from_assets(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.PathLike,
@@ -257,6 +264,8 @@ def seed_base_from_assets(root: str | os.PathLike, cfg: WorldConfig, tokenizer: 
         raise DiffLoRAError(f"cannot seed the base from the shipped files: {', '.join(missing)} missing.")
     with safe_open(str(files["checkpoint"]), framework="pt") as f:  # the header only
         built = json.loads((f.metadata() or {}).get("difflora_toyworld", "{}"))
+    if built:  # fields added since it was built read as their defaults, which reproduce the old build
+        built = {**WorldConfig().to_dict(), **built}
     differ = [k for k in BASE_FIELDS if built.get(k) != cfg.to_dict()[k]]
     if differ:
         raise DiffLoRAError(f"{files['checkpoint']} was built with other base settings ({', '.join(differ)} differ); "

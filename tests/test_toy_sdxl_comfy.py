@@ -235,3 +235,37 @@ def test_registration_is_idempotent_across_imports(comfy_inprocess):
     models = c.supported_models.models
     assert sum(getattr(m, "difflora_tiny_sdxl", False) for m in models) == 1
     assert comfy.sd.VAE.__init__ is vae_init and comfy.clip_vision.load_clipvision_from_sd is clipvision
+
+
+def test_attention_size_loads_as_sdxl_and_matches_diffusers(comfy_inprocess, comfy_path, pack_nodes, tmp_path):
+    """The v2 UNet size (attention at both levels) travels the same way: its checkpoint names the sizes
+    ComfyUI's detection reports, the pack's loader builds it, and it computes what diffusers does."""
+    import comfy.model_detection
+
+    folder = toy_sdxl.init_pipeline_folder(tmp_path / "pipe", comfy_path / "comfy" / "sd1_tokenizer", seed=0,
+                                           unet_size="toy-attn")
+    checkpoint = toy_sdxl.export_checkpoint(folder, tmp_path / TOY_CHECKPOINT_NAME)
+    sd = comfy_inprocess.utils.load_torch_file(str(checkpoint))
+    detected = comfy.model_detection.detect_unet_config(sd, "model.diffusion_model.")
+    expected = toy_sdxl.comfy_unet_config("toy-attn")
+    assert {k: detected[k] for k in expected} == expected != toy_sdxl.COMFY_UNET_CONFIG
+
+    load_toy_base = sys.modules[pack_nodes["DiffLoRAToyWorldBaseLoader"].__module__].load_toy_base
+    with torch.inference_mode():
+        model = load_toy_base(str(checkpoint))[0].model
+    unet = toy_sdxl.load_pipeline(folder).unet.eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(p.half().float())
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, 77, toy_sdxl.CONTEXT_DIM, generator=g)
+    pooled = torch.randn(2, toy_sdxl.POOLED_DIM, generator=g)
+    y = model.encode_adm(pooled_output=pooled, height=64, width=64, crop_h=0, crop_w=0, target_height=64,
+                         target_width=64)
+    cond = {"text_embeds": pooled, "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)}
+    timesteps = torch.tensor([999.0, 250.0])
+    with torch.inference_mode():
+        ours = model.diffusion_model(x, timesteps, context=context, y=y)
+        ref = unet(x, timesteps, encoder_hidden_states=context, added_cond_kwargs=cond).sample
+    assert _max_diff(ours, ref) < ATOL

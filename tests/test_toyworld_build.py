@@ -192,3 +192,42 @@ def test_study_scores_every_row_and_keeps_them(smoke_world, tmp_path, monkeypatc
     assert res["settings"]["hypernet"] == str(other) and res["summary"]["identities"] == 1
     files = export_artifacts(root, tmp_path / "assets", hypernet=other)
     assert load_hypernet(files["hypernet"]).latent_shape[1] == 8
+
+
+def test_base_quality_reads_every_stage_of_the_same_people(smoke_world):
+    from difflora_toyworld.base_quality import STAGES, measure_base, picture
+    from difflora_toyworld.render import render, sample_identities
+    from difflora_toyworld.results import EVAL_SCENES, eval_scene
+    from difflora_toyworld.world import HELDOUT_FIRST
+
+    root, cfg = smoke_world
+    measured = measure_base(root, identities=2, steps=2)
+    for stage in STAGES:
+        m = measured[stage]
+        assert 0.0 <= m["identity_accuracy"] <= 1.0 and len(m["per_attribute"]) == 9
+        assert measured["examples"][stage].shape == (2, 8, 64, 64, 3)
+    first = sample_identities(1, cfg.seed, first=HELDOUT_FIRST)[0]
+    np.testing.assert_array_equal(measured["examples"]["render"][0, 0], render(first, eval_scene(*EVAL_SCENES[0])))
+    grid = picture(measured["examples"], images_per_stage=3, scale=2)
+    assert grid.shape == (2 * 64 * 2, len(STAGES) * 3 * 64 * 2, 3)
+
+
+def test_unet_sizes_name_their_configs_both_ways():
+    for size in toy_sdxl.UNET_SIZES:
+        assert toy_sdxl.unet_size_of(toy_sdxl.unet_config(size)) == size
+    assert toy_sdxl.UNET_CONFIG == toy_sdxl.unet_config("toy")  # older files' sizes stay the default
+    attn, plain = toy_sdxl.comfy_unet_config("toy-attn"), toy_sdxl.comfy_unet_config("toy")
+    assert {k for k in attn if attn[k] != plain[k]} == {"transformer_depth", "transformer_depth_output"}
+    with pytest.raises(DiffLoRAError, match="unknown toy UNet size 'huge'"):
+        toy_sdxl.unet_config("huge")
+
+
+def test_a_world_built_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    from difflora_toyworld.world import World, WorldConfig, _check_config
+
+    older = WorldConfig().to_dict()
+    del older["unet_size"], older["vae_decoder_steps"]
+    (tmp_path / "world.json").write_text(json.dumps(older))
+    _check_config(World(tmp_path), WorldConfig())  # the defaults reproduce what it was built with
+    with pytest.raises(DiffLoRAError, match="unet_size differ"):
+        _check_config(World(tmp_path), dataclasses.replace(WorldConfig(), unet_size="toy-attn"))
