@@ -70,6 +70,13 @@ def misses_every_pair(person: Identity, other: Identity, pairs) -> bool | None:
     return None if not own else all(not has_pair(other, p) for p in own)
 
 
+def nearest_report(person: Identity, nearest: Identity, pairs) -> dict:
+    """What the nearest training identity shares with a person, from their attributes (not images)."""
+    return {"heldout_pairs": [[list(v) for v in p] for p in pairs_of(person, pairs)],
+            "nearest_shared_attributes": shared_attributes(person, nearest),
+            "nearest_misses_pair": misses_every_pair(person, nearest, pairs)}
+
+
 def identity_name(index: int) -> str:
     return f"id_{index:05d}"
 
