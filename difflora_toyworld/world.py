@@ -301,13 +301,20 @@ def measured_people(cfg: WorldConfig, split: str, n: int | None = None) -> list[
 def split_record(cfg: WorldConfig) -> dict:
     """What split.json records: the pairs, the training identities left out of the LAE and DiT, and
     the compositional people with their pairs."""
-    from .split import exclusion, identity_name, pairs_of
+    import numpy as np
+
+    from .split import closest_shared, exclusion, identity_name, pairs_of
 
     people = training_people(cfg)
     kept, excluded = exclusion(people, cfg.heldout_pairs)
+    closest = {split: closest_shared([p for _, p in measured_people(cfg, split)], [people[i] for i in kept])
+               for split in ("heldout", "compositional")}
     return {"heldout_pairs": cfg.to_dict()["heldout_pairs"], "train_identities": len(people),
             "composable_training_identities": len(kept), "excluded_training_identities": len(excluded),
             "excluded": [identity_name(i) for i in excluded],
+            # The most attributes any identity the hypernet learned from shares with each measured person.
+            "closest_composable_shared_attributes": {split: {"mean": float(np.mean(v)), "min": min(v), "max": max(v)}
+                                                     for split, v in closest.items()},
             "compositional": [{"name": identity_name(i), "pairs": [list(map(list, p)) for p in
                                                                    pairs_of(person, cfg.heldout_pairs)]}
                               for i, person in compositional_people(cfg).items()]}
