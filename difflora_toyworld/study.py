@@ -8,7 +8,8 @@ Rows, each a way to get one LoRA per held-out identity from what the training se
   baselines   the mean training LoRA (no identity information); the training LoRA of the nearest
               identity by face embedding; ridge regression from the reference photo's face and image
               embeddings to the top principal components of the training LoRAs (weights2weights' idea
-              of a linear identity space), its size and strength chosen on held-back training identities
+              of a linear identity space), its size and strength chosen on held-back training identities;
+              all three from the LoRAs the hypernet learned from (world.hypernet_loras)
   sampling    the hypernet's LoRA at DDIM 25/10/5 steps and DPM-Solver++ 10/5, and at guidance 1-5
   photos      the LoRA predicted from 1, 3 and 5 reference photos of the person
   ablations   hypernets trained here on the same LoRAs: face embedding only, image embedding only
