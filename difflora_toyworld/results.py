@@ -188,7 +188,7 @@ def measure_person(m: Measurement, split: str, name: str, person, lora_path: Pat
     from difflora.pipeline import resolve_encoders
     from safetensors.torch import load_file
 
-    from .split import nearest_report
+    from .split import nearest_report, pairs_of
 
     reference = load_image_file(m.world.data / split / name / "000.png")
     predicted, predict_s = _timed_prediction(m.hn, reference, m.face, m.image, m.device, **m.sample)
@@ -199,7 +199,7 @@ def measure_person(m: Measurement, split: str, name: str, person, lora_path: Pat
     row = {"identity": name, "attributes": dataclasses.asdict(person), "predict_seconds": predict_s,
            "nearest_identity": nearest, **nearest_report(person, m.training[nearest], m.cfg.heldout_pairs)}
     scores, images = _scores(m.pipe, m.clf, person, loras, m.scenes, m.prompts, m.seeds, m.steps, m.guidance,
-                             m.device)
+                             m.device, pairs=pairs_of(person, m.cfg.heldout_pairs))
     row.update(scores)
     return row, reference, images
 
@@ -217,9 +217,10 @@ def _timed_prediction(hn, reference, face, image, device: str, **sample_kwargs) 
 
 
 def _scores(pipe, clf, person, loras: dict, scenes, prompts, seeds, steps: int, guidance: float,
-            device: str) -> tuple[dict, dict]:
-    """({"vae_ceiling": ..., method: ...} identity and prompt accuracies, {method: images}) of one person."""
-    from .attributes import identity_accuracy, prompt_accuracy
+            device: str, pairs=()) -> tuple[dict, dict]:
+    """({"vae_ceiling": ..., method: ...} identity and prompt accuracies, and the pair accuracy if the
+    person has held-out `pairs`; {method: images}) of one person."""
+    from .attributes import identity_accuracy, pair_accuracy, prompt_accuracy
 
     # The ceiling: the same scenes rendered, then through the VAE (what any generation is decoded by).
     decoded = reconstruct_photos(pipe.vae, np.stack([render(person, s) for s in scenes]), device)
@@ -231,6 +232,10 @@ def _scores(pipe, clf, person, loras: dict, scenes, prompts, seeds, steps: int, 
         images[method] = imgs
         scores[method] = {"identity_accuracy": identity_accuracy(clf, imgs, person),
                           "prompt_accuracy": prompt_accuracy(clf, imgs, scenes)}
+        if pairs:
+            scores[method]["pair_accuracy"] = pair_accuracy(clf, imgs, pairs)
+    if pairs:
+        scores["vae_ceiling"]["pair_accuracy"] = pair_accuracy(clf, decoded, pairs)
     return scores, images
 
 
@@ -264,14 +269,22 @@ def summarize(rows: list[dict]) -> dict:
     out["paired"] = {f"{a}_minus_{b}": paired_difference(rows, a, b)
                      for a, b in (("predicted", "nearest"), ("predicted", "trained"), ("predicted", "base"))}
     out["nearest_identity"] = nearest_summary(rows)
+    paired = [r for r in rows if "pair_accuracy" in r["base"]]
+    if paired:  # people with a held-out pair: how often both of its values are read back
+        for m in (*METHODS, "vae_ceiling"):
+            v = [r[m]["pair_accuracy"] for r in paired]
+            out[m]["pair_accuracy"] = float(np.mean(v))
+            out[m]["pair_accuracy_sem"] = float(np.std(v) / np.sqrt(len(v)))
+        out["paired"]["pair_accuracy_predicted_minus_nearest"] = paired_difference(
+            paired, "predicted", "nearest", "pair_accuracy")
     out["identities"] = len(rows)
     return out
 
 
-def paired_difference(rows: list[dict], a: str, b: str) -> dict:
-    """Mean of method a's identity accuracy minus method b's over the same people, with the paired
-    standard error (None with one person)."""
-    d = np.array([r[a]["identity_accuracy"] - r[b]["identity_accuracy"] for r in rows], np.float64)
+def paired_difference(rows: list[dict], a: str, b: str, key: str = "identity_accuracy") -> dict:
+    """Mean of method a's `key` (identity accuracy) minus method b's over the same people, with the
+    paired standard error (None with one person)."""
+    d = np.array([r[a][key] - r[b][key] for r in rows], np.float64)
     return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None}
 
 
@@ -316,8 +329,10 @@ def markdown(summary: dict, settings: dict, command: str) -> str:
 def method_table(summary: dict) -> list[str]:
     """The methods' rows of one set of people: identity accuracy (mean ± SE), share of the trained
     LoRA's gain over the base model, prompt accuracy, seconds per identity."""
-    lines = ["| method | identity accuracy | share of the trained gain | prompt accuracy | seconds per identity |",
-             "| --- | --- | --- | --- | --- |"]
+    pairs = "pair_accuracy" in summary["base"]  # a column only where people have a held-out pair
+    lines = ["| method | identity accuracy | share of the trained gain | prompt accuracy | seconds per identity |"
+             + (" both values of the pair read |" if pairs else ""), "| --- | --- | --- | --- | --- |"
+             + (" --- |" if pairs else "")]
     secs, shares = summary["seconds_per_identity"], summary["share_of_trained_gain"]
     for m in METHODS:
         s = summary[m]
@@ -325,10 +340,11 @@ def method_table(summary: dict) -> list[str]:
         share = {"base": 0.0, "trained": 1.0}.get(m, shares.get(m))
         lines.append(f"| {LABELS[m]} | {s['identity_accuracy']:.3f} ± {s['identity_accuracy_sem']:.3f} | "
                      f"{'n/a' if share is None else f'{share:.2f}'} | {s['prompt_accuracy']:.3f} | "
-                     f"{'' if t is None else f'{t:.2f}'} |")
+                     f"{'' if t is None else f'{t:.2f}'} |"
+                     + (f" {s['pair_accuracy']:.3f} ± {s['pair_accuracy_sem']:.3f} |" if pairs else ""))
     ceiling = summary["vae_ceiling"]
     lines.append(f"| (ceiling: the same scenes rendered, through the VAE) | {ceiling['identity_accuracy']:.3f} | | "
-                 f"{ceiling['prompt_accuracy']:.3f} | |")
+                 f"{ceiling['prompt_accuracy']:.3f} | |" + (f" {ceiling['pair_accuracy']:.3f} |" if pairs else ""))
     return lines
 
 
@@ -341,7 +357,9 @@ def lookup_lines(summary: dict, settings: dict) -> list[str]:
     near = summary["nearest_identity"]
     lines = [f"Paired over the people (identity accuracy, mean ± paired SE): DiffLoRA - nearest training identity "
              f"{paired('predicted_minus_nearest')}; DiffLoRA - trained LoRA {paired('predicted_minus_trained')}; "
-             f"DiffLoRA - base model {paired('predicted_minus_base')}.", "",
+             f"DiffLoRA - base model {paired('predicted_minus_base')}."
+             + (f" Both values of the pair read, DiffLoRA - nearest: {paired('pair_accuracy_predicted_minus_nearest')}."
+                if "pair_accuracy_predicted_minus_nearest" in summary["paired"] else ""), "",
              f"The nearest training identity (by the reference photo's face embedding, among the "
              f"{settings.get('nearest_candidates', '?')} the hypernet learned from) shares "
              f"{near['shared_attributes']:.2f} of the 9 attributes with the person on average "

@@ -125,6 +125,9 @@ def test_results_write_table_json_and_grid(smoke_world, tmp_path):
     assert len(comp) == 1 and comp[0]["heldout_pairs"] and comp[0]["nearest_misses_pair"] is True
     for r in payload["identities"] + comp:
         assert r["nearest_identity"] not in excluded and 0 <= r["nearest_shared_attributes"] <= 8
+        # Both values of a held-out pair read back: scored for exactly the people who have one.
+        assert all(("pair_accuracy" in r[m]) == bool(r["heldout_pairs"]) for m in METHODS)
+        assert all(0 <= r[m].get("pair_accuracy", 0) <= 1 for m in METHODS)
     assert payload["summary"]["compositional"]["nearest_identity"]["misses_pair"] == 1.0
     assert {"predicted_minus_nearest", "predicted_minus_trained"} <= set(payload["summary"]["paired"])
     assert "## Compositional split (1 people)" in (out / "results.md").read_text()
@@ -228,7 +231,8 @@ def test_study_scores_every_row_and_keeps_them(smoke_world, tmp_path, monkeypatc
         ws = root / "study" / f"ws-{space}"
         assert lae_weight_space(ws / "lae" / "lae_final.safetensors") == space
         trained = sorted(p.name for p in (ws / "loras" / "train").glob("id_*[0-9].safetensors"))
-        assert trained == sorted(p.name for p in (root / "loras" / "train").glob("id_*[0-9].safetensors"))
+        # The identities the world's hypernet learned from: none with a held-out pair.
+        assert trained == sorted(p.name for p in (root / "loras" / "train-composable").glob("id_*[0-9].safetensors"))
     held = next((root / "study" / "ws-shared-down" / "loras" / "heldout").glob("id_*[0-9].safetensors"))
     assert read_metadata(held)[META_WEIGHT_SPACE] == "shared-down"
     run_study(root, identities=1, out=tmp_path / "study")  # a rerun scores nothing again

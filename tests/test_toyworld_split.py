@@ -171,6 +171,31 @@ def test_summary_pairs_the_differences_over_the_same_people():
     assert s["nearest_identity"] == {"shared_attributes": 7.0, "shared_attributes_min": 6, "shared_attributes_max": 8,
                                      "people_with_a_pair": 2, "misses_pair": 1.0}
     assert summarize(rows[:1])["paired"]["predicted_minus_nearest"]["se"] is None  # one person: no spread
+    assert "pair_accuracy" not in s["predicted"]  # nobody's pair was read here
+    for r, (predicted, nearest) in zip(rows[:2], ((0.5, 0.0), (0.25, 0.25))):  # two people with a pair
+        for m in (*r.keys(),):
+            if isinstance(r[m], dict):
+                r[m]["pair_accuracy"] = {"predicted": predicted, "nearest": nearest}.get(m, 0.1)
+    s = summarize(rows)
+    assert s["predicted"]["pair_accuracy"] == pytest.approx(0.375) and s["nearest"]["pair_accuracy"] == 0.125
+    assert s["paired"]["pair_accuracy_predicted_minus_nearest"]["mean"] == pytest.approx(0.25)
+
+
+def test_pair_accuracy_needs_both_values_read_in_the_same_image():
+    from difflora_toyworld.attributes import pair_accuracy
+    from difflora_toyworld.vocabulary import IDENTITY_ATTRIBUTES as VOCAB
+
+    red, round_ = VOCAB["hair_colour"].index("red"), VOCAB["glasses"].index("round")
+    dark, green = VOCAB["skin_tone"].index("dark"), VOCAB["eye_colour"].index("green")
+
+    class Reader:  # reads four images: red+round, red only, round only, neither; dark+green on all
+        def predict(self, images):
+            return {"hair_colour": np.array([red, red, 0, 0]), "glasses": np.array([round_, 0, round_, 0]),
+                    "skin_tone": np.full(4, dark), "eye_colour": np.full(4, green)}
+
+    images = np.zeros((4, 64, 64, 3), np.uint8)
+    assert pair_accuracy(Reader(), images, HELDOUT_PAIRS[:1]) == 0.25  # each value alone is read in 2 of 4
+    assert pair_accuracy(Reader(), images, HELDOUT_PAIRS[:2]) == pytest.approx((0.25 + 1.0) / 2)
 
 
 def test_people_picture_lays_out_enlarged_columns_under_labels():
