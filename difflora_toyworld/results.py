@@ -105,7 +105,7 @@ class Measurement:
     hn: object
     face: object          # the world's encoders for a hypernet that carries none (the one it carries wins)
     image: object
-    lookup: object        # study.FaceIndex of the LoRAs the hypernet learned from
+    lookup: object        # lookup.FaceIndex of the LoRAs the hypernet learned from
     training: dict        # their names -> Identity
     scenes: list
     prompts: list
@@ -128,7 +128,7 @@ def evaluate(world_root: str | os.PathLike, device: str = "cpu", identities: int
     from .attributes import load_classifier
     from .identity_encoder import load_encoder
     from .split import identity_name
-    from .study import FaceIndex
+    from .lookup import FaceIndex
     from .world import TRIGGER, World, hypernet_loras, training_people
 
     from diffusers.utils import logging as diffusers_logging

@@ -41,6 +41,7 @@ import torch
 from difflora.train.data import EMB_SUFFIX
 
 from . import toy_sdxl
+from .lookup import FaceIndex
 from .render import Identity, caption, sample_identities
 
 log = logging.getLogger("difflora_toyworld")
@@ -153,28 +154,6 @@ def predicted(hn, scorer: LoraScorer, photos: int = 1, **sample_kwargs) -> tuple
         loras.append(predict_lora(hn, features, **sample_kwargs))
         seconds.append(time.perf_counter() - t0)
     return loras, float(np.mean(seconds))
-
-
-class FaceIndex:
-    """The identities of a LoRA folder by their photos' mean face embedding: the nearest-identity
-    baseline's lookup (`data`: the folder's load_lora_dataset(embeddings=True), if already read)."""
-
-    def __init__(self, folder, spec, data=None):
-        from difflora.mixed_features import average_references
-        from difflora.train.data import load_lora_dataset
-
-        data = data or load_lora_dataset(folder, spec, embeddings=True)
-        self.names, self.folder = data.names, Path(folder)
-        self.face_mean = torch.stack([average_references(f) for f in data.face])                         # (N, Df)
-
-    def nearest(self, face: torch.Tensor) -> str:
-        """The name of the identity whose mean face embedding is closest (cosine) to `face` (Df,)."""
-        return self.names[int((self.face_mean @ torch.nn.functional.normalize(face.float(), dim=0)).argmax())]
-
-    def lora(self, name: str) -> dict:
-        from safetensors.torch import load_file
-
-        return load_file(self.folder / f"{name}.safetensors")
 
 
 class TrainingSet(FaceIndex):

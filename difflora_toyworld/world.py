@@ -262,9 +262,9 @@ def _data_stage(world: World, cfg: WorldConfig, t0: float) -> None:
         if cfg.heldout_pairs:
             write_people_folders(world.data / "compositional", compositional_people(cfg), cfg.lora_photos, cfg.seed,
                                  subject=TRIGGER)
-            from .results import atomic_write_text
-
-            atomic_write_text(world.split, json.dumps(split_record(cfg), indent=1))
+            tmp = world.split.with_name(f".{world.split.name}.tmp")
+            tmp.write_text(json.dumps(split_record(cfg), indent=1))
+            os.replace(tmp, world.split)
         data_done.write_text("1")
 
 
@@ -307,6 +307,10 @@ def split_record(cfg: WorldConfig) -> dict:
 
     people = training_people(cfg)
     kept, excluded = exclusion(people, cfg.heldout_pairs)
+    compositional = compositional_people(cfg)
+    if set(compositional.values()) & set(people.values()) or set(compositional) & set(people):
+        raise DiffLoRAError(f"the compositional people (from {COMPOSITIONAL_FIRST}) overlap the {cfg.train_identities} "
+                            f"training identities (from {TRAIN_FIRST}): use fewer training identities.")
     closest = {split: closest_shared([p for _, p in measured_people(cfg, split)], [people[i] for i in kept])
                for split in ("heldout", "compositional")}
     return {"heldout_pairs": cfg.to_dict()["heldout_pairs"], "train_identities": len(people),
@@ -317,7 +321,7 @@ def split_record(cfg: WorldConfig) -> dict:
                                                      for split, v in closest.items()},
             "compositional": [{"name": identity_name(i), "pairs": [list(map(list, p)) for p in
                                                                    pairs_of(person, cfg.heldout_pairs)]}
-                              for i, person in compositional_people(cfg).items()]}
+                              for i, person in compositional.items()]}
 
 
 def hypernet_loras(world: World, cfg: WorldConfig) -> Path:
