@@ -1,7 +1,7 @@
 """Rebuild the toy world, measure it, and refresh the shipped artifacts (docs/TOYWORLD.md).
 
     python -m devtools.toyworld build   [--world .cache/toyworld]   # hours on a CPU (docs/TOYWORLD.md); resumes
-    python -m devtools.toyworld results [--world .cache/toyworld]   # results.md / .json / grid.png
+    python -m devtools.toyworld results [--world .cache/toyworld]   # results.md / .json / grid.png / people*.png
     python -m devtools.toyworld study   [--world .cache/toyworld]   # study.md / .json (baselines, ablations)
     python -m devtools.toyworld refine  [--world .cache/toyworld-refine] [--identities 8]  # -> docs/toyworld_results/refine.*
     python -m devtools.toyworld export  [--world .cache/toyworld] [--hypernet PATH]  # -> assets/toyworld + manifest

@@ -218,6 +218,15 @@ def identity_accuracy(model: AttributeClassifier, images, identity) -> float:
     return float(np.mean(list(per_attribute_accuracy(model, x, labels, names).values())))
 
 
+def pair_accuracy(model: AttributeClassifier, images, pairs) -> float:
+    """Share of images in which the classifier reads back BOTH values of a pair, averaged over
+    `pairs` ((attribute, value), (attribute, value)): the compositional split's sharpest reading,
+    since a lookup among identities without the pair can show at most one of its values."""
+    pred = model.predict(images)
+    hits = [np.logical_and(*(pred[a] == ALL_ATTRIBUTES[a].index(v) for a, v in pair)).mean() for pair in pairs]
+    return float(np.mean(hits))
+
+
 def prompt_accuracy(model: AttributeClassifier, images, scene) -> float:
     """Fraction of prompt attributes (background, expression) read back; ``scene``: one
     Scene (every image was asked for it) or one per image."""

@@ -398,10 +398,15 @@ def iter_dataset(n_identities: int, images_per_identity: int, seed: int, size: i
     any identity's photos can be rendered alone."""
     identities = sample_identities(n_identities, seed, first_identity)
     for i, ident in enumerate(identities, start=first_identity):
-        rng = np.random.default_rng([seed, 1, i])
-        for k in range(images_per_identity):
-            scene = sample_scene(rng)
-            yield Sample(render(ident, scene, size), i, k, ident, scene, caption(scene))
+        yield from identity_samples(i, ident, images_per_identity, seed, size)
+
+
+def identity_samples(index: int, ident: Identity, images: int, seed: int, size: int = 64) -> Iterator[Sample]:
+    """The photos of identity `index` of the seed's sequence (`ident`), from its own generator."""
+    rng = np.random.default_rng([seed, 1, index])
+    for k in range(images):
+        scene = sample_scene(rng)
+        yield Sample(render(ident, scene, size), index, k, ident, scene, caption(scene))
 
 
 @dataclass
@@ -439,12 +444,21 @@ def write_identity_folders(root: str | os.PathLike, n_identities: int, images_pe
                            first_identity: int = 0) -> Path:
     """The data-set layout of docs/TRAINING.md: ``root/id_00042/000.png`` + ``000.txt``
     (its caption, with ``subject`` as the trigger phrase). Rerunning rewrites the same files."""
+    people = enumerate(sample_identities(n_identities, seed, first_identity), start=first_identity)
+    return write_people_folders(root, dict(people), images_per_identity, seed, subject)
+
+
+def write_people_folders(root: str | os.PathLike, people: dict[int, Identity], images_per_identity: int,
+                         seed: int, subject: str = "a sks person") -> Path:
+    """write_identity_folders for chosen identities ({index in the seed's sequence: identity}): each
+    person's photos are the ones write_identity_folders gives that index."""
     root = Path(root)
-    for s in iter_dataset(n_identities, images_per_identity, seed, first_identity=first_identity):
-        folder = root / f"id_{s.identity_id:05d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(s.image).save(folder / f"{s.photo:03d}.png")
-        (folder / f"{s.photo:03d}.txt").write_text(caption(s.scene, subject) + "\n")
+    for index, ident in people.items():
+        for s in identity_samples(index, ident, images_per_identity, seed):
+            folder = root / f"id_{s.identity_id:05d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(s.image).save(folder / f"{s.photo:03d}.png")
+            (folder / f"{s.photo:03d}.txt").write_text(caption(s.scene, subject) + "\n")
     return root
 
 

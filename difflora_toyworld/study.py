@@ -8,7 +8,8 @@ Rows, each a way to get one LoRA per held-out identity from what the training se
   baselines   the mean training LoRA (no identity information); the training LoRA of the nearest
               identity by face embedding; ridge regression from the reference photo's face and image
               embeddings to the top principal components of the training LoRAs (weights2weights' idea
-              of a linear identity space), its size and strength chosen on held-back training identities
+              of a linear identity space), its size and strength chosen on held-back training identities;
+              all three from the LoRAs the hypernet learned from (world.hypernet_loras)
   sampling    the hypernet's LoRA at DDIM 25/10/5 steps and DPM-Solver++ 10/5, and at guidance 1-5
   photos      the LoRA predicted from 1, 3 and 5 reference photos of the person
   ablations   hypernets trained here on the same LoRAs: face embedding only, image embedding only
@@ -40,6 +41,7 @@ import torch
 from difflora.train.data import EMB_SUFFIX
 
 from . import toy_sdxl
+from .lookup import FaceIndex
 from .render import Identity, caption, sample_identities
 
 log = logging.getLogger("difflora_toyworld")
@@ -87,11 +89,11 @@ class LoraScorer:
 
         from .attributes import load_classifier
         from .results import EVAL_SCENES, SEEDS_PER_SCENE, eval_scene
-        from .world import HELDOUT_FIRST, TRIGGER, World, WorldConfig
+        from .world import HELDOUT_FIRST, TRIGGER, World
 
         diffusers_logging.set_verbosity_error()
         self.world = World(world_root)
-        self.cfg = WorldConfig.from_dict(json.loads(self.world.config.read_text()))
+        self.cfg = self.world.load_config()
         self.clf = load_classifier(self.world.classifier)
         self.pipe = toy_sdxl.load_pipeline(self.world.base, device)
         self.device, self.steps, self.guidance = device, steps, guidance
@@ -154,19 +156,20 @@ def predicted(hn, scorer: LoraScorer, photos: int = 1, **sample_kwargs) -> tuple
     return loras, float(np.mean(seconds))
 
 
-class TrainingSet:
-    """The training LoRAs in the hypernet's normalized space, with their identities' embeddings."""
+class TrainingSet(FaceIndex):
+    """The training LoRAs the hypernet learned from (`folder`, default the world's: world.hypernet_loras),
+    in the hypernet's normalized space, with their identities' embeddings."""
 
-    def __init__(self, world, hn):
-        from difflora.mixed_features import average_references
+    def __init__(self, world, hn, folder=None):
         from difflora.train.data import load_lora_dataset
+        from .world import hypernet_loras
 
-        data = load_lora_dataset(world.loras / "train", hn.spec, embeddings=True)
-        self.names, self.folder = data.names, world.loras / "train"
+        folder = folder or hypernet_loras(world, world.load_config())
+        data = load_lora_dataset(folder, hn.spec, embeddings=True)
+        super().__init__(folder, hn.spec, data)
         with torch.no_grad():
             chunks = data.chunks(range(len(data.names)), 256)
             self.x = torch.cat([hn.weight_normalizer.normalize(c) for c in chunks])  # (N, P)
-        self.face_mean = torch.stack([average_references(f) for f in data.face])                         # (N, Df)
         self.photo_face = data.face                                                                     # (n_i, Df)
         self.photo_image = data.image                                                                   # (n_i, Di)
 
@@ -178,15 +181,9 @@ def mean_lora(hn, ts: TrainingSet, n: int) -> list[dict]:
     return [lora_state_dict(hn, flat)] * n
 
 
-def nearest_identity(ts: TrainingSet, refs) -> list[dict]:
+def nearest_identity(ts: FaceIndex, refs) -> list[dict]:
     """The training LoRA of the identity whose mean face embedding is closest to the reference's."""
-    from safetensors.torch import load_file
-
-    out = []
-    for face, _ in refs:
-        best = int((ts.face_mean @ torch.nn.functional.normalize(face[0], dim=0)).argmax())
-        out.append(load_file(ts.folder / f"{ts.names[best]}.safetensors"))
-    return out
+    return [ts.lora(ts.nearest(face[0])) for face, _ in refs]
 
 
 def _features(face: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -335,14 +332,17 @@ def weight_space_hypernet(world, cfg, space: str, n: int = WEIGHT_SPACE_IDENTITI
     (WORLD/study/ws-<space>/); returns its hypernet file. Free reuses the world's LoRAs; shared-down
     trains its own, held-out ones included, from the same photos."""
     from .identity_encoder import load_encoder
-    from .world import _loras_complete, run_dit, run_identity_loras, run_lae
+    from .split import identity_name, exclusion
+    from .world import _loras_complete, run_dit, run_identity_loras, run_lae, training_people
 
     root = world.root / "study" / f"ws-{space}"
     hypernet = root / "hypernet.safetensors"
     if hypernet.is_file():
         return hypernet
     face, image = load_encoder(world.face), load_encoder(world.image)
-    names = sorted(p.name for p in (world.data / "train").iterdir() if p.is_dir())[:n]
+    # The world's own hypernet never learned from identities with a held-out pair; neither do these.
+    excluded = set(map(identity_name, exclusion(training_people(cfg), cfg.heldout_pairs)[1]))
+    names = sorted(p.name for p in (world.data / "train").iterdir() if p.is_dir() and p.name not in excluded)[:n]
     loras = root / "loras" / "train"
     if space == "free":
         loras.mkdir(parents=True, exist_ok=True)

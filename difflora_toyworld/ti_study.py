@@ -208,9 +208,9 @@ def _lora_trainer(world):
     from difflora.train.loop import make_accelerator
 
     from .identity_encoder import load_encoder
-    from .world import WorldConfig, identity_lora_config
+    from .world import identity_lora_config
 
-    cfg = WorldConfig.from_dict(json.loads(world.config.read_text()))
+    cfg = world.load_config()
     lora_cfg = identity_lora_config(world, "heldout", cfg, identities_per_pass=1, progress=False)
     face, image = load_encoder(world.face), load_encoder(world.image)
     trainer = IdentityTrainer(lora_cfg, base_spec(lora_cfg.base, lora_cfg.rank, lora_cfg.alpha or None),
@@ -299,9 +299,9 @@ def measure_timesteps(world, n: int) -> dict:
 
     from . import toy_sdxl
     from .render import write_identity_folders
-    from .world import TRIGGER, VALIDATION_FIRST, WorldConfig
+    from .world import TRIGGER, VALIDATION_FIRST
 
-    cfg = WorldConfig.from_dict(json.loads(world.config.read_text()))
+    cfg = world.load_config()
     write_identity_folders(world.data / "validation", n, cfg.lora_photos, cfg.seed, subject=TRIGGER,
                            first_identity=VALIDATION_FIRST)
     model = ti.load_trigger_model(ti_config(world, "zo-ti", Path("unused"), (0, 1000)))

@@ -8,13 +8,17 @@ the first unfinished stage (identity-loras and the lae/dit loops also resume ins
                   on renders and their VAE reconstructions
   encoders        toy-face and toy-image embeddings                  toy_face / toy_image.safetensors
   unet            the toy SDXL's UNet, on described captions         base/ (diffusers), toy_sdxl.safetensors
-  data            identity folders with trigger captions             data/train, data/heldout
-  identity-loras  one DreamBooth LoRA per identity (project trainer) loras/train, loras/heldout
+  data            identity folders with trigger captions             data/train, data/heldout,
+                  (and the compositional split's record)             data/compositional, split.json
+  identity-loras  one DreamBooth LoRA per identity (project trainer) loras/train, loras/heldout,
+                                                                     loras/compositional
+  composable      the training LoRAs without a held-out pair         loras/train-composable (links)
   lae, dit        LoRA autoencoder, DiT + MIF (project trainers)     lae/, dit/, hypernet.safetensors
 
 Identities are disjoint by construction: the base model, classifier and encoders see identities
-[0, base_identities); the hypernet learns from [TRAIN_FIRST, ...); the measurement uses
-[HELDOUT_FIRST, ...), which nothing was trained on.
+[0, base_identities); the hypernet learns from [TRAIN_FIRST, ...) less those with a held-out pair
+(split.py); the measurement uses [HELDOUT_FIRST, ...) and the compositional people, chosen from
+[COMPOSITIONAL_FIRST, ...) for having a held-out pair; nothing was trained on either.
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ import torch
 from difflora.config_dict import ConfigDict
 from difflora.errors import DiffLoRAError
 from . import toy_sdxl
+from .render import Identity
+from .split import HELDOUT_PAIRS, Pair, check_pairs
 
 log = logging.getLogger("difflora_toyworld")
 
 TRAIN_FIRST = 20_000     # first identity index of the LoRA (hypernet training) identities
 HELDOUT_FIRST = 50_000   # first identity index of the held-out identities
 VALIDATION_FIRST = 60_000  # the study's validation identities: settings are chosen on them, not on the held-out
+COMPOSITIONAL_FIRST = 70_000  # the compositional people are chosen from here on (split.select_with_pairs)
 TRIGGER = "a sks person"
 
 
@@ -70,14 +77,25 @@ class WorldConfig(ConfigDict):
     lae_steps: int = 2000
     dit_steps: int = 3000
     device: str = "cpu"
+    # Pairs of values no identity the LAE and DiT learn from has together; as many compositional people
+    # as held-out ones have one each (split.py). Empty: no compositional split, as worlds before it.
+    heldout_pairs: tuple[Pair, ...] = HELDOUT_PAIRS
+
+    def __post_init__(self):
+        self.heldout_pairs = check_pairs(self.heldout_pairs)
+
+    def to_dict(self) -> dict:
+        # As world.json stores it (pairs as lists), so a config read back compares equal.
+        return json.loads(json.dumps(super().to_dict()))
 
 
 WORLD_SIZES = {
     "default": WorldConfig(),
     # A world that builds in about a minute: for tests of the build machinery, not of quality.
+    # 12 training identities: the 12th (id_20011) has a held-out pair, so the split excludes one.
     "smoke": WorldConfig(base_identities=60, classifier_steps=20, encoder_steps=20, vae_steps=10, vae_decoder_steps=3,
                          unet_size="toy-attn", unet_steps=10,
-                         train_identities=4, heldout_identities=2, lora_photos=3, lora_steps=3, lae_steps=10,
+                         train_identities=12, heldout_identities=2, lora_photos=3, lora_steps=3, lae_steps=10,
                          dit_steps=10, unet_batch=8),
 }
 
@@ -92,10 +110,19 @@ class World:
         files = {"classifier": "classifier.safetensors", "face": "toy_face.safetensors",
                  "image": "toy_image.safetensors", "checkpoint": "toy_sdxl.safetensors",
                  "hypernet": "hypernet.safetensors", "base": "base", "data": "data", "loras": "loras",
-                 "lae": "lae", "dit": "dit", "config": "world.json"}
+                 "lae": "lae", "dit": "dit", "config": "world.json", "split": "split.json"}
         if name not in files:
             raise AttributeError(name)
         return self.root / files[name]
+
+    def stored_config(self) -> dict:
+        """world.json as a WorldConfig dict. Settings added since it was built read as their defaults,
+        which reproduce the old build, except the held-out pairs: a world built before the compositional
+        split has none (its hypernet learned from every training identity)."""
+        return {**WorldConfig().to_dict(), "heldout_pairs": [], **json.loads(self.config.read_text())}
+
+    def load_config(self) -> WorldConfig:
+        return WorldConfig.from_dict(self.stored_config())
 
 
 def _stage(name: str, done: bool, t0: float) -> bool:
@@ -107,11 +134,12 @@ def _stage(name: str, done: bool, t0: float) -> bool:
 def _check_config(world: World, cfg: WorldConfig) -> None:
     """A world folder is built with one config; resuming with another would mix two worlds."""
     if world.config.is_file():
-        # Fields added since a world was built read as their defaults, which reproduce the old build.
-        old = {**WorldConfig().to_dict(), **json.loads(world.config.read_text())}
+        old = world.stored_config()
         if old != cfg.to_dict():
             changed = sorted(k for k in cfg.to_dict() if old.get(k) != cfg.to_dict()[k])
-            raise DiffLoRAError(f"{world.root} was built with other settings ({', '.join(changed)} differ); "
+            before_split = "heldout_pairs" in changed and not old["heldout_pairs"]
+            raise DiffLoRAError(f"{world.root} was built with other settings ({', '.join(changed)} differ"
+                                f"{'; it was built before the compositional split' if before_split else ''}); "
                                 "use a new folder, or delete this one to rebuild.")
     else:
         world.root.mkdir(parents=True, exist_ok=True)
@@ -139,10 +167,13 @@ def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.P
     _data_stage(world, cfg, t0)
 
     face, image = load_encoder(world.face), load_encoder(world.image)
-    for split in ("heldout", "train"):  # the held-out ones first: the few the measurement needs
+    # The held-out and compositional ones first: the few the measurement needs.
+    for split in ("heldout", "compositional", "train") if cfg.heldout_pairs else ("heldout", "train"):
         report = world.loras / split / "report.json"
         if _stage(f"identity-loras {split}", _loras_complete(report), t0):
             run_identity_loras(world, split, cfg, face, image, processes)
+    if cfg.heldout_pairs and _stage("composable", (world.loras / "train-composable" / "split.json").is_file(), t0):
+        link_composable_loras(world, cfg)
 
     if _stage("lae", (world.lae / "lae_final.safetensors").is_file(), t0):
         run_lae(world, cfg)
@@ -227,7 +258,7 @@ def _unet_and_checkpoint_stages(world: World, cfg: WorldConfig, base_photos, t0:
 
 
 def _data_stage(world: World, cfg: WorldConfig, t0: float) -> None:
-    from .render import write_identity_folders
+    from .render import write_identity_folders, write_people_folders
 
     data_done = world.data / "complete"
     if _stage("data", data_done.is_file(), t0):
@@ -235,7 +266,101 @@ def _data_stage(world: World, cfg: WorldConfig, t0: float) -> None:
                                 ("heldout", cfg.heldout_identities, HELDOUT_FIRST)):
             write_identity_folders(world.data / split, n, cfg.lora_photos, cfg.seed, subject=TRIGGER,
                                    first_identity=first)
+        if cfg.heldout_pairs:
+            write_people_folders(world.data / "compositional", compositional_people(cfg), cfg.lora_photos, cfg.seed,
+                                 subject=TRIGGER)
+            tmp = world.split.with_name(f".{world.split.name}.tmp")
+            tmp.write_text(json.dumps(split_record(cfg), indent=1))
+            os.replace(tmp, world.split)
         data_done.write_text("1")
+
+
+def training_people(cfg: WorldConfig) -> dict[int, Identity]:
+    from .render import sample_identities
+
+    return dict(enumerate(sample_identities(cfg.train_identities, cfg.seed, TRAIN_FIRST), start=TRAIN_FIRST))
+
+
+def compositional_people(cfg: WorldConfig, n: int | None = None) -> dict[int, Identity]:
+    """The compositional set ({index: identity}, the first n of it): people with a held-out pair, from
+    COMPOSITIONAL_FIRST on, as many as the held-out set (none without pairs)."""
+    from .split import select_with_pairs
+
+    if not cfg.heldout_pairs:
+        return {}
+    n = cfg.heldout_identities if n is None else min(n, cfg.heldout_identities)
+    return select_with_pairs(n, cfg.seed, cfg.heldout_pairs, COMPOSITIONAL_FIRST)
+
+
+def measured_people(cfg: WorldConfig, split: str, n: int | None = None) -> list[tuple[str, Identity]]:
+    """(folder name, identity) of the people the measurement scores: split "heldout" or "compositional"."""
+    from .render import sample_identities
+    from .split import identity_name
+
+    n = cfg.heldout_identities if n is None else min(n, cfg.heldout_identities)
+    if split == "heldout":
+        people = enumerate(sample_identities(n, cfg.seed, HELDOUT_FIRST), start=HELDOUT_FIRST)
+    else:
+        people = compositional_people(cfg, n).items()
+    return [(identity_name(i), person) for i, person in people]
+
+
+def split_record(cfg: WorldConfig) -> dict:
+    """What split.json records: the pairs, the training identities left out of the LAE and DiT, and
+    the compositional people with their pairs."""
+    import numpy as np
+
+    from .split import closest_shared, exclusion, identity_name, pairs_of
+
+    people = training_people(cfg)
+    kept, excluded = exclusion(people, cfg.heldout_pairs)
+    compositional = compositional_people(cfg)
+    if set(compositional.values()) & set(people.values()) or set(compositional) & set(people):
+        raise DiffLoRAError(f"the compositional people (from {COMPOSITIONAL_FIRST}) overlap the {cfg.train_identities} "
+                            f"training identities (from {TRAIN_FIRST}): use fewer training identities.")
+    closest = {split: closest_shared([p for _, p in measured_people(cfg, split)], [people[i] for i in kept])
+               for split in ("heldout", "compositional")}
+    return {"heldout_pairs": cfg.to_dict()["heldout_pairs"], "train_identities": len(people),
+            "composable_training_identities": len(kept), "excluded_training_identities": len(excluded),
+            "excluded": [identity_name(i) for i in excluded],
+            # The most attributes any identity the hypernet learned from shares with each measured person.
+            "closest_composable_shared_attributes": {split: {"mean": float(np.mean(v)), "min": min(v), "max": max(v)}
+                                                     for split, v in closest.items()},
+            "compositional": [{"name": identity_name(i), "pairs": [list(map(list, p)) for p in
+                                                                   pairs_of(person, cfg.heldout_pairs)]}
+                              for i, person in compositional.items()]}
+
+
+def hypernet_loras(world: World, cfg: WorldConfig) -> Path:
+    """The LoRA folder the LAE and DiT learn from: the training LoRAs without a held-out pair
+    (loras/train-composable), or all of them in a world without pairs."""
+    return world.loras / "train-composable" if cfg.heldout_pairs else world.loras / "train"
+
+
+def link_composable_loras(world: World, cfg: WorldConfig) -> Path:
+    """loras/train-composable: relative links to the trained LoRAs (and their embeddings) of the
+    training identities without a held-out pair; its split.json records the counts. The trainers read
+    it as any LoRA folder, so the core needs no notion of the split."""
+    from difflora.train.data import EMB_SUFFIX
+    from .split import exclusion, identity_name
+
+    kept, excluded = exclusion(training_people(cfg), cfg.heldout_pairs)
+    linked = []
+
+    def write(tmp: Path) -> None:
+        for name in map(identity_name, kept):
+            if (world.loras / "train" / f"{name}.safetensors").is_file():  # not one identity-loras skipped
+                for suffix in (".safetensors", EMB_SUFFIX):
+                    (tmp / (name + suffix)).symlink_to(Path("..") / "train" / (name + suffix))
+                linked.append(name)
+        record = {"heldout_pairs": cfg.to_dict()["heldout_pairs"], "train_identities": cfg.train_identities,
+                  "excluded_training_identities": len(excluded), "linked": len(linked),
+                  "excluded": [identity_name(i) for i in excluded]}
+        (tmp / "split.json").write_text(json.dumps(record, indent=1))
+    toy_sdxl.write_dir_atomic(write, world.loras / "train-composable")
+    print(f"  composable: {len(linked)} training LoRAs linked, {len(excluded)} identities with a held-out pair "
+          "left out of the LAE and DiT", flush=True)
+    return world.loras / "train-composable"
 
 
 # The fields that decide the base stages (vae, classifier, encoders, unet): two configs that agree
@@ -367,7 +492,7 @@ def run_lae(world: World, cfg: WorldConfig, run: Path | None = None, **overrides
 
     run = run or world.lae
     settings = dict(
-        loras=str(world.loras / "train"), run=str(run), size="toy", steps=cfg.lae_steps, batch_size=32,
+        loras=str(hypernet_loras(world, cfg)), run=str(run), size="toy", steps=cfg.lae_steps, batch_size=32,
         lr=1e-3, warmup_steps=min(100, cfg.lae_steps // 10), ema_decay=0.999, eval_every=max(cfg.lae_steps // 3, 1),
         ckpt_every=max(cfg.lae_steps // 3, 1), log_every=20, mixed_precision="no", seed=cfg.seed,
         resume=(run / "checkpoints").is_dir())
@@ -386,7 +511,7 @@ def run_dit(world: World, cfg: WorldConfig, face, image, run: Path | None = None
     run = run or world.dit
     out = run / "hypernet_plain.safetensors"
     settings = dict(
-        loras=str(world.loras / "train"), run=str(run), lae=str(lae or world.lae / "lae_final.safetensors"),
+        loras=str(hypernet_loras(world, cfg)), run=str(run), lae=str(lae or world.lae / "lae_final.safetensors"),
         size="toy", cond_dim=128, steps=cfg.dit_steps, batch_size=32, lr=5e-4,
         warmup_steps=min(200, cfg.dit_steps // 10), ema_decay=0.999, eval_every=max(cfg.dit_steps // 3, 1),
         ckpt_every=max(cfg.dit_steps // 3, 1), log_every=20, eval_identities=4, eval_sample_steps=10,

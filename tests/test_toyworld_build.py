@@ -60,6 +60,43 @@ def test_build_writes_every_stage_and_resumes(smoke_world, comfy_path, capsys):
     assert stages and all(l.endswith("done earlier, skipped") for l in stages), lines
 
 
+def test_lae_and_dit_learn_only_from_identities_without_a_held_out_pair(smoke_world):
+    from safetensors import safe_open
+
+    from difflora.train.data import EMB_SUFFIX
+    from difflora.train.lae_trainer import load_lae_final
+    from difflora_toyworld.split import pairs_of
+    from difflora_toyworld.world import measured_people, training_people
+
+    root, cfg = smoke_world
+    record = json.loads((root / "split.json").read_text())
+    people = {f"id_{i:05d}": p for i, p in training_people(cfg).items()}
+    excluded = {n for n, p in people.items() if pairs_of(p, cfg.heldout_pairs)}
+    assert set(record["excluded"]) == excluded and record["excluded_training_identities"] == len(excluded) >= 1
+    composable = root / "loras" / "train-composable"
+    linked = {p.name[: -len(".safetensors")] for p in composable.glob("id_*[0-9].safetensors")}
+    assert linked == set(people) - excluded
+    for name in linked:
+        for suffix in (".safetensors", EMB_SUFFIX):
+            link = composable / (name + suffix)
+            assert link.is_symlink() and link.resolve() == (root / "loras" / "train" / (name + suffix)).resolve()
+    # The identity LoRAs are still trained for every training identity; the LAE and DiT saw only the linked ones.
+    assert {p.stem for p in (root / "loras" / "train").glob("id_*[0-9].safetensors")} == set(people)
+    lae_split = load_lae_final(root / "lae" / "lae_final.safetensors")[3]
+    assert set(lae_split["train"]) | set(lae_split["val"]) == linked
+    with safe_open(str(root / "dit" / "hypernet_plain.safetensors"), framework="pt") as f:
+        dit_split = json.loads(f.metadata()["train_identities"])
+    assert set(dit_split["train"]) | set(dit_split["val"]) <= linked and not set(dit_split["train"]) & excluded
+    # The compositional people have their photos and trained LoRAs, and each has a held-out pair.
+    compositional = measured_people(cfg, "compositional")
+    assert len(compositional) == cfg.heldout_identities
+    assert [c["name"] for c in record["compositional"]] == [n for n, _ in compositional]
+    for name, person in compositional:
+        assert pairs_of(person, cfg.heldout_pairs) and name not in people
+        assert len(list((root / "data" / "compositional" / name).glob("*.png"))) == cfg.lora_photos
+        assert (root / "loras" / "compositional" / f"{name}.safetensors").is_file()
+
+
 def test_another_config_in_the_same_folder_is_refused(smoke_world, comfy_path):
     root, cfg = smoke_world
     with pytest.raises(DiffLoRAError, match="unet_steps"):
@@ -81,6 +118,21 @@ def test_results_write_table_json_and_grid(smoke_world, tmp_path):
     assert "| DiffLoRA (1 photo) |" in (out / "results.md").read_text()
     grid = np.asarray(Image.open(out / "grid.png"))
     assert grid.shape[1] == 4 * (64 + 2) * 2  # reference | base | trained | predicted, 2x
+    # The nearest identity comes from those the hypernet learned from; on the compositional split it
+    # always gets the person's pair wrong.
+    excluded = set(json.loads((root / "split.json").read_text())["excluded"])
+    comp = payload["compositional_identities"]
+    assert len(comp) == 1 and comp[0]["heldout_pairs"] and comp[0]["nearest_misses_pair"] is True
+    for r in payload["identities"] + comp:
+        assert r["nearest_identity"] not in excluded and 0 <= r["nearest_shared_attributes"] <= 8
+        # Both values of a held-out pair read back: scored for exactly the people who have one.
+        assert all(("pair_accuracy" in r[m]) == bool(r["heldout_pairs"]) for m in METHODS)
+        assert all(0 <= r[m].get("pair_accuracy", 0) <= 1 for m in METHODS)
+    assert payload["summary"]["compositional"]["nearest_identity"]["misses_pair"] == 1.0
+    assert {"predicted_minus_nearest", "predicted_minus_trained"} <= set(payload["summary"]["paired"])
+    assert "## Compositional split (1 people)" in (out / "results.md").read_text()
+    for name in ("people.png", "people_compositional.png"):
+        assert np.asarray(Image.open(out / name)).shape == (14 + 196, 5 * 196, 3)  # 1 person, 5 columns, 3x
 
 
 def test_export_writes_small_files_that_load_back(smoke_world, tmp_path):
@@ -179,7 +231,8 @@ def test_study_scores_every_row_and_keeps_them(smoke_world, tmp_path, monkeypatc
         ws = root / "study" / f"ws-{space}"
         assert lae_weight_space(ws / "lae" / "lae_final.safetensors") == space
         trained = sorted(p.name for p in (ws / "loras" / "train").glob("id_*[0-9].safetensors"))
-        assert trained == sorted(p.name for p in (root / "loras" / "train").glob("id_*[0-9].safetensors"))
+        # The identities the world's hypernet learned from: none with a held-out pair.
+        assert trained == sorted(p.name for p in (root / "loras" / "train-composable").glob("id_*[0-9].safetensors"))
     held = next((root / "study" / "ws-shared-down" / "loras" / "heldout").glob("id_*[0-9].safetensors"))
     assert read_metadata(held)[META_WEIGHT_SPACE] == "shared-down"
     run_study(root, identities=1, out=tmp_path / "study")  # a rerun scores nothing again
