@@ -154,9 +154,13 @@ def time_ids(n: int) -> torch.Tensor:
 def train_unet(unet, latent_mean: torch.Tensor, latent_std: torch.Tensor, captions: list[str],
                prompt_embeds: dict[str, tuple[torch.Tensor, torch.Tensor]], *, steps: int, batch_size: int = 32,
                lr: float = 5e-4, uncond_prob: float = 0.1, ema_decay: float = 0.999, snr_gamma: float = 5.0,
-               seed: int = 0, device: str = "cpu", progress: Progress | None = None):
+               noise_offset: float = 0.0, seed: int = 0, device: str = "cpu", progress: Progress | None = None):
     """Train the UNet in place; returns the EMA copy (the weights to keep). `snr_gamma` > 0 weights
-    the loss by min-SNR (Hang et al. 2023), which converges several times faster than plain MSE."""
+    the loss by min-SNR (Hang et al. 2023), which converges several times faster than plain MSE.
+    `noise_offset` adds a per-image, per-channel constant to the noise (diffusers' --noise_offset):
+    at the last timestep the SDXL schedule still leaves some signal, most of it in each channel's
+    mean, so without it the model reads an image's overall colour from the starting noise instead
+    of the prompt."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel, compute_snr
 
@@ -177,6 +181,8 @@ def train_unet(unet, latent_mean: torch.Tensor, latent_std: torch.Tensor, captio
         idx = torch.randint(0, len(latent_mean), (batch_size,), generator=gen)
         z = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * SDXL_LATENT_SCALE
         noise = torch.randn(z.shape, generator=gen)
+        if noise_offset:
+            noise = noise + noise_offset * torch.randn((*z.shape[:2], 1, 1), generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=gen)
         noisy = noise_sched.add_noise(z, noise, t)
         cap = torch.where(torch.rand(batch_size, generator=gen) < uncond_prob, empty, which[idx])
