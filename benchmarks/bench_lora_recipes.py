@@ -1,0 +1,105 @@
+"""The identity-LoRA recipe curve of a toy world: identity and prompt accuracy against seconds an identity.
+
+Each recipe (steps x batch, learning rate, rank) trains one LoRA per validation person (identities
+60,000 on: neither trained on nor held out; the study's validation people) with the project's
+`identity-loras` on the world's base, then the measurement of results.py reads them (the same
+scenes, seeds, sampler and classifier). Settings are chosen here, then scored on the held-out
+people by the build; docs/TOYWORLD.md ("Toy world v2") holds the curve this printed.
+
+    python benchmarks/bench_lora_recipes.py --world WORLD --out /tmp/recipes \\
+        --recipes 80:4:2e-3:4,160:8:3e-3:16,320:8:2e-3:16 [--people 8] [--base OTHER_BASE_FOLDER]
+
+A recipe already trained in --out is not retrained (identity-loras resumes), so its seconds then
+read near 0: time a recipe in a fresh --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_recipe(text: str) -> dict:
+    """"steps:batch:lr[:rank]" -> IdentityLoraConfig fields (rank 4 when not given)."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise SystemExit(f"recipe {text!r}: write steps:batch:lr[:rank], e.g. 160:8:3e-3:16")
+    return {"steps": int(parts[0]), "batch_size": int(parts[1]), "lr": float(parts[2]),
+            "rank": int(parts[3]) if len(parts) == 4 else 4}
+
+
+def main(argv=None) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    from difflora.train.config import IdentityLoraConfig
+    from difflora.train.identity_loras import train_identity_loras
+    from difflora_toyworld import toy_sdxl
+    from difflora_toyworld.attributes import identity_accuracy, load_classifier, prompt_accuracy
+    from difflora_toyworld.identity_encoder import load_encoder
+    from difflora_toyworld.render import caption, sample_identities, write_identity_folders
+    from difflora_toyworld.results import EVAL_SCENES, SEEDS_PER_SCENE, eval_scene, generate
+    from difflora_toyworld.world import TRIGGER, VALIDATION_FIRST, World
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", required=True, help="a built (or base-seeded) world: base, classifier, encoders")
+    ap.add_argument("--base", default="", help="another diffusers base folder to train and draw with")
+    ap.add_argument("--out", required=True, help="folder for the validation photos and the recipes' LoRAs")
+    ap.add_argument("--recipes", required=True, help="comma-separated steps:batch:lr[:rank]")
+    ap.add_argument("--people", type=int, default=8)
+    ap.add_argument("--photos", type=int, default=12)
+    ap.add_argument("--per-pass", type=int, default=8, help="identities trained together in one UNet pass")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    recipes = [(r, parse_recipe(r)) for r in a.recipes.split(",") if r]
+
+    world, out = World(a.world), Path(a.out)
+    base = a.base or str(world.base)
+    data = out / f"photos{a.photos}"
+    if not data.is_dir():
+        write_identity_folders(data, a.people, a.photos, a.seed, subject=TRIGGER, first_identity=VALIDATION_FIRST)
+    names = sorted(p.name for p in data.iterdir() if p.is_dir() and p.name.startswith("id_"))
+    face, image = load_encoder(world.face), load_encoder(world.image)
+    clf = load_classifier(world.classifier)
+    pipe = toy_sdxl.load_pipeline(base)
+    people = sample_identities(a.people, a.seed, first=VALIDATION_FIRST)
+    scenes = [eval_scene(b, e) for b, e in EVAL_SCENES for _ in range(SEEDS_PER_SCENE)]
+    prompts, seeds = [caption(s, TRIGGER) for s in scenes], list(range(len(scenes)))
+
+    def score(loras):
+        ida, pa = [], []
+        for person, lora in zip(people, loras):
+            imgs = generate(pipe, lora, prompts, seeds, 20, 4.0)
+            ida.append(identity_accuracy(clf, imgs, person))
+            pa.append(prompt_accuracy(clf, imgs, scenes))
+        return np.array(ida), float(np.mean(pa))
+
+    base_ida, base_pa = score([None] * a.people)
+    print(f"base model: identity {base_ida.mean():.3f} ± {base_ida.std() / np.sqrt(a.people):.3f}, "
+          f"prompt {base_pa:.3f}", flush=True)
+    print("| recipe (steps:batch:lr:rank) | identity accuracy | gain over base (paired) | prompt accuracy | s / identity |")
+    print("| --- | --- | --- | --- | --- |")
+    for text, fields in recipes:
+        run = out / ("recipe-" + "-".join(f"{k}{v}" for k, v in fields.items()))
+        cfg = IdentityLoraConfig(
+            data=str(data), out=str(run), base=base, face_encoder="toy-face", insightface_root=str(world.face),
+            image_encoder=str(world.image), resolution=toy_sdxl.IMAGE_SIZE, min_images=3, min_face_similarity=0.8,
+            mixed_precision="no", seed=a.seed, identities_per_pass=a.per_pass, **fields)
+        t0 = time.perf_counter()
+        train_identity_loras(cfg, face_encoder=face, image_encoder=image)
+        seconds = (time.perf_counter() - t0) / a.people
+        ida, pa = score([load_file(run / f"{n}.safetensors") for n in names])
+        gain = ida - base_ida
+        print(f"| {text} | {ida.mean():.3f} ± {ida.std() / np.sqrt(len(ida)):.3f} | {gain.mean():+.3f} ± "
+              f"{gain.std() / np.sqrt(len(gain)):.3f} | {pa:.3f} | {seconds:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
