@@ -4,7 +4,7 @@ Each recipe (steps x batch, learning rate, rank) trains one LoRA per validation 
 60,000 on: neither trained on nor held out; the study's validation people) with the project's
 `identity-loras` on the world's base, then the measurement of results.py reads them (the same
 scenes, seeds, sampler and classifier). Settings are chosen here, then scored on the held-out
-people by the build; docs/TOYWORLD.md ("Toy world v2") holds the curve this printed.
+people by the build; docs/TOYWORLD.md ("Toy world v2") holds the curve measured this way.
 
     python benchmarks/bench_lora_recipes.py --world WORLD --out /tmp/recipes \\
         --recipes 80:4:2e-3:4,160:8:3e-3:16,320:8:2e-3:16 [--people 8] [--base OTHER_BASE_FOLDER]
