@@ -33,20 +33,16 @@ def parse_recipe(text: str) -> dict:
 
 
 def main(argv=None) -> int:
-    import torch
     from safetensors.torch import load_file
 
     from difflora.train.config import IdentityLoraConfig
     from difflora.train.identity_loras import train_identity_loras
     from difflora_toyworld import toy_sdxl
-    from difflora_toyworld.attributes import identity_accuracy, load_classifier, prompt_accuracy
     from difflora_toyworld.identity_encoder import load_encoder
-    from difflora_toyworld.render import caption, sample_identities, write_identity_folders
-    from difflora_toyworld.results import EVAL_SCENES, SEEDS_PER_SCENE, eval_scene, generate
-    from difflora_toyworld.world import TRIGGER, VALIDATION_FIRST, World
-    from diffusers.utils import logging as diffusers_logging
+    from difflora_toyworld.render import sample_identities, write_identity_folders
+    from difflora_toyworld.study import LoraScorer, MeasuredPerson
+    from difflora_toyworld.world import TRIGGER, VALIDATION_FIRST
 
-    diffusers_logging.set_verbosity_error()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", required=True, help="a built (or base-seeded) world: base, classifier, encoders")
     ap.add_argument("--base", default="", help="another diffusers base folder to train and draw with")
@@ -59,26 +55,24 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     recipes = [(r, parse_recipe(r)) for r in a.recipes.split(",") if r]
 
-    world, out = World(a.world), Path(a.out)
+    out = Path(a.out)
+    scorer = LoraScorer(a.world)  # results.py's measurement: scenes, seeds, sampler, classifier
+    world = scorer.world
     base = a.base or str(world.base)
+    if a.base:
+        scorer.pipe = toy_sdxl.load_pipeline(a.base)
     data = out / f"photos{a.photos}"
     if not data.is_dir():
         write_identity_folders(data, a.people, a.photos, a.seed, subject=TRIGGER, first_identity=VALIDATION_FIRST)
-    names = sorted(p.name for p in data.iterdir() if p.is_dir() and p.name.startswith("id_"))
+    people = [MeasuredPerson(f"id_{VALIDATION_FIRST + i:05d}", person, None,
+                             sorted((data / f"id_{VALIDATION_FIRST + i:05d}").glob("*.png")))
+              for i, person in enumerate(sample_identities(a.people, a.seed, first=VALIDATION_FIRST))]
+    scorer = scorer.on(people)
     face, image = load_encoder(world.face), load_encoder(world.image)
-    clf = load_classifier(world.classifier)
-    pipe = toy_sdxl.load_pipeline(base)
-    people = sample_identities(a.people, a.seed, first=VALIDATION_FIRST)
-    scenes = [eval_scene(b, e) for b, e in EVAL_SCENES for _ in range(SEEDS_PER_SCENE)]
-    prompts, seeds = [caption(s, TRIGGER) for s in scenes], list(range(len(scenes)))
 
     def score(loras):
-        ida, pa = [], []
-        for person, lora in zip(people, loras):
-            imgs = generate(pipe, lora, prompts, seeds, 20, 4.0)
-            ida.append(identity_accuracy(clf, imgs, person))
-            pa.append(prompt_accuracy(clf, imgs, scenes))
-        return np.array(ida), float(np.mean(pa))
+        measured = scorer.score(loras)
+        return np.array(measured["per_identity"]), measured["prompt_accuracy"]
 
     base_ida, base_pa = score([None] * a.people)
     print(f"base model: identity {base_ida.mean():.3f} ± {base_ida.std() / np.sqrt(a.people):.3f}, "
@@ -94,7 +88,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         train_identity_loras(cfg, face_encoder=face, image_encoder=image)
         seconds = (time.perf_counter() - t0) / a.people
-        ida, pa = score([load_file(run / f"{n}.safetensors") for n in names])
+        ida, pa = score([load_file(run / f"{p.name}.safetensors") for p in people])
         gain = ida - base_ida
         print(f"| {text} | {ida.mean():.3f} ± {ida.std() / np.sqrt(len(ida)):.3f} | {gain.mean():+.3f} ± "
               f"{gain.std() / np.sqrt(len(gain)):.3f} | {pa:.3f} | {seconds:.1f} |", flush=True)

@@ -35,11 +35,11 @@ def measure_base(world_root: str | os.PathLike, identities: int = 32, steps: int
     from .render import caption, describe_fully, render, sample_identities
     from .results import EVAL_SCENES, SEEDS_PER_SCENE, eval_scene, generate
     from .train_base import reconstruct
-    from .world import HELDOUT_FIRST, TRIGGER, World, WorldConfig
+    from .world import HELDOUT_FIRST, TRIGGER, World
 
     diffusers_logging.set_verbosity_error()
     world = World(world_root)
-    seed = WorldConfig.from_dict(json.loads(world.config.read_text())).seed
+    seed = world.load_config().seed
     clf = load_classifier(world.classifier)
     pipe = toy_sdxl.load_pipeline(world.base, device)
     scenes = [eval_scene(b, e) for b, e in EVAL_SCENES for _ in range(SEEDS_PER_SCENE)]

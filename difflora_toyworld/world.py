@@ -100,6 +100,14 @@ WORLD_SIZES = {
 }
 
 
+def settings_as_built(stored: dict) -> dict:
+    """Recorded world settings (world.json, a checkpoint's metadata) as a WorldConfig dict. Settings
+    added since they were recorded read as their defaults, which reproduce the old build, except the
+    held-out pairs: a world built before the compositional split has none (its hypernet learned from
+    every training identity)."""
+    return {**WorldConfig().to_dict(), "heldout_pairs": [], **stored}
+
+
 class World:
     """Paths of a world folder."""
 
@@ -116,10 +124,8 @@ class World:
         return self.root / files[name]
 
     def stored_config(self) -> dict:
-        """world.json as a WorldConfig dict. Settings added since it was built read as their defaults,
-        which reproduce the old build, except the held-out pairs: a world built before the compositional
-        split has none (its hypernet learned from every training identity)."""
-        return {**WorldConfig().to_dict(), "heldout_pairs": [], **json.loads(self.config.read_text())}
+        """world.json as a WorldConfig dict (`settings_as_built`)."""
+        return settings_as_built(json.loads(self.config.read_text()))
 
     def load_config(self) -> WorldConfig:
         return WorldConfig.from_dict(self.stored_config())
@@ -389,8 +395,8 @@ def seed_base_from_assets(root: str | os.PathLike, cfg: WorldConfig, tokenizer: 
         raise DiffLoRAError(f"cannot seed the base from the shipped files: {', '.join(missing)} missing.")
     with safe_open(str(files["checkpoint"]), framework="pt") as f:  # the header only
         built = json.loads((f.metadata() or {}).get("difflora_toyworld", "{}"))
-    if built:  # fields added since it was built read as their defaults, which reproduce the old build
-        built = {**WorldConfig().to_dict(), **built}
+    if built:
+        built = settings_as_built(built)
     differ = [k for k in BASE_FIELDS if built.get(k) != cfg.to_dict()[k]]
     if differ:
         raise DiffLoRAError(f"{files['checkpoint']} was built with other base settings ({', '.join(differ)} differ); "

@@ -64,6 +64,16 @@ class SkipReport:
 
 
 # ---- identity folders ---------------------------------------------------------------------
+@dataclass
+class FolderResult:
+    """What a per-identity stage (identity-loras, Textual Inversion) did with one identity folder."""
+
+    name: str
+    status: str              # trained | done | skipped | interrupted
+    reason: str = ""
+    seconds: float = 0.0
+
+
 def identity_folders(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():

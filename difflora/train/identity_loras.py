@@ -28,8 +28,8 @@ from ..lora_format import from_peft
 from ..lora_spec import LoraSpec
 from .base_model import base_spec, encode_images, encode_prompts, load_sdxl
 from .config import IdentityLoraConfig
-from .data import (EMB_SUFFIX, META_DOWN_HASH, META_INIT, META_HASH, META_WEIGHT_SPACE, identity_folders, read_caption,
-                   read_metadata, write_embeddings, write_identity_lora)
+from .data import (EMB_SUFFIX, META_DOWN_HASH, META_INIT, META_HASH, META_WEIGHT_SPACE, FolderResult, identity_folders,
+                   read_caption, read_metadata, write_embeddings, write_identity_lora)
 from .identity_filter import UsablePhotos, usable_photos
 from .input_cache import InputCache, base_fingerprint, cache_setup
 from .lora_fit import FitConfig, diverged, fit_loras, noisy_batch, squared_errors, start_loras, step_generator, step_indices
@@ -62,11 +62,7 @@ class UNetDenoiser:
 
 
 @dataclass
-class IdentityResult:
-    name: str
-    status: str              # trained | done | skipped | interrupted
-    reason: str = ""
-    seconds: float = 0.0
+class IdentityResult(FolderResult):
     process: int = 0         # which accelerate process handled it
 
 

@@ -33,7 +33,7 @@ import torch
 from ..errors import DiffLoRAError
 from ..safetensors_io import save_file_atomic
 from .config import TextualInversionConfig
-from .data import identity_folders, read_caption
+from .data import FolderResult, identity_folders, read_caption
 from .loop import StopRequest, step_seed, stream_indices
 from .zeroth_order import SubspaceGradient, quantize_int8, sample_timesteps, two_point_estimate
 
@@ -46,11 +46,7 @@ META_KEYS = ("trigger", "steps", "zeroth_order", "subspace", "uniform_timesteps"
 
 
 @dataclass
-class TIResult:
-    name: str
-    status: str              # trained | done | skipped | interrupted
-    reason: str = ""
-    seconds: float = 0.0
+class TIResult(FolderResult):
     losses: list[float] = field(default_factory=list)
 
 
