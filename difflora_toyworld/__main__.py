@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     b.add_argument("--processes", type=int, default=0,
                    help="CPU processes for the identity LoRAs (0: one per core, at most 4)")
+    b.add_argument("--base-only", action="store_true",
+                   help="stop after the base model and the identity folders (choose the LoRA recipe on this base)")
     b.add_argument("--base-from-assets", default="", metavar="DIR",
                    help="take the base stages (VAE, UNet, classifier, encoders) from the shipped files in DIR "
                         "(e.g. assets/toyworld) instead of training them; refused if they were built otherwise")
@@ -117,7 +119,7 @@ def _build(a: argparse.Namespace) -> None:
     processes = a.processes or min(4, os.cpu_count() or 1)
     if a.base_from_assets:
         seed_base_from_assets(a.world, cfg, a.tokenizer, a.base_from_assets)
-    build_world(a.world, cfg, a.tokenizer, processes=processes)
+    build_world(a.world, cfg, a.tokenizer, processes=processes, base_only=a.base_only)
 
 
 def _study(a: argparse.Namespace) -> None:

@@ -74,6 +74,7 @@ class WorldConfig(ConfigDict):
     lora_steps: int = 80
     lora_batch: int = 4
     lora_lr: float = 2e-3
+    lora_rank: int = 4
     lae_steps: int = 2000
     dit_steps: int = 3000
     device: str = "cpu"
@@ -91,6 +92,10 @@ class WorldConfig(ConfigDict):
 
 WORLD_SIZES = {
     "default": WorldConfig(),
+    # Toy world v2 (docs/TOYWORLD.md, "Toy world v2"): the base model drew described people at 0.40 of
+    # the VAE's 0.75 and was still learning, and rank-16 LoRAs trained longer were the biggest lever.
+    "v2": WorldConfig(base_identities=5000, classifier_steps=4000, vae_steps=4000, unet_size="toy-attn",
+                      unet_steps=12000, lora_rank=16, lora_steps=160, lora_batch=8, lora_lr=3e-3),
     # A world that builds in about a minute: for tests of the build machinery, not of quality.
     # 12 training identities: the 12th (id_20011) has a held-out pair, so the split excludes one.
     "smoke": WorldConfig(base_identities=60, classifier_steps=20, encoder_steps=20, vae_steps=10, vae_decoder_steps=3,
@@ -100,12 +105,16 @@ WORLD_SIZES = {
 }
 
 
+# What a setting added after the first worlds were built was before it existed: a world recorded
+# without it was built this way. (A world built before the compositional split has no held-out pairs:
+# its hypernet learned from every training identity.)
+AS_BUILT_BEFORE_THE_SETTING = {"vae_decoder_steps": 0, "unet_size": "toy", "lora_rank": 4, "heldout_pairs": []}
+
+
 def settings_as_built(stored: dict) -> dict:
-    """Recorded world settings (world.json, a checkpoint's metadata) as a WorldConfig dict. Settings
-    added since they were recorded read as their defaults, which reproduce the old build, except the
-    held-out pairs: a world built before the compositional split has none (its hypernet learned from
-    every training identity)."""
-    return {**WorldConfig().to_dict(), "heldout_pairs": [], **stored}
+    """Recorded world settings (world.json, a checkpoint's metadata) as a WorldConfig dict; a setting
+    they lack reads as what the build was before it existed."""
+    return {**WorldConfig().to_dict(), **AS_BUILT_BEFORE_THE_SETTING, **stored}
 
 
 class World:
@@ -137,25 +146,52 @@ def _stage(name: str, done: bool, t0: float) -> bool:
     return not done
 
 
+# Settings only a later stage reads, with what shows that stage has begun: until then they may change
+# (a LoRA recipe is chosen on the world's own base, after the base stages: `build --base-only`).
+LATER_STAGE_SETTINGS = {
+    "identity-loras": (("lora_rank", "lora_steps", "lora_batch", "lora_lr"),
+                       lambda world: world.loras.is_dir() and any(world.loras.iterdir())),
+    "lae": (("lae_steps",), lambda world: world.lae.is_dir() and any(world.lae.iterdir())),
+    "dit": (("dit_steps",), lambda world: world.dit.is_dir() and any(world.dit.iterdir())),
+}
+
+
+def _unstarted_settings(world: World) -> set[str]:
+    return {name for names, begun in LATER_STAGE_SETTINGS.values() if not begun(world) for name in names}
+
+
 def _check_config(world: World, cfg: WorldConfig) -> None:
-    """A world folder is built with one config; resuming with another would mix two worlds."""
+    """A world folder is built with one config; resuming with another would mix two worlds. Settings of
+    stages that have not begun may change: world.json then records the new ones."""
     if world.config.is_file():
         old = world.stored_config()
-        if old != cfg.to_dict():
-            changed = sorted(k for k in cfg.to_dict() if old.get(k) != cfg.to_dict()[k])
+        changed = sorted(k for k in cfg.to_dict() if old.get(k) != cfg.to_dict()[k])
+        if changed and set(changed) <= _unstarted_settings(world):
+            log.warning("%s: %s changed before their stage began; world.json records the new values",
+                        world.root, ", ".join(changed))
+            _write_config(world, cfg)
+        elif changed:
             before_split = "heldout_pairs" in changed and not old["heldout_pairs"]
             raise DiffLoRAError(f"{world.root} was built with other settings ({', '.join(changed)} differ"
                                 f"{'; it was built before the compositional split' if before_split else ''}); "
                                 "use a new folder, or delete this one to rebuild.")
     else:
         world.root.mkdir(parents=True, exist_ok=True)
-        world.config.write_text(json.dumps(cfg.to_dict(), indent=1))
+        _write_config(world, cfg)
+
+
+def _write_config(world: World, cfg: WorldConfig) -> None:
+    tmp = world.config.with_name(f".{world.config.name}.tmp")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=1))
+    os.replace(tmp, world.config)
 
 
 def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.PathLike,
-                processes: int = 1) -> World:
+                processes: int = 1, base_only: bool = False) -> World:
     """Run every unfinished stage; returns the world's paths. `processes` > 1 trains the identity
-    LoRAs under `accelerate launch` with that many CPU processes (identities are independent)."""
+    LoRAs under `accelerate launch` with that many CPU processes (identities are independent).
+    `base_only` stops after the base model and the identity folders, so that the LoRA recipe can be
+    chosen on this base (`benchmarks/bench_lora_recipes.py --base WORLD/base`) before it is used."""
     from .identity_encoder import load_encoder
     from .render import make_dataset
 
@@ -171,6 +207,9 @@ def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.P
     _classifier_and_encoder_stages(world, cfg, base_photos, t0)
     _unet_and_checkpoint_stages(world, cfg, base_photos, t0)
     _data_stage(world, cfg, t0)
+    if base_only:
+        print(f"[world {time.monotonic() - t0:7.1f} s] base stages complete: {world.root}", flush=True)
+        return world
 
     face, image = load_encoder(world.face), load_encoder(world.image)
     # The held-out and compositional ones first: the few the measurement needs.
@@ -447,7 +486,7 @@ def identity_lora_config(world: World, split: str, cfg: WorldConfig, **overrides
     settings = dict(
         data=str(world.data / split), out=str(world.loras / split), base=str(world.base),
         face_encoder="toy-face", insightface_root=str(world.face), image_encoder=str(world.image),
-        rank=4, steps=cfg.lora_steps, batch_size=cfg.lora_batch, lr=cfg.lora_lr, resolution=toy_sdxl.IMAGE_SIZE,
+        rank=cfg.lora_rank, steps=cfg.lora_steps, batch_size=cfg.lora_batch, lr=cfg.lora_lr, resolution=toy_sdxl.IMAGE_SIZE,
         min_images=3, min_face_similarity=0.8, mixed_precision="no", seed=cfg.seed, progress=True)
     return IdentityLoraConfig(**{**settings, **overrides})
 

@@ -37,12 +37,36 @@ def test_folding_the_latent_scale_keeps_decoded_images_and_gives_sdxl_scale():
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
 
 
+AFTER_BASE_ONLY = {}  # what the smoke world's folder held after its `--base-only` part
+
+
 @pytest.fixture(scope="module")
 def smoke_world(comfy_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     cfg = WORLD_SIZES["smoke"]
+    # Built as a user choosing the LoRA recipe on the world's base would: the base first, with a
+    # provisional rank, then everything with the chosen one.
+    build_world(root, dataclasses.replace(cfg, lora_rank=2), comfy_path / "comfy" / "sd1_tokenizer", base_only=True)
+    AFTER_BASE_ONLY.update(files={p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()},
+                           config=json.loads((root / "world.json").read_text()))
     build_world(root, cfg, comfy_path / "comfy" / "sd1_tokenizer", processes=1)
     return root, cfg
+
+
+@pytest.mark.slow
+def test_base_only_stops_before_the_loras_and_their_recipe_may_change_until_they_begin(smoke_world, comfy_path):
+    root, cfg = smoke_world
+    files = AFTER_BASE_ONLY["files"]
+    assert {"toy_sdxl.safetensors", "classifier.safetensors", "data/complete", "base/unet/trained"} <= files
+    assert not any(f.startswith(("loras/", "lae/", "dit/")) for f in files) and "hypernet.safetensors" not in files
+    assert AFTER_BASE_ONLY["config"]["lora_rank"] == 2
+    assert json.loads((root / "world.json").read_text()) == cfg.to_dict()  # the chosen recipe, recorded
+    from safetensors import safe_open
+    with safe_open(str(root / "loras" / "train" / "id_20000.safetensors"), framework="pt") as f:
+        assert min(f.get_slice(k).get_shape()[0] for k in f.keys() if "lora_A" in k or "lora_down" in k) == cfg.lora_rank
+    # Once LoRAs exist, their recipe is part of the world.
+    with pytest.raises(DiffLoRAError, match="lora_rank differ"):
+        build_world(root, dataclasses.replace(cfg, lora_rank=8), comfy_path / "comfy" / "sd1_tokenizer")
 
 
 @pytest.mark.slow
@@ -275,12 +299,18 @@ def test_unet_sizes_name_their_configs_both_ways():
         toy_sdxl.unet_config("huge")
 
 
-def test_a_world_built_before_a_setting_existed_resumes_with_its_default(tmp_path):
+def test_a_world_built_before_a_setting_existed_resumes_as_it_was_built(tmp_path):
     from difflora_toyworld.world import World, WorldConfig, _check_config
 
     older = WorldConfig().to_dict()
-    del older["unet_size"], older["vae_decoder_steps"]
+    for name in ("unet_size", "vae_decoder_steps", "lora_rank"):
+        del older[name]
     (tmp_path / "world.json").write_text(json.dumps(older))
-    _check_config(World(tmp_path), WorldConfig())  # the defaults reproduce what it was built with
+    (tmp_path / "loras" / "train").mkdir(parents=True)  # its LoRAs have begun
+    as_built = dataclasses.replace(WorldConfig(), unet_size="toy", vae_decoder_steps=0, lora_rank=4)
+    assert World(tmp_path).load_config() == as_built  # whatever the defaults become
+    _check_config(World(tmp_path), as_built)
     with pytest.raises(DiffLoRAError, match="unet_size differ"):
-        _check_config(World(tmp_path), dataclasses.replace(WorldConfig(), unet_size="toy-attn"))
+        _check_config(World(tmp_path), dataclasses.replace(as_built, unet_size="toy-attn"))
+    with pytest.raises(DiffLoRAError, match="lora_rank differ"):
+        _check_config(World(tmp_path), dataclasses.replace(as_built, lora_rank=16))
