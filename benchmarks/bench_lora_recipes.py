@@ -9,6 +9,10 @@ people by the build; docs/TOYWORLD.md ("Toy world v2") holds the curve measured 
     python benchmarks/bench_lora_recipes.py --world WORLD --out /tmp/recipes \\
         --recipes 80:4:2e-3:4,160:8:3e-3:16,320:8:2e-3:16 [--people 8] [--base OTHER_BASE_FOLDER]
 
+`--truncate 4,8` also scores each recipe's LoRAs cut to their top 4 / 8 singular components
+(`lora_format.load_lora_file(reduce_rank=True)`): how much of a high-rank LoRA a lower-rank target
+for the hypernet keeps.
+
 A recipe already trained in --out is not retrained (identity-loras resumes), so its seconds then
 read near 0: time a recipe in a fresh --out.
 """
@@ -32,6 +36,15 @@ def parse_recipe(text: str) -> dict:
             "rank": int(parts[3]) if len(parts) == 4 else 4}
 
 
+def truncated(path: Path, rank: int, unet) -> dict:
+    """The LoRA file's top `rank` singular components of every layer, as a kohya state dict."""
+    from difflora.lora_format import load_lora_file, to_kohya
+    from difflora.lora_spec import LoraSpec
+
+    spec = LoraSpec.from_unet(unet, rank=rank)
+    return to_kohya(spec, load_lora_file(spec, path, reduce_rank=True))
+
+
 def main(argv=None) -> int:
     from safetensors.torch import load_file
 
@@ -52,7 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--photos", type=int, default=12)
     ap.add_argument("--per-pass", type=int, default=8, help="identities trained together in one UNet pass")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--truncate", default="", help="comma-separated ranks to also score each recipe's LoRAs at")
     a = ap.parse_args(argv)
+    truncations = [int(k) for k in a.truncate.split(",") if k]
     recipes = [(r, parse_recipe(r)) for r in a.recipes.split(",") if r]
 
     out = Path(a.out)
@@ -88,10 +103,15 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         train_identity_loras(cfg, face_encoder=face, image_encoder=image)
         seconds = (time.perf_counter() - t0) / a.people
-        ida, pa = score([load_file(run / f"{p.name}.safetensors") for p in people])
-        gain = ida - base_ida
-        print(f"| {text} | {ida.mean():.3f} ± {ida.std() / np.sqrt(len(ida)):.3f} | {gain.mean():+.3f} ± "
-              f"{gain.std() / np.sqrt(len(gain)):.3f} | {pa:.3f} | {seconds:.1f} |", flush=True)
+        files = [run / f"{p.name}.safetensors" for p in people]
+        rows = [(text, [load_file(f) for f in files], f"{seconds:.1f}")]
+        rows += [(f"{text}, cut to rank {k}", [truncated(f, k, scorer.pipe.unet) for f in files], "")
+                 for k in truncations if k < fields["rank"]]
+        for label, loras, cost in rows:
+            ida, pa = score(loras)
+            gain = ida - base_ida
+            print(f"| {label} | {ida.mean():.3f} ± {ida.std() / np.sqrt(len(ida)):.3f} | {gain.mean():+.3f} ± "
+                  f"{gain.std() / np.sqrt(len(gain)):.3f} | {pa:.3f} | {cost} |", flush=True)
     return 0
 
 
