@@ -240,6 +240,14 @@ class LoraSpec:
         return (f"{self.base} rank {self.rank} alpha {self.alpha:g}, {self.num_layers} layers, "
                 f"{self.num_params:,} params, hash {self.hash}")
 
+    def with_rank(self, rank: int) -> "LoraSpec":
+        """The same layers at another rank, alpha scaled so that dW's scale (alpha / rank) is kept."""
+        return LoraSpec(self.base, rank, self.alpha * rank / self.rank, self.layers)
+
+    def reduces_to(self, other: "LoraSpec") -> bool:
+        """Whether LoRAs of this spec can be read at `other`'s lower rank (same base and layers)."""
+        return other.rank < self.rank and self.with_rank(other.rank).hash == other.hash
+
     def check_compatible(self, other: "LoraSpec") -> None:
         """Raise `LoraSpecMismatch` saying how `other` differs from this spec."""
         if self.hash == other.hash:

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from difflora.dit import DIT_CONFIGS
+from difflora.errors import DiffLoRAError
 from difflora.lae import LAE_CONFIGS
 from difflora.lora_format import to_kohya
 from difflora.lora_weights import random_lora_layers
@@ -56,6 +57,28 @@ def test_bad_loras_are_skipped_with_a_reason(messy_loras):
     assert "unreadable" in reasons["broken"]
     summary = data.report.summary(len(data.names))
     assert summary.startswith("4 identity(s) used, 5 skipped") and all(n in summary for n in reasons)
+
+
+def test_loras_read_at_a_lower_rank_are_their_top_components(tmp_path):
+    from difflora.lora_format import load_lora_file
+    from difflora.lora_weights import canonicalize_layers, flatten, truncate_rank
+    from difflora.train.lae_trainer import load_lae_final
+
+    spec = tiny_spec(rank=4)
+    folder = random_identity_loras(tmp_path, spec, GOOD)
+    data = load_lora_dataset(folder, rank=2)
+    assert data.names == GOOD and data.spec == spec.with_rank(2) and data.spec.scale == spec.scale
+    for i, name in enumerate(GOOD):
+        layers = load_lora_file(spec, folder / f"{name}.safetensors")
+        top = {n: truncate_rank(down, up, 2) for n, (down, up) in layers.items()}
+        torch.testing.assert_close(torch.as_tensor(data.rows([i])[0]), flatten(data.spec, canonicalize_layers(data.spec, top)))
+    # The spec of an LAE that learned rank 2 (as the dit stage passes it) reads them the same way.
+    torch.testing.assert_close(torch.as_tensor(load_lora_dataset(folder, spec=data.spec).rows(range(4))),
+                               torch.as_tensor(data.rows(range(4))))
+    with pytest.raises(DiffLoRAError, match="above the LoRAs' own rank 4"):
+        load_lora_dataset(folder, rank=8)
+    train_lae(LAETrainConfig(loras=str(folder), run=str(tmp_path / "lae"), rank=2, val_fraction=0.25, **SHORT))
+    assert load_lae_final(tmp_path / "lae" / LAE_FINAL)[2] == data.spec
 
 
 def test_training_goes_on_over_bad_data(messy_loras, tmp_path, capsys):

@@ -198,6 +198,9 @@ class LAETrainConfig(LoopConfig):
     """lae: the LoRA autoencoder on normalized canonical LoRAs (docs/METHOD.md section 2)."""
 
     size: str = option("tiny", "LAE size from the registry (sdxl-r4: ~300x for SDXL rank 4).", choices=LAE_CONFIGS)
+    rank: int = option(0, "Rank the LAE (and the DiT after it) learns: 0 = the LoRAs' own; lower = each layer's top "
+                          "singular components (toy world: rank-16 LoRAs cut to rank 4 kept their identity accuracy).",
+                       at_least=0)
     val_fraction: float = option(0.1, "Share of identities held out for validation (at least one when there are 2+); "
                                       "the dit stage keeps the same split.", at_least=0, below=1)
     lam: float = option(1.0, "Weight-preserved loss lambda (0: plain MSE, the ablation).", at_least=0)

@@ -188,16 +188,32 @@ def majority_spec(files: list[Path]) -> LoraSpec:
 
 
 def load_lora_dataset(folder: str | Path, spec: LoraSpec | None = None, embeddings: bool = False,
-                      encoders: EncoderSpec | None = None) -> LoraDataset:
-    """Read and check every identity LoRA (and its embeddings when `embeddings`)."""
+                      encoders: EncoderSpec | None = None, rank: int = 0) -> LoraDataset:
+    """Read and check every identity LoRA (and its embeddings when `embeddings`). `rank` (or a `spec`
+    of lower rank than the files') reads each LoRA as its top singular components of every layer."""
     files = lora_files(folder)
     if not files:
         raise DiffLoRAError(f"{folder} holds no identity LoRAs (<name>.safetensors).")
-    spec = spec or majority_spec(files)
+    folder_spec = majority_spec(files) if spec is None else _folder_spec(files)
+    spec = spec or folder_spec
+    if rank and rank != spec.rank:
+        if rank > spec.rank:
+            raise DiffLoRAError(f"rank {rank} is above the LoRAs' own rank {spec.rank}: a LoRA cannot be read at a "
+                                "higher rank; use their rank (0) or a lower one.")
+        spec = spec.with_rank(rank)
+    # Asked for a lower rank than the folder's LoRAs (`rank`, or the spec of an LAE that learned one):
+    # those are read as their top components; a LoRA of any other spec is still skipped.
+    reduce_from = folder_spec if folder_spec is not None and folder_spec.reduces_to(spec) else None
+    if reduce_from is not None:
+        log.info("Reading the rank-%d LoRAs of %s at rank %d (top singular components).", reduce_from.rank, folder,
+                 spec.rank)
     space = weight_space(files)
+    if reduce_from is not None and space != "free":
+        raise DiffLoRAError(f"{folder} holds {space} LoRAs, whose down-projections are shared: they cannot be read at "
+                            f"rank {spec.rank} (top components differ per LoRA); use their own rank.")
     report = SkipReport("identity")
     store, rows, skipped = cached_flat_loras(Path(folder), files, spec,
-                                             lambda p: _read_lora(p, spec, canonical=space == "free"))
+                                             lambda p: _read_lora(p, spec, space == "free", reduce_from))
     for name, reason in skipped:
         report.skip(name, reason)
     names, row_of, faces, images, kinds = [], [], [], [], []
@@ -245,15 +261,27 @@ def weight_space(files: list[Path]) -> str:
     return next(iter(seen))[0] if seen else "free"
 
 
-def _read_lora(path: Path, spec: LoraSpec, canonical: bool = True) -> torch.Tensor | str:
-    """The flat LoRA (canonical unless `canonical` is False), or why it cannot be used."""
+def _folder_spec(files: list[Path]) -> LoraSpec | None:
+    try:
+        return majority_spec(files)
+    except DiffLoRAError:  # no file records its spec: none is read at another rank
+        return None
+
+
+def _read_lora(path: Path, spec: LoraSpec, canonical: bool = True,
+               reduce_from: LoraSpec | None = None) -> torch.Tensor | str:
+    """The flat LoRA (canonical unless `canonical` is False), or why it cannot be used. A LoRA of
+    `reduce_from`'s spec is read at `spec`'s lower rank (each layer's top singular components)."""
     try:
         meta = read_metadata(path)
+        reduce = False  # a higher-rank LoRA of the same layers is read at the spec's rank
         if META_HASH in meta and meta[META_HASH] != spec.hash:
             other = LoraSpec.from_dict(json.loads(meta[META_SPEC])) if META_SPEC in meta else None
-            return (f"LoRA of another spec ({other.describe() if other else meta[META_HASH]}; "
-                    f"expected {spec.describe()})")
-        layers = load_lora_file(spec, path)  # checks names, shapes and rank against the spec
+            reduce = other is not None and reduce_from is not None and other.hash == reduce_from.hash
+            if not reduce:
+                return (f"LoRA of another spec ({other.describe() if other else meta[META_HASH]}; "
+                        f"expected {spec.describe()})")
+        layers = load_lora_file(spec, path, reduce_rank=reduce)  # checks names, shapes and rank against the spec
     except DiffLoRAError as e:
         return f"LoRA does not fit the spec: {e}"
     except Exception as e:  # unreadable file: report it, keep going

@@ -143,7 +143,7 @@ def train_lae(cfg: LAETrainConfig, accelerator=None, on_step=None) -> LoopResult
         raise DiffLoRAError("The lae stage needs --loras (the identity LoRAs) and --run (its output folder).")
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     with accelerator.main_process_first():  # one process builds the LoRA cache, the others reuse it
-        data = load_lora_dataset(cfg.loras)
+        data = load_lora_dataset(cfg.loras, rank=cfg.rank)
     stage = LAEStage(cfg, data)
     result = run_loop(stage, cfg, accelerator, on_step=on_step)
     if result.status == "finished" and accelerator.is_main_process:
