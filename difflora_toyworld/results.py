@@ -71,13 +71,14 @@ def generate(pipe, lora: dict | None, prompts: list[str], seeds: list[int], step
 
 
 def reconstruct(hn, lora_path: Path) -> dict:
-    """The trained LoRA through the hypernet's LAE (normalize, encode, decode, de-normalize)."""
+    """The trained LoRA through the hypernet's LAE (normalize, encode, decode, de-normalize); a LoRA of
+    higher rank than the hypernet's is read as its top components, as the LAE learned it."""
     from difflora.lora_format import load_lora_file
     from difflora.lora_weights import canonicalize_layers, flatten
     from difflora.train.data import weight_space
     from difflora.pipeline import decode_lora, lora_state_dict
 
-    layers = load_lora_file(hn.spec, lora_path)
+    layers = load_lora_file(hn.spec, lora_path, reduce_rank=True)
     # Shared-down LoRAs are stored (and learned by the LAE) as trained: no canonical form for them.
     if weight_space([Path(lora_path)]) == "free":
         layers = canonicalize_layers(hn.spec, layers)

@@ -330,7 +330,8 @@ def _symlink_unless_there(src: Path, dst: Path) -> None:
 def weight_space_hypernet(world, cfg, space: str, n: int = WEIGHT_SPACE_IDENTITIES, processes: int = 1) -> Path:
     """Train (or resume) the LAE and DiT of one weight space on the first `n` training identities
     (WORLD/study/ws-<space>/); returns its hypernet file. Free reuses the world's LoRAs; shared-down
-    trains its own, held-out ones included, from the same photos."""
+    trains its own, held-out ones included, from the same photos, at the rank the hypernet learns (a
+    shared down-projection has no per-LoRA top components to cut a higher rank to)."""
     from .identity_encoder import load_encoder
     from .split import identity_name, exclusion
     from .world import _loras_complete, run_dit, run_identity_loras, run_lae, training_people
@@ -359,7 +360,7 @@ def weight_space_hypernet(world, cfg, space: str, n: int = WEIGHT_SPACE_IDENTITI
             out = root / "loras" / split
             if not _loras_complete(out / "report.json"):
                 run_identity_loras(world, split, cfg, face, image, processes, data=str(src), out=str(out),
-                                   weight_space=space)
+                                   weight_space=space, rank=cfg.hypernet_rank or cfg.lora_rank)
     lae = root / "lae" / "lae_final.safetensors"
     if not lae.is_file():
         run_lae(world, cfg, run=lae.parent, loras=str(loras))

@@ -101,12 +101,13 @@ WORLD_SIZES = {
                       unet_steps=12000, lora_rank=16, lora_steps=320, lora_batch=8, lora_lr=2e-3,
                       # cut to rank 4 they kept their identity accuracy (0.64 vs 0.63): the hypernet learns rank 4
                       hypernet_rank=4),
-    # A world that builds in about a minute: for tests of the build machinery, not of quality.
+    # A world that builds in about a minute: for tests of the build machinery, not of quality. Its
+    # hypernet learns rank 2 of the rank-4 LoRAs, as v2's learns rank 4 of rank 16.
     # 12 training identities: the 12th (id_20011) has a held-out pair, so the split excludes one.
     "smoke": WorldConfig(base_identities=60, classifier_steps=20, encoder_steps=20, vae_steps=10, vae_decoder_steps=3,
                          unet_size="toy-attn", unet_steps=10,
                          train_identities=12, heldout_identities=2, lora_photos=3, lora_steps=3, lae_steps=10,
-                         dit_steps=10, unet_batch=8),
+                         hypernet_rank=2, dit_steps=10, unet_batch=8),
 }
 
 

@@ -168,3 +168,14 @@ def test_check_compatible_names_the_difference(unet):
 def test_from_dict_rejects_malformed():
     with pytest.raises(LoraSpecMismatch, match="malformed"):
         LoraSpec.from_dict({"base": "sdxl", "rank": 4})
+
+
+def test_a_spec_at_another_rank_keeps_the_layers_and_the_scale():
+    from tests.support.tiny_models import tiny_spec
+
+    spec = LoraSpec(base="sdxl", rank=16, alpha=8.0, layers=tiny_spec().layers)
+    low = spec.with_rank(4)
+    assert (low.rank, low.layers, low.scale) == (4, spec.layers, spec.scale)
+    assert spec.reduces_to(low) and not low.reduces_to(spec) and not spec.reduces_to(spec)
+    assert not spec.reduces_to(LoraSpec(base="sdxl", rank=4, alpha=4.0, layers=spec.layers))  # another scale
+    assert not spec.reduces_to(LoraSpec(base="sdxl", rank=4, alpha=2.0, layers=spec.layers[:-1]))  # other layers

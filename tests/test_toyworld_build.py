@@ -64,6 +64,9 @@ def test_base_only_stops_before_the_loras_and_their_recipe_may_change_until_they
     from safetensors import safe_open
     with safe_open(str(root / "loras" / "train" / "id_20000.safetensors"), framework="pt") as f:
         assert min(f.get_slice(k).get_shape()[0] for k in f.keys() if "lora_A" in k or "lora_down" in k) == cfg.lora_rank
+    # The hypernet learned the LoRAs' top components at its own rank.
+    from difflora.hypernet_file import load_hypernet
+    assert load_hypernet(root / "hypernet.safetensors").spec.rank == cfg.hypernet_rank < cfg.lora_rank
     # Once LoRAs exist, their recipe is part of the world.
     with pytest.raises(DiffLoRAError, match="lora_rank differ"):
         build_world(root, dataclasses.replace(cfg, lora_rank=8), comfy_path / "comfy" / "sd1_tokenizer")

@@ -213,7 +213,8 @@ def load_lora_dataset(folder: str | Path, spec: LoraSpec | None = None, embeddin
                             f"rank {spec.rank} (top components differ per LoRA); use their own rank.")
     report = SkipReport("identity")
     store, rows, skipped = cached_flat_loras(Path(folder), files, spec,
-                                             lambda p: _read_lora(p, spec, space == "free", reduce_from))
+                                             lambda p: _read_lora(p, spec, canonical=space == "free",
+                                                                        reduce_from=reduce_from))
     for name, reason in skipped:
         report.skip(name, reason)
     names, row_of, faces, images, kinds = [], [], [], [], []
