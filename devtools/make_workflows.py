@@ -43,6 +43,7 @@ class N:
     pos: tuple[int, int]
     widgets: dict = field(default_factory=dict)
     title: str | None = None
+    size: tuple[int, int] | None = None  # at least this big (an image preview drawn large); None: fit the widgets
 
 
 FRONTEND_ONLY = {"Note"}
@@ -74,18 +75,31 @@ def _common_front(ref_nodes: list[N]) -> tuple[list[N], list[Link]]:
     return nodes, links
 
 
+# The toy world's 64 px images, enlarged (nearest: every pixel a sharp square) and shown large, so a
+# newcomer sees the person's hair, eyes and glasses instead of a thumbnail.
+TOY_ENLARGE, TOY_PREVIEW = 4, (400, 500)
+
+
 def _sampling(apply_id: int, strength: float, ksampler_id: int, decode_id: int, save_id: int, x: int, y: int,
-              prefix: str, save_title: str | None = None) -> tuple[list[N], list[Link]]:
+              prefix: str, save_title: str | None = None, enlarge: int = 1) -> tuple[list[N], list[Link]]:
     nodes = [
         N(apply_id, "DiffLoRAApplyLora", (x, y), {"strength": strength}),
         N(ksampler_id, "KSampler", (x + 340, y), {"seed": 42, "steps": 30, "cfg": 5.0, "sampler_name": "dpmpp_2m",
                                                   "scheduler": "karras", "denoise": 1.0}),
         N(decode_id, "VAEDecode", (x + 680, y)),
-        N(save_id, "SaveImage", (x + 1020, y), {"filename_prefix": prefix}, save_title),
+        N(save_id, "SaveImage", (x + 1020, y), {"filename_prefix": prefix}, save_title,
+          TOY_PREVIEW if enlarge > 1 else None),
     ]
     links = [(1, 0, apply_id, "model"), (8, 0, apply_id, "lora"), (apply_id, 0, ksampler_id, "model"),
              (10, 0, ksampler_id, "positive"), (11, 0, ksampler_id, "negative"), (12, 0, ksampler_id, "latent_image"),
-             (ksampler_id, 0, decode_id, "samples"), (1, 2, decode_id, "vae"), (decode_id, 0, save_id, "images")]
+             (ksampler_id, 0, decode_id, "samples"), (1, 2, decode_id, "vae")]
+    if enlarge > 1:  # VAE Decode -> Upscale Image By (below it) -> Save Image
+        scale_id = save_id + 2
+        nodes.append(N(scale_id, "ImageScaleBy", (x + 680, y + 120),
+                       {"upscale_method": "nearest-exact", "scale_by": float(enlarge)}, f"Enlarge {enlarge}x"))
+        links += [(decode_id, 0, scale_id, "image"), (scale_id, 0, save_id, "images")]
+    else:
+        links.append((decode_id, 0, save_id, "images"))
     return nodes, links
 
 
@@ -119,7 +133,8 @@ def _toy_world() -> tuple[list[N], list[Link]]:
             (0.0, "difflora/toy_base", "Base model (LoRA off, same seed)"))
     for i, (strength, prefix, title) in enumerate(rows):
         base = 13 if i == 0 else 30
-        s, sl = _sampling(base, strength, base + 1, base + 2, base + 3, 1020, 0 if i == 0 else 700, prefix, title)
+        s, sl = _sampling(base, strength, base + 1, base + 2, base + 3, 1020, 0 if i == 0 else 700, prefix, title,
+                          enlarge=TOY_ENLARGE)
         for n in s:
             if n.type == "KSampler":
                 n.widgets.update(steps=20, cfg=4.0)
@@ -135,21 +150,22 @@ SDXL_REFINE = {"steps": 40, "learning_rate": 1e-4, "seed": 0, "prompt": "a photo
 
 
 def _refine_rows(nodes: list[N], links: list[Link], settings: dict, prefix: str, extra_links: list[Link],
-                 ksampler: dict | None = None) -> tuple[list[N], list[Link]]:
+                 ksampler: dict | None = None, enlarge: int = 1) -> tuple[list[N], list[Link]]:
     """The predicted-only row (13-16) and the refined row (30-33) beside it, and the Refine node."""
     nodes = nodes + [N(REFINE_ID, "DiffLoRARefineLora", (680, 900), settings, "Refine Identity LoRA")]
     links = links + [(1, 0, REFINE_ID, "model"), (1, 1, REFINE_ID, "clip"), (1, 2, REFINE_ID, "vae"),
                      (2, 0, REFINE_ID, "images"), (8, 0, REFINE_ID, "lora"), *extra_links]
     for base, y, name in ((13, 0, "predicted"), (30, 900, "refined")):
         title = "Predicted LoRA only" if name == "predicted" else "Refined LoRA"
-        s, sl = _sampling(base, 1.0, base + 1, base + 2, base + 3, 1020, y, f"{prefix}_{name}", title)
+        s, sl = _sampling(base, 1.0, base + 1, base + 2, base + 3, 1020, y, f"{prefix}_{name}", title, enlarge)
         if base == 30:  # the refined LoRA instead of the predicted one
             sl = [(REFINE_ID, 0, base, "lora") if (d, n) == (base, "lora") else (a, b, d, n) for a, b, d, n in sl]
         for n in s:
             if n.type == "KSampler" and ksampler:
                 n.widgets.update(ksampler)
         nodes, links = nodes + s, links + sl
-    save = N(17, "DiffLoRASaveLora", (1360, 1300), {"filename_prefix": f"{prefix}_refined"}, "Save refined LoRA")
+    save = N(17, "DiffLoRASaveLora", (1360, 1300), {"filename_prefix": f"{prefix}_refined"},
+             "Save refined LoRA")
     return nodes + [save], links + [(REFINE_ID, 0, 17, "lora")]
 
 
@@ -159,7 +175,7 @@ def _toy_refine() -> tuple[list[N], list[Link]]:
     nodes = [n for n in nodes if n.id in keep]
     links = [x for x in links if x[0] in keep and x[2] in keep]
     return _refine_rows(nodes, links, TOY_REFINE, "difflora/toy", [(5, 0, REFINE_ID, "hypernet")],
-                        {"steps": 20, "cfg": 4.0})
+                        {"steps": 20, "cfg": 4.0}, enlarge=TOY_ENLARGE)
 
 
 def _sdxl_refine() -> tuple[list[N], list[Link]]:
@@ -314,6 +330,8 @@ def to_ui(nodes: list[N], links: list[Link], info: dict) -> dict:
         node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": [300, 60 + 26 * (len(values) + len(sockets))],
                 "flags": {}, "order": order, "mode": 0, "inputs": sockets, "outputs": outputs,
                 "properties": {"Node name for S&R": n.type}, "widgets_values": values}
+        if n.size:
+            node["size"] = [max(a, b) for a, b in zip(node["size"], n.size)]
         if n.title:
             node["title"] = n.title
         ui_nodes.append(node)

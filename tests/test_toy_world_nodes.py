@@ -97,7 +97,9 @@ def test_stock_comfyui_with_only_the_pack_runs_the_toy_template(stock_server):
     loras = sorted((server.models_dir("loras") / "difflora").glob("toy_identity_*.safetensors"))
     personalized = [p for p in images if "toy_personalized" in p.name]
     assert len(personalized) == 4 and len(loras) == 1
-    assert np.asarray(Image.open(personalized[0])).shape == (64, 64, 3)
+    # The 64 px faces, enlarged 4x (nearest) for the preview: every pixel a 4x4 square.
+    image = np.asarray(Image.open(personalized[0]))
+    assert image.shape == (256, 256, 3) and (image[::4, ::4].repeat(4, 0).repeat(4, 1) == image).all()
 
 
 def test_every_missing_file_is_reported_by_the_first_run(stock_server):

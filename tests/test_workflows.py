@@ -72,8 +72,10 @@ def test_workflow_runs_end_to_end(server, name):
     samplers = sum(1 for n in prompt.values() if n["class_type"] == "KSampler")
     batch = next((n["inputs"]["batch_size"] for n in prompt.values() if n["class_type"] == "EmptyLatentImage"), 1)
     assert len(images) == samplers * batch
+    # 64 px (the tiny and toy bases), enlarged where the graph enlarges what it saves (the toy graphs).
+    side = 64 * int(next((n["inputs"]["scale_by"] for n in prompt.values() if n["class_type"] == "ImageScaleBy"), 1))
     for path in images:
-        assert Image.open(path).size == (64, 64)
+        assert Image.open(path).size == (side, side)
     saved = [text for out in outputs.values() for text in out.get("text", [])]
     lora_nodes = [k for k, n in prompt.items() if n["class_type"] == "DiffLoRASaveLora"]
     assert len(saved) == len(lora_nodes)
