@@ -17,6 +17,9 @@ INSIGHTFACE_FOLDER = "insightface"
 TOY_BASE_FOLDER = "difflora_toyworld"  # models/difflora_toyworld, and the pack's own toy base
 TOY_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "toyworld"
 TOY_PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Toy photos are 64 px: their previews are drawn 4x, every pixel a sharp square, as the toy templates
+# enlarge their images (the IMAGE output stays the photo itself).
+TOY_PHOTO_PREVIEW_SCALE = 4
 
 
 def register_model_folders() -> None:

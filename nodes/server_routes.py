@@ -10,7 +10,7 @@ import sys
 
 from aiohttp import web
 
-from .folders import toy_photos
+from .folders import TOY_PHOTO_PREVIEW_SCALE, toy_photos
 from .graph_files import remember_queued_graph
 
 TOY_PHOTO_ROUTE = "/difflora/toy_photo/{name}"
@@ -21,7 +21,20 @@ async def _toy_photo(request: web.Request) -> web.StreamResponse:
     path = toy_photos().get(request.match_info["name"])
     if path is None:
         return web.Response(status=404, text="no toy-world photo of that name")
-    return web.FileResponse(path, headers={"Cache-Control": "max-age=3600"})
+    return web.Response(body=_enlarged_png(path), content_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+
+def _enlarged_png(path) -> bytes:
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        big = im.resize((im.width * TOY_PHOTO_PREVIEW_SCALE, im.height * TOY_PHOTO_PREVIEW_SCALE), Image.NEAREST)
+    out = io.BytesIO()
+    big.save(out, format="PNG")
+    return out.getvalue()
 
 
 def register_server_routes() -> bool:

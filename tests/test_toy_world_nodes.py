@@ -4,6 +4,7 @@ with only this pack installed runs the toy-world template to a personalized imag
 
 from __future__ import annotations
 
+import io
 import json
 import urllib.error
 import urllib.request
@@ -76,6 +77,11 @@ def test_toy_photo_is_the_shipped_png(pack):
     png = np.asarray(Image.open(REPO / "assets" / "toyworld" / "photos" / options[0]).convert("RGB"))
     assert image.shape == (1, 64, 64, 3)
     assert np.array_equal((image[0].numpy() * 255).round().astype(np.uint8), png)
+    import folder_paths  # the preview: the same photo drawn 4x, every pixel a 4x4 square
+
+    shown = out.ui.as_dict()["images"][0]
+    preview = np.asarray(Image.open(Path(folder_paths.get_temp_directory()) / shown["subfolder"] / shown["filename"]))
+    assert (preview[..., :3] == png.repeat(4, 0).repeat(4, 1)).all()
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +139,9 @@ def test_toy_photos_are_served_for_their_preview(stock_server):
     """Toy World Photo shows its photo before any Run: the pack serves its own photos, by exact name only."""
     name = "heldout_00.png"
     with urllib.request.urlopen(f"{stock_server.url}/difflora/toy_photo/{name}") as r:
-        assert r.read() == (REPO / "assets" / "toyworld" / "photos" / name).read_bytes()
+        served = np.asarray(Image.open(io.BytesIO(r.read())))
+    photo = np.asarray(Image.open(REPO / "assets" / "toyworld" / "photos" / name).convert("RGB"))
+    assert (served == photo.repeat(4, 0).repeat(4, 1)).all()  # the photo, every pixel a 4x4 square
     for bad in ("nobody.png", "..%2F..%2Fweights_manifest.json"):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"{stock_server.url}/difflora/toy_photo/{bad}")
