@@ -36,18 +36,17 @@ def parse_recipe(text: str) -> dict:
             "rank": int(parts[3]) if len(parts) == 4 else 4}
 
 
-def truncated(path: Path, rank: int, unet) -> dict:
-    """The LoRA file's top `rank` singular components of every layer, as a kohya state dict."""
+def truncated(path: Path, spec) -> dict:
+    """The LoRA file's top `spec.rank` singular components of every layer, as a kohya state dict."""
     from difflora.lora_format import load_lora_file, to_kohya
-    from difflora.lora_spec import LoraSpec
 
-    spec = LoraSpec.from_unet(unet, rank=rank)
     return to_kohya(spec, load_lora_file(spec, path, reduce_rank=True))
 
 
 def main(argv=None) -> int:
     from safetensors.torch import load_file
 
+    from difflora.lora_spec import LoraSpec
     from difflora.train.config import IdentityLoraConfig
     from difflora.train.identity_loras import train_identity_loras
     from difflora_toyworld import toy_sdxl
@@ -67,7 +66,6 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--truncate", default="", help="comma-separated ranks to also score each recipe's LoRAs at")
     a = ap.parse_args(argv)
-    truncations = [int(k) for k in a.truncate.split(",") if k]
     recipes = [(r, parse_recipe(r)) for r in a.recipes.split(",") if r]
 
     out = Path(a.out)
@@ -84,6 +82,7 @@ def main(argv=None) -> int:
               for i, person in enumerate(sample_identities(a.people, a.seed, first=VALIDATION_FIRST))]
     scorer = scorer.on(people)
     face, image = load_encoder(world.face), load_encoder(world.image)
+    cut_specs = [LoraSpec.from_unet(scorer.pipe.unet, rank=int(k)) for k in a.truncate.split(",") if k]
 
     def score(loras):
         measured = scorer.score(loras)
@@ -105,8 +104,8 @@ def main(argv=None) -> int:
         seconds = (time.perf_counter() - t0) / a.people
         files = [run / f"{p.name}.safetensors" for p in people]
         rows = [(text, [load_file(f) for f in files], f"{seconds:.1f}")]
-        rows += [(f"{text}, cut to rank {k}", [truncated(f, k, scorer.pipe.unet) for f in files], "")
-                 for k in truncations if k < fields["rank"]]
+        rows += [(f"{text}, cut to rank {spec.rank}", [truncated(f, spec) for f in files], "")
+                 for spec in cut_specs if spec.rank < fields["rank"]]
         for label, loras, cost in rows:
             ida, pa = score(loras)
             gain = ida - base_ida

@@ -164,8 +164,7 @@ def _refine_rows(nodes: list[N], links: list[Link], settings: dict, prefix: str,
             if n.type == "KSampler" and ksampler:
                 n.widgets.update(ksampler)
         nodes, links = nodes + s, links + sl
-    save = N(17, "DiffLoRASaveLora", (1360, 1300), {"filename_prefix": f"{prefix}_refined"},
-             "Save refined LoRA")
+    save = N(17, "DiffLoRASaveLora", (1360, 1300), {"filename_prefix": f"{prefix}_refined"}, "Save refined LoRA")
     return nodes + [save], links + [(REFINE_ID, 0, 17, "lora")]
 
 

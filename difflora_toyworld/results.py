@@ -30,6 +30,7 @@ import torch
 from difflora.diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 
 from . import toy_sdxl
+from .toy_sdxl import atomic_write_text  # noqa: F401  (the studies import it from here)
 from .render import Scene, caption, render
 from .train_base import reconstruct as reconstruct_photos
 
@@ -386,12 +387,6 @@ def grid_image(grid: list, rows: int = 6, scale: int = 2) -> np.ndarray:
         for c, tile in enumerate(row):
             out[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = tile
     return out.repeat(scale, 0).repeat(scale, 1)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def people_image(grid: list, people: int = PICTURE_PEOPLE, scale: int = PICTURE_SCALE,

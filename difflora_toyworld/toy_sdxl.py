@@ -144,6 +144,12 @@ SCHEDULER_CONFIG = {  # SDXL base's scheduler config (Euler, epsilon, scaled-lin
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_dir_atomic(write, folder: str | os.PathLike) -> Path:
     """`write(tmp)` fills a sibling temp folder, which then replaces `folder`: a stopped run
     never leaves a half-written model folder behind."""

@@ -171,8 +171,8 @@ def _check_config(world: World, cfg: WorldConfig) -> None:
     """A world folder is built with one config; resuming with another would mix two worlds. Settings of
     stages that have not begun may change: world.json then records the new ones."""
     if world.config.is_file():
-        old = world.stored_config()
-        changed = sorted(k for k in cfg.to_dict() if old.get(k) != cfg.to_dict()[k])
+        old, new = world.stored_config(), cfg.to_dict()
+        changed = sorted(k for k in new if old.get(k) != new[k])
         if changed and set(changed) <= _unstarted_settings(world):
             log.warning("%s: %s changed before their stage began; world.json records the new values",
                         world.root, ", ".join(changed))
@@ -188,9 +188,7 @@ def _check_config(world: World, cfg: WorldConfig) -> None:
 
 
 def _write_config(world: World, cfg: WorldConfig) -> None:
-    tmp = world.config.with_name(f".{world.config.name}.tmp")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=1))
-    os.replace(tmp, world.config)
+    toy_sdxl.atomic_write_text(world.config, json.dumps(cfg.to_dict(), indent=1))
 
 
 def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.PathLike,
@@ -321,9 +319,7 @@ def _data_stage(world: World, cfg: WorldConfig, t0: float) -> None:
         if cfg.heldout_pairs:
             write_people_folders(world.data / "compositional", compositional_people(cfg), cfg.lora_photos, cfg.seed,
                                  subject=TRIGGER)
-            tmp = world.split.with_name(f".{world.split.name}.tmp")
-            tmp.write_text(json.dumps(split_record(cfg), indent=1))
-            os.replace(tmp, world.split)
+            toy_sdxl.atomic_write_text(world.split, json.dumps(split_record(cfg), indent=1))
         data_done.write_text("1")
 
 

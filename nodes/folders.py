@@ -40,6 +40,14 @@ def toy_photos() -> dict[str, Path]:
     return {p.name: p for p in sorted(folder.glob("*")) if p.suffix.lower() in TOY_PHOTO_SUFFIXES}
 
 
+def toy_photo_preview(photo):
+    """A toy photo (PIL image) as its preview shows it: enlarged TOY_PHOTO_PREVIEW_SCALE times, nearest."""
+    from PIL import Image
+
+    k = TOY_PHOTO_PREVIEW_SCALE
+    return photo.resize((photo.width * k, photo.height * k), Image.NEAREST)
+
+
 def model_file_installed(folder: str, name: str) -> bool:
     try:
         return folder_paths.get_full_path(folder, name) is not None

@@ -10,7 +10,7 @@ import sys
 
 from aiohttp import web
 
-from .folders import TOY_PHOTO_PREVIEW_SCALE, toy_photos
+from .folders import toy_photo_preview, toy_photos
 from .graph_files import remember_queued_graph
 
 TOY_PHOTO_ROUTE = "/difflora/toy_photo/{name}"
@@ -30,10 +30,9 @@ def _enlarged_png(path) -> bytes:
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        big = im.resize((im.width * TOY_PHOTO_PREVIEW_SCALE, im.height * TOY_PHOTO_PREVIEW_SCALE), Image.NEAREST)
+        preview = toy_photo_preview(im.convert("RGB"))
     out = io.BytesIO()
-    big.save(out, format="PNG")
+    preview.save(out, format="PNG")
     return out.getvalue()
 
 

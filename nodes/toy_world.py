@@ -25,7 +25,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..difflora.errors import DiffLoRAError
 from ..difflora_toyworld.architecture import read_architecture
-from .folders import TOY_BASE_FOLDER, TOY_PHOTO_PREVIEW_SCALE, missing_model_message, toy_photos
+from .folders import TOY_BASE_FOLDER, missing_model_message, toy_photo_preview, toy_photos
 from .types import CATEGORY
 
 _UNET_PREFIX = "model.diffusion_model."
@@ -137,10 +137,11 @@ class ToyWorldPhoto(io.ComfyNode):
         photos = toy_photos()
         if photo not in photos:
             raise DiffLoRAError(f"No toy-world photo named {photo!r}: choose one of {', '.join(sorted(photos))}.")
-        rgb = np.asarray(Image.open(photos[photo]).convert("RGB"), dtype=np.float32) / 255.0
-        image = torch.from_numpy(rgb)[None]
+        with Image.open(photos[photo]) as im:
+            rgb = im.convert("RGB")
+        image, preview = (torch.from_numpy(np.asarray(x, dtype=np.float32) / 255.0)[None]
+                          for x in (rgb, toy_photo_preview(rgb)))
         # The person, beside the results, drawn as large as the enlarged results.
-        preview = image.repeat_interleave(TOY_PHOTO_PREVIEW_SCALE, 1).repeat_interleave(TOY_PHOTO_PREVIEW_SCALE, 2)
         return io.NodeOutput(image, ui=ui.PreviewImage(preview, cls=cls))
 
     @classmethod
