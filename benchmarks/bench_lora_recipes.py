@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--per-pass", type=int, default=8, help="identities trained together in one UNet pass")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--truncate", default="", help="comma-separated ranks to also score each recipe's LoRAs at")
+    ap.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"),
+                    help="the trainer's compute precision (bf16: the UNet in bf16 under autocast; CPUs with AMX)")
     a = ap.parse_args(argv)
     recipes = [(r, parse_recipe(r)) for r in a.recipes.split(",") if r]
 
@@ -94,11 +96,12 @@ def main(argv=None) -> int:
     print("| recipe (steps:batch:lr:rank) | identity accuracy | gain over base (paired) | prompt accuracy | s / identity |")
     print("| --- | --- | --- | --- | --- |")
     for text, fields in recipes:
-        run = out / ("recipe-" + "-".join(f"{k}{v}" for k, v in fields.items()))
+        run = out / ("recipe-" + "-".join(f"{k}{v}" for k, v in fields.items())
+                     + ("" if a.mixed_precision == "no" else f"-{a.mixed_precision}"))
         cfg = IdentityLoraConfig(
             data=str(data), out=str(run), base=base, face_encoder="toy-face", insightface_root=str(world.face),
             image_encoder=str(world.image), resolution=toy_sdxl.IMAGE_SIZE, min_images=3, min_face_similarity=0.8,
-            mixed_precision="no", seed=a.seed, identities_per_pass=a.per_pass, **fields)
+            mixed_precision=a.mixed_precision, seed=a.seed, identities_per_pass=a.per_pass, **fields)
         t0 = time.perf_counter()
         train_identity_loras(cfg, face_encoder=face, image_encoder=image)
         seconds = (time.perf_counter() - t0) / a.people

@@ -222,6 +222,11 @@ def build_world(root: str | os.PathLike, cfg: WorldConfig, tokenizer: str | os.P
         report = world.loras / split / "report.json"
         if _stage(f"identity-loras {split}", _loras_complete(report), t0):
             run_identity_loras(world, split, cfg, face, image, processes)
+            # A stop request (Ctrl-C, SIGTERM) ends the trainer cleanly; the later stages must not
+            # then start on the LoRAs trained so far.
+            if not _loras_complete(report):
+                raise DiffLoRAError(f"identity-loras ({split}) was interrupted before every identity was trained; "
+                                    "run the build again to continue it.")
     if cfg.heldout_pairs and _stage("composable", (world.loras / "train-composable" / "split.json").is_file(), t0):
         link_composable_loras(world, cfg)
 

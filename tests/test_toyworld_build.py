@@ -124,6 +124,31 @@ def test_lae_and_dit_learn_only_from_identities_without_a_held_out_pair(smoke_wo
         assert (root / "loras" / "compositional" / f"{name}.safetensors").is_file()
 
 
+def test_an_interrupted_lora_stage_stops_the_build_before_the_hypernet(smoke_world, comfy_path, tmp_path, monkeypatch):
+    import shutil
+
+    from difflora_toyworld import world as world_module
+
+    root, cfg = smoke_world
+    copy = tmp_path / "world"
+    shutil.copytree(root, copy, symlinks=True)
+    for later in ("lae", "dit", "loras/train-composable"):
+        shutil.rmtree(copy / later)
+    (copy / "hypernet.safetensors").unlink()
+    # As the trainer leaves its report when SIGTERM stops it: the identities not reached are "interrupted".
+    report = copy / "loras" / "train" / "report.json"
+    record = json.loads(report.read_text())
+    record["identities"][-1]["status"] = "interrupted"
+    report.write_text(json.dumps(record))
+    calls = []
+    monkeypatch.setattr(world_module, "run_identity_loras", lambda world, split, *a, **k: calls.append(split))
+    with pytest.raises(DiffLoRAError, match=r"identity-loras \(train\) was interrupted.*run the build again"):
+        build_world(copy, cfg, comfy_path / "comfy" / "sd1_tokenizer", processes=1)
+    assert calls == ["train"]
+    assert not (copy / "lae").exists() and not (copy / "loras" / "train-composable").exists()
+    assert not (copy / "hypernet.safetensors").exists()
+
+
 def test_another_config_in_the_same_folder_is_refused(smoke_world, comfy_path):
     root, cfg = smoke_world
     with pytest.raises(DiffLoRAError, match="unet_steps"):
