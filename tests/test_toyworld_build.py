@@ -187,6 +187,40 @@ def test_results_write_table_json_and_grid(smoke_world, tmp_path):
         assert np.asarray(Image.open(out / name)).shape == (14 + 196, 5 * 196, 3)  # 1 person, 5 columns, 3x
 
 
+def _bench_lae_ceiling():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lae_ceiling.py"
+    spec = importlib.util.spec_from_file_location("bench_lae_ceiling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_projection_keeps_what_the_training_rows_span_and_more_components_keep_more():
+    projected = _bench_lae_ceiling().projected
+    g = torch.Generator().manual_seed(0)
+    train, held = torch.randn(12, 40, generator=g), torch.randn(5, 40, generator=g)
+    torch.testing.assert_close(projected(train, train, 12), train, atol=1e-4, rtol=1e-4)  # in the span: kept
+    errors = [float(((projected(held, train, k) - held) ** 2).sum()) for k in (1, 4, 11)]
+    assert errors[0] > errors[1] > errors[2] > 0  # outside the span: less lost with each component
+
+
+@pytest.mark.slow
+def test_lae_ceiling_bench_scores_every_row_on_the_held_out_people(smoke_world, tmp_path):
+    root, cfg = smoke_world
+    out = tmp_path / "rows.json"
+    assert _bench_lae_ceiling().main(["--world", str(root), "--components", "1,1000", "--cuts", "1",
+                                      "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    labels = list(rows)
+    assert labels[:3] == ["base model", "trained", "trained, cut to rank 1"] and labels[3].startswith("LAE ")
+    projections = [rows[k] for k in labels[4:]]
+    assert len(projections) == 2 and all(len(r["per_identity"]) == cfg.heldout_identities for r in rows.values())
+    assert projections[0]["relative_error_around_mean"] > projections[1]["relative_error_around_mean"]
+
+
 def test_export_writes_small_files_that_load_back(smoke_world, tmp_path):
     from difflora.hypernet_file import load_hypernet
     from difflora_toyworld.attributes import load_classifier
