@@ -22,15 +22,6 @@ import numpy as np
 import torch
 
 
-def normalized_loras(paths, spec, normalizer) -> torch.Tensor:
-    """(N, P): each LoRA file read at the spec's rank (top components), canonical, then normalized."""
-    from difflora.lora_format import load_lora_file
-    from difflora.lora_weights import canonicalize_layers, flatten
-
-    rows = [flatten(spec, canonicalize_layers(spec, load_lora_file(spec, p, reduce_rank=True))).float() for p in paths]
-    return normalizer.normalize(torch.stack(rows))
-
-
 def projected(x: torch.Tensor, train: torch.Tensor, k: int) -> torch.Tensor:
     """x projected on the mean plus the top k principal components of `train` (rows)."""
     mean = train.mean(0)
@@ -38,15 +29,22 @@ def projected(x: torch.Tensor, train: torch.Tensor, k: int) -> torch.Tensor:
     return mean + (x - mean) @ basis.T @ basis
 
 
+def lae_as_hypernet(path: Path) -> argparse.Namespace:
+    """What results.reconstruct reads of a hypernet, from an LAE stage's lae_final file."""
+    from difflora.train.lae_trainer import load_lae_final
+
+    lae, normalizer, spec, _ = load_lae_final(path)
+    return argparse.Namespace(spec=spec, lae=lae, weight_normalizer=normalizer, latent_shape=lae.latent_shape)
+
+
 def main(argv=None) -> int:
     from safetensors.torch import load_file
 
-    from difflora.lora_format import load_lora_file, to_kohya
+    from bench_lora_recipes import truncated  # run from benchmarks/, as every bench
     from difflora.lora_spec import LoraSpec
-    from difflora.lora_weights import canonicalize_layers, unflatten
-    from difflora.train.lae_trainer import load_lae_final
+    from difflora.pipeline import lora_state_dict
     from difflora_toyworld.plugin import register
-    from difflora_toyworld.results import reconstruct
+    from difflora_toyworld.results import normalized_lora, reconstruct
     from difflora_toyworld.study import LoraScorer
     from difflora_toyworld.world import hypernet_loras
 
@@ -67,23 +65,19 @@ def main(argv=None) -> int:
             "trained": scorer.score([load_file(p.lora) for p in scorer.people])}
     for r in (int(k) for k in a.cuts.split(",") if k):
         spec = LoraSpec.from_unet(scorer.pipe.unet, rank=r)
-        rows[f"trained, cut to rank {r}"] = scorer.score(
-            [to_kohya(spec, load_lora_file(spec, p.lora, reduce_rank=True)) for p in scorer.people])
-    for path in laes:
-        lae, normalizer, spec, _ = load_lae_final(path)
-        hn = argparse.Namespace(spec=spec, lae=lae, weight_normalizer=normalizer, latent_shape=lae.latent_shape)
-        rows[f"LAE {path} ({lae.compression_ratio:.0f}x)"] = scorer.score([reconstruct(hn, p.lora) for p in scorer.people])
+        rows[f"trained, cut to rank {r}"] = scorer.score([truncated(p.lora, spec) for p in scorer.people])
+    hypernets = [lae_as_hypernet(path) for path in laes]
+    for path, hn in zip(laes, hypernets):
+        rows[f"LAE {path} ({hn.lae.compression_ratio:.0f}x)"] = scorer.score([reconstruct(hn, p.lora) for p in scorer.people])
 
-    lae, normalizer, spec, _ = load_lae_final(laes[0])
-    train = normalized_loras(sorted(training.glob("id_*[0-9].safetensors")), spec, normalizer)
-    held = normalized_loras([p.lora for p in scorer.people], spec, normalizer)
+    hn = hypernets[0]
+    train = torch.stack([normalized_lora(hn, p) for p in sorted(training.glob("id_*[0-9].safetensors"))])
+    held = torch.stack([normalized_lora(hn, p.lora) for p in scorer.people])
     centred = ((held - train.mean(0)) ** 2).sum()
     for k in (int(c) for c in a.components.split(",") if c):
         k = min(k, len(train))
         rec = projected(held, train, k)
-        loras = [to_kohya(spec, canonicalize_layers(spec, unflatten(spec, normalizer.denormalize(r[None])[0])))
-                 for r in rec]
-        row = scorer.score(loras)
+        row = scorer.score([lora_state_dict(hn, hn.weight_normalizer.denormalize(r)) for r in rec])
         row["relative_error_around_mean"] = float(((rec - held) ** 2).sum() / centred)
         rows[f"projection on {k} of {len(train)} training LoRAs' components"] = row
 

@@ -71,23 +71,28 @@ def generate(pipe, lora: dict | None, prompts: list[str], seeds: list[int], step
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
-def reconstruct(hn, lora_path: Path) -> dict:
-    """The trained LoRA through the hypernet's LAE (normalize, encode, decode, de-normalize); a LoRA of
-    higher rank than the hypernet's is read as its top components, as the LAE learned it."""
+def normalized_lora(hn, lora_path: Path) -> torch.Tensor:
+    """(P,) the trained LoRA as the LAE sees it: read at the hypernet's rank (a LoRA of higher rank as
+    its top components, as the LAE learned it), in canonical form, gauge-aligned and normalized."""
     from difflora.lora_format import load_lora_file
     from difflora.lora_weights import canonicalize_layers, flatten
     from difflora.train.data import weight_space
-    from difflora.pipeline import decode_lora, lora_state_dict
 
     layers = load_lora_file(hn.spec, lora_path, reduce_rank=True)
     # Shared-down LoRAs are stored (and learned by the LAE) as trained: no canonical form for them.
     if weight_space([Path(lora_path)]) == "free":
         layers = canonicalize_layers(hn.spec, layers)
-    flat = flatten(hn.spec, layers).float()
+    normalizer = hn.weight_normalizer
+    return normalizer.normalize(flatten(hn.spec, layers).float()[None].to(normalizer.mean.device))[0]
+
+
+def reconstruct(hn, lora_path: Path) -> dict:
+    """The trained LoRA through the hypernet's LAE (normalize, encode, decode, de-normalize)."""
+    from difflora.pipeline import decode_lora, lora_state_dict
+
     param = next(hn.lae.parameters())
     with torch.no_grad():
-        normalizer = hn.weight_normalizer
-        z = hn.lae.encode(normalizer.normalize(flat[None].to(normalizer.mean.device)).to(param.device, param.dtype))
+        z = hn.lae.encode(normalized_lora(hn, lora_path)[None].to(param.device, param.dtype))
     return lora_state_dict(hn, decode_lora(hn, z))
 
 
