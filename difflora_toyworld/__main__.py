@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--identities", type=int, default=0, help="held-out identities to score (0: all)")
     st.add_argument("--hypernet", default="", help="the hypernet the main, baseline, sampling, photo and validation "
                                                    "rows measure (default: the world's own)")
-    st.add_argument("--parts", default="baselines,sampling,photos,ablations,validation,weight-space",
+    st.add_argument("--parts", default="baselines,sampling,photos,ablations,validation,strength,weight-space",
                     help="comma-separated: baselines, sampling, photos, ablations, validation, weight-space")
     st.add_argument("--ablations", default="", help="comma-separated ablations to train and score (default: all "
                                                     "of study.ABLATIONS)")

@@ -55,11 +55,13 @@ def eval_scene(background: str, expression: str) -> Scene:
 
 
 @torch.no_grad()
-def generate(pipe, lora: dict | None, prompts: list[str], seeds: list[int], steps: int, guidance: float):
-    """Images (N, 64, 64, 3) uint8 for the prompts, with the LoRA fused into the UNet (if any)."""
+def generate(pipe, lora: dict | None, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+             strength: float = 1.0):
+    """Images (N, 64, 64, 3) uint8 for the prompts, with the LoRA fused into the UNet (if any) at
+    `strength` (Apply Predicted LoRA's strength: dW scaled by it)."""
     if lora is not None:
         pipe.load_lora_weights(lora, adapter_name=ADAPTER)
-        pipe.fuse_lora(adapter_names=[ADAPTER])
+        pipe.fuse_lora(adapter_names=[ADAPTER], lora_scale=strength)
     try:
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         out = pipe(prompt=prompts, height=toy_sdxl.IMAGE_SIZE, width=toy_sdxl.IMAGE_SIZE,

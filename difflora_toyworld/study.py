@@ -18,6 +18,10 @@ Rows, each a way to get one LoRA per held-out identity from what the training se
   validation  the sampler settings' grid (VALIDATION_SAMPLING) on 32 identities that are neither trained on
               nor held out (world.VALIDATION_FIRST on): the default is chosen there by the one-standard-
               error rule (choose_sampling), then scored on the held-out identities like every row
+  strength    the hypernet's LoRA applied at strengths above 1 (a predictor trained by MSE leans to
+              the mean of the people a photo could be, a weaker LoRA than any one of theirs), with the
+              trained and nearest-identity LoRAs at the same strength as controls; the strength is
+              chosen on the validation identities (choose_strength) and scored held-out
   weight-space  the two weight spaces of identity-loras on the first 500 training identities: the
               world's own (free: A and B trained, canonical form and gauge) and shared-down (one frozen
               A, only B trained), each with its own LAE and DiT; the shared-down held-out LoRAs are
@@ -38,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflora.diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from difflora.train.data import EMB_SUFFIX
 
 from . import toy_sdxl
@@ -46,7 +51,7 @@ from .render import Identity, caption, sample_identities
 
 log = logging.getLogger("difflora_toyworld")
 
-PARTS = ("baselines", "sampling", "photos", "ablations", "validation", "weight-space")
+PARTS = ("baselines", "sampling", "photos", "ablations", "validation", "strength", "weight-space")
 # name -> (LAE overrides or None for the world's LAE, DiT overrides)
 ABLATIONS = {
     "face-only": (None, {"sources": "face", "p_no_face": 0.0}),
@@ -61,8 +66,12 @@ VALIDATION_SAMPLING = [(sampler, steps, guidance) for guidance in (1.5, 2.0, 2.5
                        for sampler, steps in (("ddim", 25), ("ddim", 10), ("dpm++", 5))]
 VALIDATION_IDENTITIES = 32
 PHOTOS = (1, 3, 5)
+# Apply Predicted LoRA strengths the strength part scores (1 is every other row's).
+STRENGTHS = (1.0, 1.25, 1.5, 2.0)
+CONTROL_STRENGTH = 1.5  # the trained and nearest LoRAs are scored here too: is it the prediction or the world?
 # The sampler setting of every row that is not about the sampler, fixed so rows of different runs compare.
 REFERENCE = {"sampler": "ddim", "steps": 25, "guidance": 3.0}
+PACK_SAMPLING = {"sampler": DEFAULT_SAMPLER, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}  # results' predicted row
 RIDGE_COMPONENTS = (16, 64, 256)
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0)
 WEIGHT_SPACES = ("free", "shared-down")
@@ -115,14 +124,15 @@ class LoraScorer:
         other.people = people
         return other
 
-    def score(self, loras: list[dict | None]) -> dict:
-        """Identity and prompt accuracy of one LoRA per held-out identity (None: the base model)."""
+    def score(self, loras: list[dict | None], strength: float = 1.0) -> dict:
+        """Identity and prompt accuracy of one LoRA per held-out identity (None: the base model),
+        applied at `strength`."""
         from .attributes import identity_accuracy, prompt_accuracy
         from .results import generate
 
         ida, pa = [], []
         for person, lora in zip(self.people, loras):
-            imgs = generate(self.pipe, lora, self.prompts, self.seeds, self.steps, self.guidance)
+            imgs = generate(self.pipe, lora, self.prompts, self.seeds, self.steps, self.guidance, strength)
             ida.append(identity_accuracy(self.clf, imgs, person.person))
             pa.append(prompt_accuracy(self.clf, imgs, self.scenes))
         return {"identity_accuracy": float(np.mean(ida)), "identity_accuracy_sem": float(np.std(ida) / np.sqrt(len(ida))),
@@ -287,25 +297,46 @@ def validation_people(world, cfg, n: int = VALIDATION_IDENTITIES) -> list[Measur
     return people
 
 
+def one_standard_error_choice(scored: dict, prompt: dict, floor: float, cost) -> tuple:
+    """(chosen, best, eligible settings): among the settings whose prompt accuracy is at least `floor`
+    (all if none is), the best by mean identity accuracy (`scored`: setting -> per-identity array);
+    then the cheapest by `cost` whose paired mean over the same identities is within one paired
+    standard error of it (ties: the higher accuracy)."""
+    eligible = [s for s in scored if prompt[s] >= floor] or list(scored)
+    best = max(eligible, key=lambda s: scored[s].mean())
+    near = []
+    for s in eligible:
+        diff = scored[best] - scored[s]
+        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        if diff.mean() <= se:
+            near.append(s)
+    return min(near, key=lambda s: (cost(s), -scored[s].mean())), best, eligible
+
+
 def choose_sampling(rows: dict, settings, max_prompt_drop: float = 0.05) -> dict:
     """The one-standard-error rule on the validation rows. Among the settings whose prompt accuracy is
     at most `max_prompt_drop` below the base model's (the prompt target; all if none is), the best by
     identity accuracy; then the cheapest one whose paired mean over the same identities is within one
     paired standard error of it (ties: the higher accuracy)."""
-    floor = rows["val-base"]["prompt_accuracy"] - max_prompt_drop
-    eligible = [s for s in settings if rows[validation_key(*s)]["prompt_accuracy"] >= floor] or list(settings)
-    scored = {s: np.asarray(rows[validation_key(*s)]["per_identity"]) for s in eligible}
-    best = max(scored, key=lambda s: scored[s].mean())
-    near = []
-    for s, acc in scored.items():
-        diff = scored[best] - acc
-        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
-        if diff.mean() <= se:
-            near.append(s)
+    scored = {s: np.asarray(rows[validation_key(*s)]["per_identity"]) for s in settings}
+    prompt = {s: rows[validation_key(*s)]["prompt_accuracy"] for s in settings}
     # Cost is the step count: one DiT call a step, guidance batching both branches into it.
-    sampler, steps, guidance = min(near, key=lambda s: (s[1], -scored[s].mean()))
+    chosen, best, eligible = one_standard_error_choice(scored, prompt, rows["val-base"]["prompt_accuracy"] - max_prompt_drop,
+                                                       cost=lambda s: s[1])
+    sampler, steps, guidance = chosen
     return {"sampler": sampler, "steps": steps, "guidance": guidance, "best": list(best),
-            "identity_accuracy": float(scored[(sampler, steps, guidance)].mean()),
+            "identity_accuracy": float(scored[chosen].mean()),
+            "best_identity_accuracy": float(scored[best].mean()), "eligible": len(eligible)}
+
+
+def choose_strength(rows: dict, strengths=STRENGTHS, max_prompt_drop: float = 0.05) -> dict:
+    """The same rule for Apply Predicted LoRA's strength on the validation rows (val-strength-S): the
+    setting nearest 1 (the LoRA as predicted) among those within one paired SE of the best."""
+    scored = {s: np.asarray(rows[strength_key(s, "val")]["per_identity"]) for s in strengths}
+    prompt = {s: rows[strength_key(s, "val")]["prompt_accuracy"] for s in strengths}
+    chosen, best, eligible = one_standard_error_choice(scored, prompt, rows["val-base"]["prompt_accuracy"] - max_prompt_drop,
+                                                       cost=lambda s: abs(s - 1.0))
+    return {"strength": chosen, "best": best, "identity_accuracy": float(scored[chosen].mean()),
             "best_identity_accuracy": float(scored[best].mean()), "eligible": len(eligible)}
 
 
@@ -315,6 +346,11 @@ def sampling_key(sampler: str, steps: int, guidance: float) -> str:
 
 def validation_key(sampler: str, steps: int, guidance: float) -> str:
     return f"val-{sampler}-{steps}-g{guidance:g}"
+
+
+def strength_key(strength: float, of: str = "predicted") -> str:
+    """The row of one LoRA kind (predicted, trained, nearest; val: predicted for the validation people)."""
+    return f"{of}-strength-{strength:g}"
 
 
 def sampling_label(sampler: str, steps: int, guidance: float) -> str:
@@ -377,13 +413,15 @@ class StudyRows:
         self.done = json.loads(path.read_text()) if path.is_file() else {}
         self.rows = self.done.get("rows", {})
 
-    def score(self, key: str, group: str, label: str, make, on: LoraScorer | None = None) -> None:
-        """`make()` -> (one LoRA per person, extra columns), scored by `on` (default the held-out people)."""
+    def score(self, key: str, group: str, label: str, make, on: LoraScorer | None = None,
+              strength: float = 1.0) -> None:
+        """`make()` -> (one LoRA per person, extra columns), scored by `on` (default the held-out people)
+        with the LoRAs applied at `strength`."""
         if key in self.rows:
             return
         t0 = time.perf_counter()
         loras, extra = make()
-        self.rows[key] = {"group": group, "label": label, **(on or self.scorer).score(loras), **extra,
+        self.rows[key] = {"group": group, "label": label, **(on or self.scorer).score(loras, strength), **extra,
                           "seconds": time.perf_counter() - t0}
         log.info("%-28s identity %.3f ± %.3f, prompt %.3f", label, self.rows[key]["identity_accuracy"],
                  self.rows[key]["identity_accuracy_sem"], self.rows[key]["prompt_accuracy"])
@@ -475,6 +513,32 @@ def _validation_rows(study: StudyRows, scorer: LoraScorer, hn, identities: int |
                 lambda: _timed_prediction(hn, scorer, sampler=sampler, steps=steps, guidance=guidance))
 
 
+def _strength_rows(study: StudyRows, scorer: LoraScorer, hn, identities: int | None) -> None:
+    """The predicted LoRA (pack default sampler) at each strength on the validation identities, the
+    strength chosen there, and every strength on the held-out identities beside the controls."""
+    k = VALIDATION_IDENTITIES if identities is None else min(identities, VALIDATION_IDENTITIES)
+    val = scorer.on(validation_people(scorer.world, scorer.cfg, k))
+    study.score("val-base", "validation", "validation identities: base model",
+                lambda: ([None] * len(val.people), {}), on=val)
+    for s in STRENGTHS:
+        study.score(strength_key(s, "val"), "validation", f"validation identities: DiffLoRA (1 photo) at strength {s:g}",
+                    lambda: _timed_prediction(hn, val, **PACK_SAMPLING), on=val, strength=s)
+    study.done["strength_choice"] = choose_strength(study.rows)
+    for s in STRENGTHS:
+        study.score(strength_key(s), "strength", f"DiffLoRA (1 photo, pack sampler) at strength {s:g}",
+                    lambda: _timed_prediction(hn, scorer, **PACK_SAMPLING), strength=s)
+    from safetensors.torch import load_file
+
+    from .world import hypernet_loras
+
+    c = CONTROL_STRENGTH
+    study.score(strength_key(c, "trained"), "strength", f"trained identity LoRA at strength {c:g}",
+                lambda: ([load_file(p.lora) for p in scorer.people], {}), strength=c)
+    study.score(strength_key(c, "nearest"), "strength", f"nearest training identity at strength {c:g}",
+                lambda: (nearest_identity(FaceIndex(hypernet_loras(scorer.world, scorer.cfg), hn.spec),
+                                          first_photo_embeddings(hn, scorer)), {}), strength=c)
+
+
 def _weight_space_rows(study: StudyRows, scorer: LoraScorer) -> None:
     from difflora.hypernet_file import load_hypernet
     from safetensors.torch import load_file
@@ -522,14 +586,17 @@ def run_study(world_root, parts=PARTS, identities: int | None = None, device: st
         _ablation_rows(study, scorer, ablations)
     if "validation" in parts:
         _validation_rows(study, scorer, hn, identities)
+    if "strength" in parts:
+        _strength_rows(study, scorer, hn, identities)
     if "weight-space" in parts:
         _weight_space_rows(study, scorer)
-    atomic_write_text(out / "study.md", markdown(study.rows, len(scorer.people), study.done.get("validation_choice")))
+    atomic_write_text(out / "study.md", markdown(study.rows, len(scorer.people), study.done.get("validation_choice"),
+                                                 study.done.get("strength_choice")))
     print((out / "study.md").read_text())
     return out
 
 
-def markdown(rows: dict, identities: int, choice: dict | None = None) -> str:
+def markdown(rows: dict, identities: int, choice: dict | None = None, strength: dict | None = None) -> str:
     base = rows["base"]["identity_accuracy"]
     gain = rows["trained"]["identity_accuracy"] - base
     lines = [f"# Toy world study ({identities} held-out identities)", "",
@@ -549,4 +616,8 @@ def markdown(rows: dict, identities: int, choice: dict | None = None) -> str:
                       f"{sampling_label(choice['sampler'], choice['steps'], choice['guidance'])} "
                       f"(validation identity {choice['identity_accuracy']:.3f}; the best, "
                       f"{sampling_label(*choice['best'])}, {choice['best_identity_accuracy']:.3f})."]
+    if strength:
+        lines += ["", f"Strength chosen on the validation identities (`study.choose_strength`): {strength['strength']:g} "
+                      f"(validation identity {strength['identity_accuracy']:.3f}; the best, {strength['best']:g}, "
+                      f"{strength['best_identity_accuracy']:.3f})."]
     return "\n".join(lines) + "\n"

@@ -224,6 +224,27 @@ def test_lae_ceiling_bench_scores_every_row_on_the_held_out_people(smoke_world, 
     assert projections[0]["relative_error_around_mean"] > projections[1]["relative_error_around_mean"]
 
 
+@pytest.mark.slow
+def test_attribute_oracles_bench_scores_every_row_on_the_held_out_people(smoke_world, tmp_path, monkeypatch):
+    import importlib.util
+
+    root, cfg = smoke_world
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("bench_attribute_oracles", BENCHMARKS / "bench_attribute_oracles.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "oracles.json"
+    assert bench.main(["--world", str(root), "--neighbours", "1,2", "--strengths", "1,1.5", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    labels = list(report["rows"])
+    assert labels[:2] == ["base model", "trained"] and labels[2].startswith("nearest by attributes")
+    rank = cfg.hypernet_rank or cfg.lora_rank
+    assert labels[3].startswith("mean dW of the 2")
+    assert labels[4:] == [f"attribute ridge (dW), rank {rank}, strength {s}" for s in ("1", "1.5")]
+    assert all(len(r["per_identity"]) == cfg.heldout_identities for r in report["rows"].values())
+    assert report["training_loras"] == len(list((root / "loras" / "train-composable").glob("id_*[0-9].safetensors")))
+
+
 def test_export_writes_small_files_that_load_back(smoke_world, tmp_path):
     from difflora.hypernet_file import load_hypernet
     from difflora_toyworld.attributes import load_classifier
@@ -280,10 +301,30 @@ def test_base_from_assets_fills_the_base_stages_or_refuses(comfy_path, tmp_path)
 
 
 @pytest.mark.slow
+def test_a_lora_at_strength_zero_draws_the_base_models_images(smoke_world):
+    from safetensors.torch import load_file
+
+    from difflora_toyworld import toy_sdxl
+    from difflora_toyworld.results import generate
+    from difflora_toyworld.world import World
+
+    root, _ = smoke_world
+    pipe = toy_sdxl.load_pipeline(World(root).base, "cpu")
+    lora = load_file(next((root / "loras" / "heldout").glob("id_*[0-9].safetensors")))
+    draw = lambda lora, strength=1.0: generate(pipe, lora, ["a photo of sks person"] * 2, [0, 1], 4, 4.0, strength)
+    base, full, double = draw(None).astype(int), draw(lora).astype(int), draw(lora, 2.0).astype(int)
+    zero = draw(lora, 0.0).astype(int)
+    assert np.abs(zero - base).max() <= 1  # dW scaled by the strength: 0 adds nothing (but float rounding)
+    rounding = max(np.abs(zero - base).mean(), 1e-3)  # measured 4e-5; the LoRA moves pixels by 0.48 on average
+    assert np.abs(full - base).mean() > 50 * rounding and np.abs(double - full).mean() > 50 * rounding
+    np.testing.assert_array_equal(draw(lora).astype(int), full)  # the LoRA is unfused after each draw
+
+
+@pytest.mark.slow
 def test_study_scores_every_row_and_keeps_them(smoke_world, tmp_path, monkeypatch):
     from difflora.hypernet_file import load_hypernet
     from difflora_toyworld import study
-    from difflora_toyworld.study import ABLATIONS, PHOTOS, SAMPLING, run_study
+    from difflora_toyworld.study import ABLATIONS, CONTROL_STRENGTH, PHOTOS, SAMPLING, STRENGTHS, run_study, strength_key
 
     root, _ = smoke_world
     grid = [("ddim", 25, 3.0), ("dpm++", 5, 2.0)]
@@ -296,7 +337,10 @@ def test_study_scores_every_row_and_keeps_them(smoke_world, tmp_path, monkeypatc
     expected |= {"ws-free-recon", "ws-free-predicted", "ws-shared-down-trained", "ws-shared-down-recon",
                  "ws-shared-down-predicted"}
     expected |= {"val-base", "val-ddim-25-g3", "val-dpm++-5-g2"}
+    expected |= {strength_key(s, of) for s in STRENGTHS for of in ("val", "predicted")}
+    expected |= {strength_key(CONTROL_STRENGTH, of) for of in ("trained", "nearest")}
     assert expected <= set(rows)
+    assert saved["strength_choice"]["strength"] in STRENGTHS and "Strength chosen" in (out / "study.md").read_text()
     # The validation part scores other people than the held-out rows, and its choice is scored held-out too.
     validation = sorted(p.name for p in (root / "study" / "validation").iterdir() if p.is_dir())
     assert len(validation) == 1 and validation[0] not in saved["identities"]

@@ -1,10 +1,11 @@
-"""The study's choice of sampler settings on validation identities (study.choose_sampling)."""
+"""The study's choices on validation identities: sampler settings (study.choose_sampling) and Apply
+Predicted LoRA's strength (study.choose_strength), both by the one-standard-error rule."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from difflora_toyworld.study import choose_sampling, validation_key
+from difflora_toyworld.study import choose_sampling, choose_strength, strength_key, validation_key
 
 GRID = [("ddim", 25, 3.0), ("ddim", 10, 3.0), ("dpm++", 5, 2.0)]
 
@@ -40,3 +41,32 @@ def test_settings_that_cost_the_prompt_more_than_five_points_are_not_eligible():
                  prompt={GRID[0]: 0.60})  # the most identity, 10 points of prompt lost
     choice = choose_sampling(rows, GRID)
     assert choice["best"] == list(GRID[1]) and choice["eligible"] == 2
+
+
+def _strength_rows(per_identity: dict, prompt: dict | None = None, base_prompt: float = 0.70) -> dict:
+    rows = {"val-base": {"prompt_accuracy": base_prompt, "per_identity": [0.27] * 4}}
+    for s, values in per_identity.items():
+        rows[strength_key(s, "val")] = {"per_identity": list(values), "prompt_accuracy": (prompt or {}).get(s, base_prompt)}
+    return rows
+
+
+def test_the_strength_nearest_one_within_one_standard_error_of_the_best_wins():
+    best = np.linspace(0.40, 0.50, 32)
+    wobble = 0.02 * np.resize([1.0, -1.0], 32)
+    rows = _strength_rows({1.0: best - 0.002 + wobble, 1.5: best - 0.001 + wobble, 2.0: best})
+    choice = choose_strength(rows, (1.0, 1.5, 2.0))
+    assert choice["strength"] == 1.0 and choice["best"] == 2.0
+
+
+def test_a_strength_that_clearly_adds_identity_is_chosen():
+    best = np.linspace(0.40, 0.50, 32)
+    rows = _strength_rows({1.0: best - 0.06, 1.5: best, 2.0: best - 0.03})  # every identity gains at 1.5
+    choice = choose_strength(rows, (1.0, 1.5, 2.0))
+    assert choice["strength"] == 1.5 and choice["identity_accuracy"] == choice["best_identity_accuracy"]
+
+
+def test_a_strength_that_costs_the_prompt_more_than_five_points_is_not_eligible():
+    best = np.linspace(0.40, 0.50, 32)
+    rows = _strength_rows({1.0: best - 0.06, 1.5: best, 2.0: best + 0.05}, prompt={2.0: 0.60})
+    choice = choose_strength(rows, (1.0, 1.5, 2.0))
+    assert choice["strength"] == 1.5 and choice["eligible"] == 2
