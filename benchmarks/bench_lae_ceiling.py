@@ -3,12 +3,14 @@ rank cuts, each LAE's reconstruction, and their projection on the top principal 
 training LoRAs, all scored by the results instrument (identity accuracy, paired against trained).
 
     python benchmarks/bench_lae_ceiling.py --world WORLD [--lae A.safetensors,B.safetensors]
-        [--training-loras FOLDER] [--components 16,64,256] [--cuts 1,2,4] [--out report.json]
+        [--training-loras FOLDER] [--components 16,64,256] [--cuts 1,2,4] [--spans 100,400,1600]
+        [--out report.json]
 
 `--lae` defaults to the world's lae/lae_final.safetensors; the projection is made in the first LAE's
 normalized, gauge-aligned space from `--training-loras` (default: the LoRAs the world's LAE learns
 from). A projection keeps only what the training LoRAs span: a linear ceiling for any code made
-from them (docs/TOYWORLD.md, "What limits the LAE").
+from them (docs/TOYWORLD.md, "What limits the LAE"). `--spans` also prints, unscored, how much of the
+held-out LoRAs lies outside the span of the first N training LoRAs: does more data close the gap?
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ def projected(x: torch.Tensor, train: torch.Tensor, k: int) -> torch.Tensor:
     mean = train.mean(0)
     basis = torch.linalg.svd(train - mean, full_matrices=False)[2][:k]
     return mean + (x - mean) @ basis.T @ basis
+
+
+def span_error(x: torch.Tensor, train: torch.Tensor) -> float:
+    """The share of x's squared distance from train's mean that lies outside the span of train's rows
+    (around their mean): 0 when every row of x is in it, 1 when it is orthogonal to it."""
+    centred = (x - train.mean(0)).double()
+    return float(((centred - (projected(x, train, len(train)) - train.mean(0)).double()) ** 2).sum() / (centred ** 2).sum())
 
 
 def lae_as_hypernet(path: Path) -> argparse.Namespace:
@@ -54,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--training-loras", default="", help="the LoRA folder the projection's components come from")
     ap.add_argument("--components", default="16,64,256", help="comma-separated numbers of principal components")
     ap.add_argument("--cuts", default="", help="comma-separated ranks to also score the trained LoRAs at")
+    ap.add_argument("--spans", default="", help="comma-separated numbers of training LoRAs: the held-out LoRAs' "
+                                                "relative error outside the span of the first N (not scored)")
     ap.add_argument("--out", default="", help="also write the rows (with per-person scores) as JSON here")
     a = ap.parse_args(argv)
     register()
@@ -90,6 +101,12 @@ def main(argv=None) -> int:
         d = x - trained
         print(f"| {label} | {x.mean():.3f} ± {x.std() / np.sqrt(len(x)):.3f} | {x.mean() / trained.mean():.2f} | "
               f"{d.mean():+.3f} ± {d.std() / np.sqrt(len(d)):.3f} | {row['prompt_accuracy']:.3f} |")
+    spans = {n: span_error(held, train[:n]) for n in (min(int(k), len(train)) for k in a.spans.split(",") if k)}
+    if spans:
+        print("\n| training LoRAs | held-out relative error outside their span (around their mean) |\n| --- | --- |")
+        for n, err in spans.items():
+            print(f"| {n} | {err:.3f} |")
+        rows["spans"] = {str(n): err for n, err in spans.items()}
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))
     return 0

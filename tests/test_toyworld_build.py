@@ -209,14 +209,25 @@ def test_a_projection_keeps_what_the_training_rows_span_and_more_components_keep
     assert errors[0] > errors[1] > errors[2] > 0  # outside the span: less lost with each component
 
 
+def test_the_share_outside_the_training_span_falls_as_training_rows_are_added():
+    span_error = _bench_lae_ceiling().span_error
+    g = torch.Generator().manual_seed(0)
+    train, held = torch.randn(30, 40, generator=g), torch.randn(5, 40, generator=g)
+    assert span_error(train[:7], train[:10]) < 1e-8  # rows of the span: nothing outside it
+    shares = [span_error(held, train[:n]) for n in (5, 15, 30)]
+    assert 1 > shares[0] > shares[1] > shares[2] > 0
+
+
 @pytest.mark.slow
 def test_lae_ceiling_bench_scores_every_row_on_the_held_out_people(smoke_world, tmp_path, monkeypatch):
     root, cfg = smoke_world
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # as `python benchmarks/bench_lae_ceiling.py` has it
     out = tmp_path / "rows.json"
     assert _bench_lae_ceiling().main(["--world", str(root), "--components", "1,1000", "--cuts", "1",
-                                      "--out", str(out)]) == 0
+                                      "--spans", "2,1000", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
+    spans = rows.pop("spans")
+    assert len(spans) == 2 and list(spans.values())[0] > list(spans.values())[1]
     labels = list(rows)
     assert labels[:3] == ["base model", "trained", "trained, cut to rank 1"] and labels[3].startswith("LAE ")
     projections = [rows[k] for k in labels[4:]]
