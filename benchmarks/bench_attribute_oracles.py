@@ -98,6 +98,7 @@ def as_lora(spec, dws: dict[str, torch.Tensor], scale: float = 1.0) -> dict[str,
 def main(argv=None) -> int:
     from safetensors.torch import load_file
 
+    from common import print_paired_against_trained  # run from benchmarks/, as every bench
     from difflora.lora_spec import LoraSpec
     from difflora_toyworld.plugin import register
     from difflora_toyworld.render import sample_identities
@@ -148,18 +149,8 @@ def main(argv=None) -> int:
     for s in (float(x) for x in a.strengths.split(",") if x):
         rows[f"attribute ridge (dW), rank {rank}, strength {s:g}"] = scorer.score([as_lora(spec, dw, s) for dw in ridge])
 
-    trained = np.array(rows["trained"]["per_identity"])
-    base = np.array(rows["base model"]["per_identity"])
-    gain = trained.mean() - base.mean()
     print(f"{len(scorer.people)} held-out people; built from {len(paths)} training LoRAs in {folder}")
-    print("| LoRA | identity accuracy | share of the trained gain | minus trained (paired) | prompt accuracy |")
-    print("| --- | --- | --- | --- | --- |")
-    for label, row in rows.items():
-        x = np.array(row["per_identity"])
-        d = x - trained
-        print(f"| {label} | {x.mean():.3f} ± {x.std() / np.sqrt(len(x)):.3f} | "
-              f"{(x.mean() - base.mean()) / gain if gain > 0 else float('nan'):.2f} | "
-              f"{d.mean():+.3f} ± {d.std() / np.sqrt(len(d)):.3f} | {row['prompt_accuracy']:.3f} |")
+    print_paired_against_trained(rows)
     if a.out:
         Path(a.out).write_text(json.dumps({"training_loras": len(paths), "rows": rows}, indent=1))
     return 0

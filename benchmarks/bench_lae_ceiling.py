@@ -20,7 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -50,6 +49,7 @@ def main(argv=None) -> int:
     from safetensors.torch import load_file
 
     from bench_lora_recipes import truncated  # run from benchmarks/, as every bench
+    from common import print_paired_against_trained
     from difflora.lora_spec import LoraSpec
     from difflora.pipeline import lora_state_dict
     from difflora_toyworld.plugin import register
@@ -92,15 +92,8 @@ def main(argv=None) -> int:
         row["relative_error_around_mean"] = float(((rec - held) ** 2).sum() / centred)
         rows[f"projection on {k} of {len(train)} training LoRAs' components"] = row
 
-    trained = np.array(rows["trained"]["per_identity"])
     print(f"{len(scorer.people)} held-out people; components from {len(train)} LoRAs in {training}")
-    print("| LoRA | identity accuracy | share of trained | minus trained (paired) | prompt accuracy |")
-    print("| --- | --- | --- | --- | --- |")
-    for label, row in rows.items():
-        x = np.array(row["per_identity"])
-        d = x - trained
-        print(f"| {label} | {x.mean():.3f} ± {x.std() / np.sqrt(len(x)):.3f} | {x.mean() / trained.mean():.2f} | "
-              f"{d.mean():+.3f} ± {d.std() / np.sqrt(len(d)):.3f} | {row['prompt_accuracy']:.3f} |")
+    print_paired_against_trained(rows)
     spans = {n: span_error(held, train[:n]) for n in (min(int(k), len(train)) for k in a.spans.split(",") if k)}
     if spans:
         print("\n| training LoRAs | held-out relative error outside their span (around their mean) |\n| --- | --- |")

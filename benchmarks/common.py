@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +156,23 @@ def print_table(rows: list[list], headers: list[str]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         if j == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def print_paired_against_trained(rows: dict) -> None:
+    """Markdown table of toy-world measurement rows (label -> per_identity, prompt_accuracy), paired
+    against rows["trained"]: identity accuracy, its share of the trained LoRA's and of the trained
+    gain over rows["base model"], the paired difference from trained, prompt accuracy."""
+    trained = np.array(rows["trained"]["per_identity"])
+    base = np.array(rows["base model"]["per_identity"])
+    gain = trained.mean() - base.mean()
+    print("| LoRA | identity accuracy | of trained | of the trained gain | minus trained (paired) | prompt accuracy |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, row in rows.items():
+        x = np.array(row["per_identity"])
+        d = x - trained
+        share = f"{(x.mean() - base.mean()) / gain:.2f}" if gain > 0 else "n/a"
+        print(f"| {label} | {x.mean():.3f} ± {x.std() / np.sqrt(len(x)):.3f} | {x.mean() / trained.mean():.2f} | {share} | "
+              f"{d.mean():+.3f} ± {d.std() / np.sqrt(len(d)):.3f} | {row['prompt_accuracy']:.3f} |")
 
 
 def write_json(data: dict, out: str | Path | None, name: str) -> Path:
