@@ -314,10 +314,8 @@ def one_standard_error_choice(scored: dict, prompt: dict, floor: float, cost) ->
 
 
 def choose_sampling(rows: dict, settings, max_prompt_drop: float = 0.05) -> dict:
-    """The one-standard-error rule on the validation rows. Among the settings whose prompt accuracy is
-    at most `max_prompt_drop` below the base model's (the prompt target; all if none is), the best by
-    identity accuracy; then the cheapest one whose paired mean over the same identities is within one
-    paired standard error of it (ties: the higher accuracy)."""
+    """The one-standard-error rule (one_standard_error_choice) on the validation rows of `settings`:
+    the prompt at most `max_prompt_drop` below the base model's (the prompt target), cost the steps."""
     scored = {s: np.asarray(rows[validation_key(*s)]["per_identity"]) for s in settings}
     prompt = {s: rows[validation_key(*s)]["prompt_accuracy"] for s in settings}
     # Cost is the step count: one DiT call a step, guidance batching both branches into it.
