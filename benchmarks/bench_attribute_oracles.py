@@ -54,23 +54,26 @@ def most_shared(people, candidates, k: int) -> list[list[int]]:
 
 class DwOracles:
     """One pass over the training LoRAs (`dws`: each one's layer_dws, in the order of `codes`' rows):
-    the attribute ridge's normal equations per layer, and each held-out person's neighbour sums of
-    dW and of its per-layer norms (`neighbours`: k -> each person's k training indices)."""
+    the attribute ridge's normal equations per layer, and each held-out person's sums over its
+    neighbours of dW and of dW's norm per layer (`neighbours`: k -> each person's k training indices)."""
 
     def __init__(self, dws, codes: torch.Tensor, neighbours: dict[int, list[list[int]]]):
-        self.codes, self.neighbours = codes, neighbours
+        self.codes = codes
         self.xty: dict[str, torch.Tensor] = {}
-        self.mean: dict[int, list[dict]] = {k: [{} for _ in rows] for k, rows in neighbours.items()}
-        self.norm: dict[int, list[dict]] = {k: [{} for _ in rows] for k, rows in neighbours.items()}
-        members = {k: [set(r) for r in rows] for k, rows in neighbours.items()}
+        self.sums: dict[tuple[int, int], dict[str, torch.Tensor]] = {}   # (k, person) -> layer -> sum of dW
+        self.norms: dict[tuple[int, int], dict[str, float]] = {}         # (k, person) -> layer -> sum of |dW|
+        owners: dict[int, list[tuple[int, int]]] = {}                    # training index -> its (k, person)s
+        for k, rows in neighbours.items():
+            for h, row in enumerate(rows):
+                self.sums[k, h], self.norms[k, h] = {}, {}
+                for j in row:
+                    owners.setdefault(j, []).append((k, h))
         for j, layers in enumerate(dws):
             for name, dw in layers.items():
                 self.xty[name] = self.xty.get(name, 0) + codes[j][:, None, None] * dw[None]
-                for k, sets in members.items():
-                    for h, s in enumerate(sets):
-                        if j in s:
-                            self.mean[k][h][name] = self.mean[k][h].get(name, 0) + dw / k
-                            self.norm[k][h][name] = self.norm[k][h].get(name, 0) + float(dw.norm()) / k
+                for key in owners.get(j, ()):
+                    self.sums[key][name] = self.sums[key].get(name, 0) + dw
+                    self.norms[key][name] = self.norms[key].get(name, 0) + float(dw.norm())
 
     def ridge(self, code: torch.Tensor, lam: float = 1.0) -> dict[str, torch.Tensor]:
         """The attribute ridge's dW for one person's code (1 + V,)."""
@@ -80,7 +83,8 @@ class DwOracles:
 
     def neighbour_mean(self, k: int, h: int) -> dict[str, torch.Tensor]:
         """Person h's mean dW of its k neighbours, each layer scaled to their mean norm."""
-        return {name: m * (self.norm[k][h][name] / max(float(m.norm()), 1e-30)) for name, m in self.mean[k][h].items()}
+        sums, norms = self.sums[k, h], self.norms[k, h]
+        return {name: m * (norms[name] / k / max(float(m.norm()), 1e-30)) for name, m in sums.items()}
 
 
 def as_lora(spec, dws: dict[str, torch.Tensor], scale: float = 1.0) -> dict[str, torch.Tensor]:

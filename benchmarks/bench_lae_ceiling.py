@@ -33,8 +33,8 @@ def projected(x: torch.Tensor, train: torch.Tensor, k: int) -> torch.Tensor:
 def span_error(x: torch.Tensor, train: torch.Tensor) -> float:
     """The share of x's squared distance from train's mean that lies outside the span of train's rows
     (around their mean): 0 when every row of x is in it, 1 when it is orthogonal to it."""
-    centred = (x - train.mean(0)).double()
-    return float(((centred - (projected(x, train, len(train)) - train.mean(0)).double()) ** 2).sum() / (centred ** 2).sum())
+    outside = (x - projected(x, train, len(train))).double()
+    return float((outside ** 2).sum() / ((x - train.mean(0)).double() ** 2).sum())
 
 
 def lae_as_hypernet(path: Path) -> argparse.Namespace:

@@ -32,6 +32,7 @@ Ablation runs live in WORLD/study/<name>/ and resume like the build's stages.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -514,21 +515,24 @@ def _validation_rows(study: StudyRows, scorer: LoraScorer, hn, identities: int |
 def _strength_rows(study: StudyRows, scorer: LoraScorer, hn, identities: int | None) -> None:
     """The predicted LoRA (pack default sampler) at each strength on the validation identities, the
     strength chosen there, and every strength on the held-out identities beside the controls."""
-    k = VALIDATION_IDENTITIES if identities is None else min(identities, VALIDATION_IDENTITIES)
-    val = scorer.on(validation_people(scorer.world, scorer.cfg, k))
-    study.score("val-base", "validation", "validation identities: base model",
-                lambda: ([None] * len(val.people), {}), on=val)
-    for s in STRENGTHS:
-        study.score(strength_key(s, "val"), "validation", f"validation identities: DiffLoRA (1 photo) at strength {s:g}",
-                    lambda: _timed_prediction(hn, val, **PACK_SAMPLING), on=val, strength=s)
-    study.done["strength_choice"] = choose_strength(study.rows)
-    for s in STRENGTHS:
-        study.score(strength_key(s), "strength", f"DiffLoRA (1 photo, pack sampler) at strength {s:g}",
-                    lambda: _timed_prediction(hn, scorer, **PACK_SAMPLING), strength=s)
     from safetensors.torch import load_file
 
     from .world import hypernet_loras
 
+    k = VALIDATION_IDENTITIES if identities is None else min(identities, VALIDATION_IDENTITIES)
+    val = scorer.on(validation_people(scorer.world, scorer.cfg, k))
+    # One prediction per person serves every strength (made only if a row still needs it).
+    val_predicted = functools.cache(lambda: _timed_prediction(hn, val, **PACK_SAMPLING))
+    held_predicted = functools.cache(lambda: _timed_prediction(hn, scorer, **PACK_SAMPLING))
+    study.score("val-base", "validation", "validation identities: base model",
+                lambda: ([None] * len(val.people), {}), on=val)
+    for s in STRENGTHS:
+        study.score(strength_key(s, "val"), "validation", f"validation identities: DiffLoRA (1 photo) at strength {s:g}",
+                    val_predicted, on=val, strength=s)
+    study.done["strength_choice"] = choose_strength(study.rows)
+    for s in STRENGTHS:
+        study.score(strength_key(s), "strength", f"DiffLoRA (1 photo, pack sampler) at strength {s:g}",
+                    held_predicted, strength=s)
     c = CONTROL_STRENGTH
     study.score(strength_key(c, "trained"), "strength", f"trained identity LoRA at strength {c:g}",
                 lambda: ([load_file(p.lora) for p in scorer.people], {}), strength=c)
