@@ -4,13 +4,16 @@ training LoRAs, all scored by the results instrument (identity accuracy, paired 
 
     python benchmarks/bench_lae_ceiling.py --world WORLD [--lae A.safetensors,B.safetensors]
         [--training-loras FOLDER] [--components 16,64,256] [--cuts 1,2,4] [--spans 100,400,1600]
-        [--out report.json]
+        [--dw-spans 400,1600] [--out report.json]
 
 `--lae` defaults to the world's lae/lae_final.safetensors; the projection is made in the first LAE's
 normalized, gauge-aligned space from `--training-loras` (default: the LoRAs the world's LAE learns
 from). A projection keeps only what the training LoRAs span: a linear ceiling for any code made
 from them (docs/TOYWORLD.md, "What limits the LAE"). `--spans` also prints, unscored, how much of the
 held-out LoRAs lies outside the span of the first N training LoRAs: does more data close the gap?
+`--dw-spans N` scores the same kind of ceiling in dW = B·A, which has no gauge: each held-out LoRA's
+dW projected on the affine span of the first N training LoRAs' dW (through Gram matrices of the
+factors, never the out x in products of all N), then cut to the LAE's rank.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import torch
 def projected(x: torch.Tensor, train: torch.Tensor, k: int) -> torch.Tensor:
     """x projected on the mean plus the top k principal components of `train` (rows)."""
     mean = train.mean(0)
-    basis = torch.linalg.svd(train - mean, full_matrices=False)[2][:k]
+    _, s, vh = torch.linalg.svd(train - mean, full_matrices=False)
+    # n centred rows span at most n - 1 directions: a null singular vector is an arbitrary direction
+    basis = vh[:k][s[:k] > s.max() * max(train.shape) * torch.finfo(s.dtype).eps]
     return mean + (x - mean) @ basis.T @ basis
 
 
@@ -35,6 +40,70 @@ def span_error(x: torch.Tensor, train: torch.Tensor) -> float:
     (around their mean): 0 when every row of x is in it, 1 when it is orthogonal to it."""
     outside = (x - projected(x, train, len(train))).double()
     return float((outside ** 2).sum() / ((x - train.mean(0)).double() ** 2).sum())
+
+
+def dw_gram(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """<dW_i, dW_j> (Frobenius) of one layer for every pair of two stacks of LoRAs, from their factors:
+    (down (n_a, r, in), up (n_a, out, r)) and the same for b -> (n_a, n_b). <B_i A_i, B_j A_j> is the
+    sum of (B_i^T B_j) * (A_i A_j^T): 2 (n r)^2-sized products instead of n out x in matrices."""
+    (down_a, up_a), (down_b, up_b) = a, b
+    ups = up_a.transpose(1, 2).flatten(0, 1) @ up_b.transpose(1, 2).flatten(0, 1).T   # (n_a r, n_b r)
+    downs = down_a.flatten(0, 1) @ down_b.flatten(0, 1).T                             # (n_a r, n_b r)
+    return (ups * downs).unflatten(1, (len(down_b), -1)).unflatten(0, (len(down_a), -1)).sum((1, 3))
+
+
+def affine_span_weights(train_gram: torch.Tensor, cross_gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights w (H, N), each row summing to 1, such that sum_j w_j x_j is the projection of held-out
+    row x_h on the affine span of training rows x_j (their mean plus the span around it), from inner
+    products alone: train_gram (N, N) = <x_i, x_j>, cross_gram (H, N) = <x_h, x_j>. Also returns
+    |projection - mean|^2 (H,), for the relative error around the mean."""
+    row_mean, mean = train_gram.mean(1), train_gram.mean()
+    centred = train_gram - row_mean[:, None] - row_mean[None, :] + mean
+    cross = cross_gram - cross_gram.mean(1, keepdim=True) - row_mean[None, :] + mean
+    c = torch.linalg.lstsq(centred, cross.T, rcond=1e-10, driver="gelsd").solution.T     # (H, N)
+    kept = ((c @ centred) * c).sum(1)
+    return c + (1 - c.sum(1, keepdim=True)) / len(train_gram), kept
+
+
+def layer_stacks(spec, paths: list[Path]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's factors of the LoRA files at spec's rank (their top components), stacked (float64)."""
+    from difflora.lora_format import load_lora_file
+
+    loras = [load_lora_file(spec, path, reduce_rank=True) for path in paths]
+    return {layer.name: (torch.stack([x[layer.name][0] for x in loras]).double(),
+                         torch.stack([x[layer.name][1] for x in loras]).double()) for layer in spec.layers}
+
+
+def dw_span_projections(spec, train: dict, held: dict, sizes: list[int]) -> dict[int, tuple[list[dict], float]]:
+    """For each n in `sizes`: the held-out LoRAs' dW projected on the affine span of the first n training
+    LoRAs' dW, cut to spec's rank (kohya state dicts), and the mean relative error around the training
+    mean. Every layer weighs the same in the projection: its Gram is divided by its training LoRAs'
+    mean |dW|^2 (so the largest layers do not decide it alone)."""
+    from bench_attribute_oracles import as_lora
+
+    n_train = len(next(iter(train.values()))[0])
+    train_gram = torch.zeros(n_train, n_train, dtype=torch.float64)
+    cross_gram = torch.zeros(len(next(iter(held.values()))[0]), n_train, dtype=torch.float64)
+    held_norm = torch.zeros(len(cross_gram), dtype=torch.float64)
+    for name in train:
+        layer_gram = dw_gram(train[name], train[name])
+        weight = 1 / layer_gram.diagonal().mean().clamp_min(1e-30)
+        train_gram += weight * layer_gram
+        cross_gram += weight * dw_gram(held[name], train[name])
+        held_norm += weight * dw_gram(held[name], held[name]).diagonal()
+    out = {}
+    for n in sizes:
+        weights, kept = affine_span_weights(train_gram[:n, :n], cross_gram[:, :n])
+        # |x_h - mean|^2 of the held-out rows, from the same inner products
+        around = held_norm - 2 * cross_gram[:, :n].mean(1) + train_gram[:n, :n].mean()
+        loras = []
+        for w in weights:
+            dws = {}
+            for name, (down, up) in train.items():
+                dws[name] = (up[:n] * w[:, None, None]).transpose(1, 2).flatten(0, 1).T @ down[:n].flatten(0, 1)
+            loras.append(as_lora(spec, dws))
+        out[n] = loras, float(((around - kept) / around).mean())
+    return out
 
 
 def lae_as_hypernet(path: Path) -> argparse.Namespace:
@@ -65,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cuts", default="", help="comma-separated ranks to also score the trained LoRAs at")
     ap.add_argument("--spans", default="", help="comma-separated numbers of training LoRAs: the held-out LoRAs' "
                                                 "relative error outside the span of the first N (not scored)")
+    ap.add_argument("--dw-spans", default="", help="comma-separated numbers of training LoRAs: score the held-out "
+                                                   "LoRAs' dW projected on the span of the first N training LoRAs' dW")
     ap.add_argument("--out", default="", help="also write the rows (with per-person scores) as JSON here")
     a = ap.parse_args(argv)
     register()
@@ -91,6 +162,16 @@ def main(argv=None) -> int:
         row = scorer.score([lora_state_dict(hn, hn.weight_normalizer.denormalize(r)) for r in rec])
         row["relative_error_around_mean"] = float(((rec - held) ** 2).sum() / centred)
         rows[f"projection on {k} of {len(train)} training LoRAs' components"] = row
+
+    dw_sizes = [min(int(k), len(train)) for k in a.dw_spans.split(",") if k]
+    if dw_sizes:
+        paths = sorted(training.glob("id_*[0-9].safetensors"))
+        projections = dw_span_projections(hn.spec, layer_stacks(hn.spec, paths),
+                                          layer_stacks(hn.spec, [p.lora for p in scorer.people]), dw_sizes)
+        for n, (loras, error) in projections.items():
+            row = scorer.score(loras)
+            row["relative_error_around_mean"] = error
+            rows[f"dW projection on the span of {n} training LoRAs' dW, cut to rank {hn.spec.rank}"] = row
 
     print(f"{len(scorer.people)} held-out people; components from {len(train)} LoRAs in {training}")
     print_paired_against_trained(rows)

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--hypernet", default="", help="the hypernet the main, baseline, sampling, photo and validation "
                                                    "rows measure (default: the world's own)")
     st.add_argument("--parts", default="baselines,sampling,photos,ablations,validation,strength,weight-space",
-                    help="comma-separated: baselines, sampling, photos, ablations, validation, weight-space")
+                    help="comma-separated: baselines, sampling, photos, ablations, validation, strength, weight-space")
     st.add_argument("--ablations", default="", help="comma-separated ablations to train and score (default: all "
                                                     "of study.ABLATIONS)")
     rf = sub.add_parser("refine", help="predict, then refine: accuracy against refine steps from three starts "

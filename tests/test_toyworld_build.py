@@ -218,21 +218,46 @@ def test_the_share_outside_the_training_span_falls_as_training_rows_are_added():
     assert 1 > shares[0] > shares[1] > shares[2] > 0
 
 
+def test_dw_gram_is_the_frobenius_product_of_every_pair_of_dws():
+    dw_gram = _bench_lae_ceiling().dw_gram
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, 7, generator=g, dtype=torch.float64), torch.randn(3, 6, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(5, 4, 7, generator=g, dtype=torch.float64), torch.randn(5, 6, 4, generator=g, dtype=torch.float64)
+    dw_a, dw_b = a[1] @ a[0], b[1] @ b[0]
+    torch.testing.assert_close(dw_gram(a, b), torch.einsum("aoi,boi->ab", dw_a, dw_b))
+
+
+def test_affine_span_weights_from_inner_products_give_the_projection_on_the_training_span():
+    bench = _bench_lae_ceiling()
+    g = torch.Generator().manual_seed(0)
+    train, held = torch.randn(8, 30, generator=g, dtype=torch.float64), torch.randn(3, 30, generator=g, dtype=torch.float64)
+    weights, kept = bench.affine_span_weights(train @ train.T, held @ train.T)
+    torch.testing.assert_close(weights.sum(1), torch.ones(3, dtype=torch.float64))
+    projection = weights @ train
+    torch.testing.assert_close(projection, bench.projected(held, train, len(train)))  # the explicit projection
+    torch.testing.assert_close(kept, ((projection - train.mean(0)) ** 2).sum(1))
+    inside, _ = bench.affine_span_weights(train @ train.T, train[:2] @ train.T)
+    torch.testing.assert_close(inside @ train, train[:2])  # rows of the span are kept exactly
+
+
 @pytest.mark.slow
 def test_lae_ceiling_bench_scores_every_row_on_the_held_out_people(smoke_world, tmp_path, monkeypatch):
     root, cfg = smoke_world
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # as `python benchmarks/bench_lae_ceiling.py` has it
     out = tmp_path / "rows.json"
     assert _bench_lae_ceiling().main(["--world", str(root), "--components", "1,1000", "--cuts", "1",
-                                      "--spans", "2,1000", "--out", str(out)]) == 0
+                                      "--spans", "2,1000", "--dw-spans", "2,1000", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     spans = rows.pop("spans")
     assert len(spans) == 2 and list(spans.values())[0] > list(spans.values())[1]
     labels = list(rows)
     assert labels[:3] == ["base model", "trained", "trained, cut to rank 1"] and labels[3].startswith("LAE ")
-    projections = [rows[k] for k in labels[4:]]
-    assert len(projections) == 2 and all(len(r["per_identity"]) == cfg.heldout_identities for r in rows.values())
-    assert projections[0]["relative_error_around_mean"] > projections[1]["relative_error_around_mean"]
+    projections = [rows[k] for k in labels[4:6]]
+    dw_projections = [rows[k] for k in labels[6:]]
+    assert len(projections) == 2 and len(dw_projections) == 2 and all(k.startswith("dW projection") for k in labels[6:])
+    assert all(len(r["per_identity"]) == cfg.heldout_identities for r in rows.values())
+    for pair in (projections, dw_projections):  # more training LoRAs (or components) keep more of the held-out ones
+        assert 1 >= pair[0]["relative_error_around_mean"] > pair[1]["relative_error_around_mean"] >= 0
 
 
 @pytest.mark.slow
