@@ -59,6 +59,7 @@ ABLATIONS = {
     "image-only": (None, {"sources": "image", "p_no_face": 0.0}),
     "lae-mse": ({"lam": 0.0}, {}),
     "lae-64x": ({"size": "toy-64x"}, {}),
+    "lae-32x": ({"size": "toy-32x"}, {}),
 }
 SAMPLING = [("ddim", 25, 3.0), ("ddim", 10, 3.0), ("ddim", 5, 3.0), ("dpm++", 10, 3.0), ("dpm++", 5, 3.0),
             ("ddim", 25, 1.0), ("ddim", 25, 2.0), ("ddim", 25, 5.0)]

@@ -106,7 +106,7 @@ def test_only_the_toy_world_nodes_import_the_toy_world():
 # What the core must not name: the toy world's package, its LAE / DiT sizes and its encoders (kinds,
 # classes, files). Comments may still cite docs/TOYWORLD.md for a measurement. The one exception is
 # the metadata key files already shipped carry (encoders/carried.py MODEL_KEY).
-TOY_NAMES = re.compile(r"difflora_toyworld|\"toy\"|toy-64x|lae_toy|dit_toy|toy-face|toy-image|toy-encoder|"
+TOY_NAMES = re.compile(r"difflora_toyworld|\"toy\"|toy-\d+x|lae_toy|dit_toy|toy-face|toy-image|toy-encoder|"
                        r"Toy[A-Z]\w*|toy_(face|image|sdxl|classifier)|EmbeddingNet|edge_share")
 SHIPPED_KEY = 'MODEL_KEY = "toyworld_model"'
 

@@ -49,9 +49,28 @@ def test_the_toy_world_fills_the_registries_when_imported():
     from difflora.lae import LAE_CONFIGS
     from difflora.train.identity_filter import DEFAULT_SIMILARITY
 
-    assert {"toy", "toy-64x"} <= set(LAE_CONFIGS) and "toy" in DIT_CONFIGS
+    assert {"toy", "toy-64x", "toy-32x"} <= set(LAE_CONFIGS) and "toy" in DIT_CONFIGS
     assert "toy-face" in FACE_ENCODER_KINDS and DEFAULT_SIMILARITY["toy-face"] == 0.8
     assert "toy-encoder" in CARRIED_MODELS
+
+
+def test_the_toy_lae_sizes_compress_the_v2_lora_by_their_names():
+    # The v2 world's LoRA: the toy-attn UNet at rank 4. 32 entries a patch, 4 x 4 strides -> 84 tokens.
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    import difflora_toyworld  # noqa: F401 - importing registers
+    from difflora.lae import LAE_CONFIGS, LoraAutoencoder
+    from difflora.lora_spec import LoraSpec
+    from difflora_toyworld.toy_sdxl import unet_config
+
+    entries = LoraSpec.from_unet(UNet2DConditionModel(**unet_config("toy-attn")), rank=4).num_params
+    assert entries == 43008
+    for size, channels, ratio in (("toy", 4, 128), ("toy-64x", 8, 64), ("toy-32x", 16, 32)):
+        lae = LoraAutoencoder(LAE_CONFIGS[size](entries))
+        assert lae.latent_shape == (84, channels) and round(lae.compression_ratio) == ratio
+        z = lae.encode(torch.randn(2, entries))
+        assert z.shape == (2, 84, channels) and lae.decode(z).shape == (2, entries)
 
 
 class _BrokenEntryPoint:

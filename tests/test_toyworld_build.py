@@ -391,6 +391,7 @@ def test_study_scores_every_row_and_keeps_them(smoke_world, tmp_path, monkeypatc
     assert rows["ridge"]["ridge"]["components"] >= 1
     assert load_hypernet(root / "study" / "face-only" / "hypernet.safetensors").mif.cfg.sources == "face"
     assert load_hypernet(root / "study" / "lae-64x" / "hypernet.safetensors").latent_shape[1] == 8
+    assert load_hypernet(root / "study" / "lae-32x" / "hypernet.safetensors").latent_shape[1] == 16
     assert "| baselines | ridge regression" in (out / "study.md").read_text()
     # The weight-space rows: each space's hypernet learned its own kind of LoRA, from the same identities.
     from difflora.train.data import META_WEIGHT_SPACE, read_metadata
