@@ -61,7 +61,10 @@ def require_one_person(faces: torch.Tensor, min_similarity: float) -> None:
         return
     unit = torch.nn.functional.normalize(faces.float(), dim=-1)
     sims = unit @ unit.T
-    centre = int(sims.mean(1).argmax())
+    # Ties (always, for two photos) go to the earliest photo: argmax over rounding noise would name
+    # the first or the second of two people depending on the CPU's arithmetic.
+    mean = sims.mean(1)
+    centre = int(torch.nonzero(mean >= mean.max() - 1e-5)[0])
     others = [(i + 1, float(sims[centre, i])) for i in range(len(unit)) if sims[centre, i] < min_similarity]
     if others:
         listed = ", ".join(f"image {i} ({s:.2f})" for i, s in others)

@@ -60,6 +60,9 @@ def generate(pipe, lora: dict | None, prompts: list[str], seeds: list[int], step
     """Images (N, 64, 64, 3) uint8 for the prompts, with the LoRA fused into the UNet (if any) at
     `strength` (Apply Predicted LoRA's strength: dW scaled by it)."""
     if lora is not None:
+        # Unfusing subtracts dW again, which leaves rounding in the weights; across the hundreds of
+        # LoRAs a measurement draws, the base would drift. Its weights are put back exactly instead.
+        base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
         pipe.load_lora_weights(lora, adapter_name=ADAPTER)
         pipe.fuse_lora(adapter_names=[ADAPTER], lora_scale=strength)
     try:
@@ -70,6 +73,7 @@ def generate(pipe, lora: dict | None, prompts: list[str], seeds: list[int], step
         if lora is not None:
             pipe.unfuse_lora()
             pipe.unload_lora_weights()
+            pipe.unet.load_state_dict(base)
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 

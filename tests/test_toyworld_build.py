@@ -348,12 +348,15 @@ def test_a_lora_at_strength_zero_draws_the_base_models_images(smoke_world):
     pipe = toy_sdxl.load_pipeline(World(root).base, "cpu")
     lora = load_file(next((root / "loras" / "heldout").glob("id_*[0-9].safetensors")))
     draw = lambda lora, strength=1.0: generate(pipe, lora, ["a photo of sks person"] * 2, [0, 1], 4, 4.0, strength)
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     base, full, double = draw(None).astype(int), draw(lora).astype(int), draw(lora, 2.0).astype(int)
+    after = pipe.unet.state_dict()
+    assert after.keys() == weights.keys() and all(torch.equal(after[k], weights[k]) for k in weights)
     zero = draw(lora, 0.0).astype(int)
     assert np.abs(zero - base).max() <= 1  # dW scaled by the strength: 0 adds nothing (but float rounding)
     rounding = max(np.abs(zero - base).mean(), 1e-3)  # measured 4e-5; the LoRA moves pixels by 0.48 on average
     assert np.abs(full - base).mean() > 50 * rounding and np.abs(double - full).mean() > 50 * rounding
-    np.testing.assert_array_equal(draw(lora).astype(int), full)  # the LoRA is unfused after each draw
+    np.testing.assert_array_equal(draw(lora).astype(int), full)  # the base is put back exactly after each draw
 
 
 @pytest.mark.slow
