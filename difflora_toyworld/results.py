@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from difflora.diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from difflora.fused_lora import fused_lora
 
 from . import toy_sdxl
 from .toy_sdxl import atomic_write_text  # noqa: F401  (the studies import it from here)
@@ -59,21 +61,10 @@ def generate(pipe, lora: dict | None, prompts: list[str], seeds: list[int], step
              strength: float = 1.0):
     """Images (N, 64, 64, 3) uint8 for the prompts, with the LoRA fused into the UNet (if any) at
     `strength` (Apply Predicted LoRA's strength: dW scaled by it)."""
-    if lora is not None:
-        # Unfusing subtracts dW again, which leaves rounding in the weights; across the hundreds of
-        # LoRAs a measurement draws, the base would drift. Its weights are put back exactly instead.
-        base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-        pipe.load_lora_weights(lora, adapter_name=ADAPTER)
-        pipe.fuse_lora(adapter_names=[ADAPTER], lora_scale=strength)
-    try:
+    with fused_lora(pipe, lora, ADAPTER, strength) if lora is not None else nullcontext():
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         out = pipe(prompt=prompts, height=toy_sdxl.IMAGE_SIZE, width=toy_sdxl.IMAGE_SIZE,
                    num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np").images
-    finally:
-        if lora is not None:
-            pipe.unfuse_lora()
-            pipe.unload_lora_weights()
-            pipe.unet.load_state_dict(base)
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 

@@ -58,5 +58,5 @@ def test_generate_writes_the_layout_and_fuses_then_removes_the_lora(tmp_path, mo
     assert layout.method_images("DiffLoRA").count == 2
     assert fused and fused[0] > 0  # the predicted LoRA was merged into the weights...
     pipe, before = pipes[0]
-    assert torch.allclose(weight(pipe), before, atol=1e-6)  # ...and taken out again (unfuse rounds)
+    assert torch.equal(weight(pipe), before)  # ...and taken out again, bit for bit
     assert trigger_subject("a photo of sks person") == "sks person" and trigger_subject("sks") == "sks"

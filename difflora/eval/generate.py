@@ -17,6 +17,7 @@ import torch
 from ..diffusion import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..encoders import load_face_encoder, load_image_encoder
 from ..errors import DiffLoRAError
+from ..fused_lora import fused_lora
 from ..hypernet_file import load_hypernet
 from ..pipeline import features_from_images, predict_lora
 from .layout import EvalLayout, fill, image_name
@@ -62,19 +63,16 @@ def generate(layout: EvalLayout, *, hypernet: str, base: str, image_encoder: str
         features = features_from_images(hn, [str(p) for p in layout.references(identity)], face_enc, image_enc,
                                         on_no_face=on_no_face)
         lora = predict_lora(hn, features, sampler=lora_sampler, steps=lora_steps, guidance=lora_guidance, seed=seed)
-        pipe.load_lora_weights(lora, adapter_name=ADAPTER)
-        pipe.fuse_lora(adapter_names=[ADAPTER])
-        _sync(device)
-        timing[identity] = time.perf_counter() - t0
-        log.info("%s: personalized in %.2f s", identity, timing[identity])
-        for p, prompt in enumerate(prompts):
-            for k in range(images_per_prompt):
-                gen = torch.Generator("cpu").manual_seed(seed + 1000 * p + k)  # same noise for every method
-                image = pipe(fill(prompt, trigger_subject(trigger)), num_inference_steps=steps, guidance_scale=cfg,
-                             width=width, height=height, generator=gen).images[0]
-                image.save(out / image_name(p, k))
-        pipe.unfuse_lora()
-        pipe.unload_lora_weights()
+        with fused_lora(pipe, lora, ADAPTER):  # the next identity starts from the exact base
+            _sync(device)
+            timing[identity] = time.perf_counter() - t0
+            log.info("%s: personalized in %.2f s", identity, timing[identity])
+            for p, prompt in enumerate(prompts):
+                for k in range(images_per_prompt):
+                    gen = torch.Generator("cpu").manual_seed(seed + 1000 * p + k)  # same noise for every method
+                    image = pipe(fill(prompt, trigger_subject(trigger)), num_inference_steps=steps,
+                                 guidance_scale=cfg, width=width, height=height, generator=gen).images[0]
+                    image.save(out / image_name(p, k))
         layout.write_timing(method, timing)
     return timing
 
