@@ -8,6 +8,8 @@ from difflora.lora_format import to_kohya
 from difflora.lora_spec import LoraSpec
 from difflora.lora_weights import random_lora_layers
 
+LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # one layer the LoRA is merged into
+
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
@@ -32,9 +34,8 @@ def test_the_lora_is_merged_inside_and_the_base_is_bit_for_bit_after(pipe):
     before = _weights(pipe)
     for seed, scale in ((0, 1.0), (1, 2.0), (2, 0.5)):  # several LoRAs one after another, as an evaluation does
         with fused_lora(pipe, _lora(pipe, seed), "test", scale):
-            merged = pipe.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
-            key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
-            assert (merged.get_base_layer().weight - before[key]).abs().max() > 1e-4  # dW is in the weights
+            merged = pipe.unet.get_submodule(LAYER).get_base_layer().weight
+            assert (merged - before[f"{LAYER}.weight"]).abs().max() > 1e-4  # dW is in the weights
     after = pipe.unet.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert not any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
